@@ -1,0 +1,190 @@
+"""Tests for utils/patchknn.py on hand-made feature maps with known answers."""
+
+import pytest
+import torch
+
+from utils.patchknn import (
+    build_memory,
+    flatten_patches,
+    greedy_coreset,
+    memory_nbytes,
+    nearest_distances,
+    patch_anomaly_maps,
+    patch_embeddings,
+    random_subsample,
+)
+
+
+def good_maps(n_images: int = 4, dim: int = 16, size: int = 8, seed: int = 0) -> torch.Tensor:
+    """(n_images, dim, size, size) maps of one constant vector plus noise of std 1e-3."""
+    vector = torch.rand(dim, generator=torch.Generator().manual_seed(0)) * 5  # the same for every seed
+    noise = torch.randn(n_images, dim, size, size, generator=torch.Generator().manual_seed(seed)) * 1e-3
+    return vector[None, :, None, None] + noise
+
+
+def clustered(sizes=(400, 150, 40, 8, 1), dim: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tight clusters (std 1e-3) whose centres are >= 100 apart: points (N, dim), labels (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(len(sizes), dim) * 100  # pairwise distance 100 * sqrt(2)
+    labels = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    points = centres[labels] + torch.randn(len(labels), dim, generator=g) * 1e-3
+    return points, labels
+
+
+def coverage_radius(points: torch.Tensor, index: torch.Tensor) -> float:
+    """Largest distance from any point to its nearest selected point."""
+    return torch.cdist(points, points[index]).min(dim=1).values.max().item()
+
+
+def test_patch_embeddings_shape_and_constant_map():
+    fine = torch.full((2, 3, 8, 8), 2.5)
+    coarse = torch.full((2, 5, 4, 4), -1.0)
+    emb = patch_embeddings(fine, coarse, kernel_size=3)
+    assert emb.shape == (2, 8, 8, 8) and emb.dtype == torch.float32
+    assert torch.allclose(emb[:, :3], torch.tensor(2.5))
+    assert torch.allclose(emb[:, 3:], torch.tensor(-1.0))
+
+
+def test_patch_embeddings_local_average_by_hand():
+    fine = torch.zeros(1, 1, 3, 3)
+    fine[0, 0, 1, 1] = 9.0
+    emb = patch_embeddings(fine, torch.zeros(1, 1, 3, 3), kernel_size=3)
+    # Corner windows hold 4 real pixels, edge windows 6, the centre 9; each holds the 9 once.
+    expected = torch.tensor([[9 / 4, 9 / 6, 9 / 4], [9 / 6, 1.0, 9 / 6], [9 / 4, 9 / 6, 9 / 4]])
+    assert torch.allclose(emb[0, 0], expected)
+
+
+def test_patch_embeddings_upsamples_coarse_bilinearly():
+    coarse = torch.tensor([[0.0, 1.0], [0.0, 1.0]])[None, None]
+    emb = patch_embeddings(torch.zeros(1, 1, 4, 4), coarse, kernel_size=1)
+    # Half-pixel-centred bilinear x2: columns at source coordinates -0.25, 0.25, 0.75, 1.25 (clamped).
+    assert torch.allclose(emb[0, 1], torch.tensor([0.0, 0.25, 0.75, 1.0]).expand(4, 4))
+
+
+def test_patch_embeddings_rejects_bad_input():
+    with pytest.raises(ValueError, match="kernel_size"):
+        patch_embeddings(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2), kernel_size=2)
+    with pytest.raises(ValueError, match="batch"):
+        patch_embeddings(torch.zeros(2, 1, 4, 4), torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="fine"):
+        patch_embeddings(torch.zeros(1, 4, 4), torch.zeros(1, 1, 2, 2))
+
+
+def test_flatten_patches_order():
+    emb = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    flat = flatten_patches(emb)
+    assert flat.shape == (8, 3)
+    # Row b*H*W + h*W + w is patch (h, w) of image b: image 1, h=0, w=1 -> row 5.
+    assert flat[5].tolist() == [13.0, 17.0, 21.0]
+
+
+@pytest.mark.parametrize("method,size", [("coreset", 32), ("random", 32), ("coreset", None)])
+def test_planted_odd_patch_is_the_peak(method, size):
+    memory = build_memory(flatten_patches(good_maps()), size, method=method, seed=1)
+    test = good_maps(n_images=2, seed=2)  # same constant vector, fresh noise
+    test[1, :, 5, 2] += 10.0  # distance sqrt(16) * 10 = 40 from every good patch
+    maps, scores = patch_anomaly_maps(test, memory)
+    assert maps.shape == (2, 8, 8)
+    assert divmod(int(maps[1].argmax()), 8) == (5, 2)
+    others = torch.cat([maps[1].flatten()[: 5 * 8 + 2], maps[1].flatten()[5 * 8 + 3:]])
+    assert maps[1, 5, 2] > 39.0 and others.max() < 0.1 and maps[0].max() < 0.1
+    assert scores[1] == maps[1, 5, 2] and scores[0] < 0.1
+
+    up, up_scores = patch_anomaly_maps(test, memory, out_size=(32, 32))
+    assert up.shape == (2, 32, 32) and torch.equal(up_scores, scores)  # scores come from the feature grid
+    row, col = divmod(int(up[1].argmax()), 32)
+    assert 20 <= row <= 23 and 8 <= col <= 11  # the 4x4 block of feature cell (5, 2)
+
+
+def test_image_in_memory_scores_zero():
+    train = good_maps(n_images=3)
+    memory = build_memory(flatten_patches(train), None)
+    maps, scores = patch_anomaly_maps(train[1:2], memory)
+    assert maps.max() < 1e-4 and scores.max() < 1e-4
+
+
+def test_identical_row_gives_zero_for_large_norms():
+    # ReLU-like features of norm ~ 200: the plain expansion would leave about sqrt(1e-3) here.
+    g = torch.Generator().manual_seed(0)
+    memory = torch.rand(500, 768, generator=g) * 10 + 5
+    dist = nearest_distances(memory[::7], memory, chunk_size=33)
+    assert dist.max() < 1e-4
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_nearest_distances_matches_brute_force(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(103, 24, generator=g)
+    memory = torch.randn(57, 24, generator=g)
+    expected = torch.cdist(queries.double(), memory.double()).min(dim=1).values.float()
+    assert torch.allclose(nearest_distances(queries, memory, chunk_size), expected, atol=1e-5)
+
+
+def test_nearest_distances_rejects_mismatch():
+    with pytest.raises(ValueError, match="dims"):
+        nearest_distances(torch.zeros(3, 4), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="empty"):
+        nearest_distances(torch.zeros(3, 4), torch.zeros(0, 4))
+
+
+def test_greedy_coreset_on_a_line_by_hand():
+    points = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    # From 0: farthest is 10; then 2 (distance 2 to {0, 10}) beats 1 (distance 1).
+    assert greedy_coreset(points, 3, seed=0, start=0).tolist() == [0, 3, 2]
+    # From 2: 10 (distance 8); then 0 (distance 2) beats 1 (distance 1).
+    assert greedy_coreset(points, 3, seed=0, start=2).tolist() == [2, 3, 0]
+    # Adding 0.5: from 0, 10 then 2 then 1 (distance 0.5 to 0 or 1 would be next).
+    line = torch.tensor([[0.0], [1.0], [2.0], [10.0], [0.5]])
+    assert greedy_coreset(line, 4, seed=0, start=0).tolist() == [0, 3, 2, 1]
+
+
+def test_greedy_coreset_distinct_and_deterministic():
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(300, 200, generator=g)
+    points[100:200] = points[:100]  # duplicate rows must still not be picked twice
+    first = greedy_coreset(points, 250, seed=3)
+    assert len(set(first.tolist())) == 250
+    assert torch.equal(first, greedy_coreset(points, 250, seed=3))
+    assert not torch.equal(first, greedy_coreset(points, 250, seed=4))
+    assert greedy_coreset(points, 500, seed=0).tolist() == list(range(300))
+
+
+@pytest.mark.parametrize("projection_dim", [128, None])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_coreset_finds_every_cluster(projection_dim, seed):
+    points, labels = clustered(seed=seed)
+    index = greedy_coreset(points, 5, seed=seed, projection_dim=projection_dim)
+    assert sorted(labels[index].tolist()) == [0, 1, 2, 3, 4]
+    # Every point is within its tight cluster of a chosen one; a random subset misses the single-point
+    # cluster (or another small one), leaving a point ~141 away from every chosen point.
+    assert coverage_radius(points, index) < 0.1
+    random_index = random_subsample(points, 5, seed=seed)
+    assert coverage_radius(points, random_index) > 100.0
+
+
+def test_random_subsample():
+    points = torch.zeros(20, 3)
+    index = random_subsample(points, 8, seed=5)
+    assert index.shape == (8,) and len(set(index.tolist())) == 8 and int(index.max()) < 20
+    assert torch.equal(index, random_subsample(points, 8, seed=5))
+    assert random_subsample(points, 50, seed=5).tolist() == list(range(20))
+
+
+def test_build_memory_sizes_and_errors():
+    patches = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    assert build_memory(patches, None).shape == (40, 6)
+    assert build_memory(patches, 10, "random").shape == (10, 6)
+    coreset = build_memory(patches, 10, "coreset")
+    assert coreset.shape == (10, 6)
+    # Memory rows are rows of the input (direct differences: the matrix-product cdist is inexact).
+    exact = torch.cdist(coreset, patches, compute_mode="donot_use_mm_for_euclid_dist")
+    assert exact.min(dim=1).values.max() == 0
+    assert build_memory(patches, 100, "coreset").shape == (40, 6)
+    assert memory_nbytes(coreset) == 10 * 6 * 4
+    with pytest.raises(ValueError, match="method"):
+        build_memory(patches, 10, "kmeans")
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="size"):
+            build_memory(patches, bad)
+    with pytest.raises(ValueError, match="patches"):
+        build_memory(patches[None], 10)

@@ -1,0 +1,150 @@
+"""Tests of heatmap post-processing on tiny hand-made arrays."""
+
+import numpy as np
+import pytest
+import torch
+
+from utils.postprocess import (
+    heatmap_to_boxes,
+    mask_regions,
+    minmax_normalise,
+    probability_scaled,
+    regions_to_boxes,
+    resize_mask_nearest,
+    upsample_maps,
+)
+
+
+def test_upsample_constant_and_shape():
+    maps = torch.full((2, 7, 7), 3.0)
+    out = upsample_maps(maps, (224, 224))
+    assert out.shape == (2, 224, 224)
+    assert torch.allclose(out, torch.full_like(out, 3.0))
+
+
+def test_upsample_bilinear_half_pixel_centres():
+    # align_corners=False on [0, 1] -> 4 samples: sample centres map to source x = -0.25, 0.25, 0.75, 1.25,
+    # clamped at the borders, so the values are 0, 0.25, 0.75, 1
+    out = upsample_maps(torch.tensor([[[0.0, 1.0]]]), (1, 4))
+    assert torch.allclose(out, torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]))
+
+
+def test_minmax_normalise_per_image_and_constant():
+    maps = np.array([[[2.0, 4.0], [6.0, 10.0]], [[5.0, 5.0], [5.0, 5.0]]])
+    out = minmax_normalise(torch.from_numpy(maps))
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out[0], [[0.0, 0.25], [0.5, 1.0]])
+    np.testing.assert_array_equal(out[1], np.zeros((2, 2)))
+
+
+def test_square_blob_gives_exactly_its_box():
+    heat = np.zeros((10, 10), dtype=np.float32)
+    heat[2:5, 3:6] = 0.9  # rows 2..4, columns 3..5
+    heat[3, 4] = 1.0
+    boxes, scores = heatmap_to_boxes(heat, 0.5)
+    np.testing.assert_array_equal(boxes, [[3, 2, 6, 5]])
+    np.testing.assert_allclose(scores, [1.0])
+    assert boxes.dtype == np.float32 and scores.dtype == np.float32
+    # exclusive edges: box area == pixel count of the filled rectangle
+    assert (boxes[0, 2] - boxes[0, 0]) * (boxes[0, 3] - boxes[0, 1]) == 9
+
+
+def test_two_blobs_give_two_boxes_sorted_by_score_and_one_in_single_mode():
+    heat = np.zeros((8, 10), dtype=np.float32)
+    heat[0:2, 0:2] = 0.6
+    heat[5:8, 6:9] = 0.8
+    boxes, scores = heatmap_to_boxes(heat, 0.5)
+    np.testing.assert_array_equal(boxes, [[6, 5, 9, 8], [0, 0, 2, 2]])
+    np.testing.assert_allclose(scores, [0.8, 0.6])
+    boxes, scores = heatmap_to_boxes(heat, 0.5, mode="single")
+    np.testing.assert_array_equal(boxes, [[0, 0, 9, 8]])
+    np.testing.assert_allclose(scores, [0.8])
+
+
+def test_diagonal_pixels_are_one_component():
+    heat = np.zeros((4, 4), dtype=np.float32)
+    heat[1, 1] = heat[2, 2] = 1.0
+    boxes, _ = heatmap_to_boxes(heat, 0.5)
+    np.testing.assert_array_equal(boxes, [[1, 1, 3, 3]])
+
+
+def test_min_area_drops_small_components():
+    heat = np.zeros((6, 6), dtype=np.float32)
+    heat[0, 5] = 1.0  # 1 pixel
+    heat[3:5, 0:2] = 0.7  # 4 pixels
+    boxes, scores = heatmap_to_boxes(heat, 0.5, min_area=2)
+    np.testing.assert_array_equal(boxes, [[0, 3, 2, 5]])
+    np.testing.assert_allclose(scores, [0.7])
+
+
+@pytest.mark.parametrize("mode", ["components", "single"])
+def test_cold_map_gives_no_box(mode):
+    boxes, scores = heatmap_to_boxes(np.full((5, 5), 0.2, dtype=np.float32), 0.5, mode=mode)
+    assert boxes.shape == (0, 4) and scores.shape == (0,)
+
+
+@pytest.mark.parametrize("mode", ["components", "single"])
+def test_hot_pixel_at_origin(mode):
+    heat = np.zeros((5, 5), dtype=np.float32)
+    heat[0, 0] = 1.0
+    boxes, scores = heatmap_to_boxes(heat, 0.7, mode=mode)
+    np.testing.assert_array_equal(boxes, [[0, 0, 1, 1]])
+    np.testing.assert_allclose(scores, [1.0])
+
+
+def test_threshold_is_inclusive_and_higher_threshold_gives_smaller_box():
+    # concentric rings: value 1.0 at the centre, 0.7 around it, 0.4 around that
+    heat = np.zeros((7, 7), dtype=np.float32)
+    heat[1:6, 1:6] = 0.4
+    heat[2:5, 2:5] = 0.7
+    heat[3, 3] = 1.0
+    expected = {0.4: [1, 1, 6, 6], 0.5: [2, 2, 5, 5], 0.7: [2, 2, 5, 5], 1.0: [3, 3, 4, 4]}
+    areas = []
+    for thres, box in expected.items():
+        boxes, _ = heatmap_to_boxes(heat, thres)
+        np.testing.assert_array_equal(boxes, [box])
+        areas.append((boxes[0, 2] - boxes[0, 0]) * (boxes[0, 3] - boxes[0, 1]))
+    assert areas == sorted(areas, reverse=True)
+
+
+def test_heatmap_to_boxes_accepts_tensor():
+    heat = torch.zeros(4, 4)
+    heat[3, 3] = 1.0
+    boxes, _ = heatmap_to_boxes(heat, 0.5)
+    np.testing.assert_array_equal(boxes, [[3, 3, 4, 4]])
+
+
+@pytest.mark.parametrize("kwargs", [{"thres": 1.5}, {"thres": -0.1}, {"thres": 0.5, "mode": "blobs"}])
+def test_heatmap_to_boxes_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        heatmap_to_boxes(np.zeros((3, 3)), **kwargs)
+
+
+def test_mask_regions_and_their_boxes():
+    mask = np.zeros((6, 6), dtype=bool)
+    mask[0, 0] = mask[1, 1] = True  # diagonal neighbours: one region
+    mask[4:6, 3:6] = True
+    labels = mask_regions(mask)
+    assert labels.dtype == np.int32
+    assert labels.max() == 2 and labels[0, 0] == labels[1, 1] != labels[5, 5]
+    assert (labels[~mask] == 0).all()
+    np.testing.assert_array_equal(regions_to_boxes(labels), [[0, 0, 2, 2], [3, 4, 6, 6]])
+    assert regions_to_boxes(np.zeros((3, 3), dtype=np.int32)).shape == (0, 4)
+
+
+def test_resize_mask_nearest_keeps_binary_values():
+    mask = np.array([[1, 0], [0, 1]], dtype=np.uint8)
+    out = resize_mask_nearest(mask, (4, 6))  # (H, W) = (4, 6)
+    assert out.dtype == bool and out.shape == (4, 6)
+    expected = np.zeros((4, 6), dtype=bool)
+    expected[:2, :3] = expected[2:, 3:] = True
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_probability_scaled_keeps_low_probability_images_cold():
+    maps = np.array([[[0.0, 2.0], [1.0, 2.0]], [[3.0, 3.0], [4.0, 5.0]]])
+    out = probability_scaled(maps, np.array([0.1, 0.8]))
+    np.testing.assert_allclose(out[0], [[0.0, 0.1], [0.05, 0.1]], rtol=1e-6)
+    np.testing.assert_allclose(out[1], [[0.0, 0.0], [0.4, 0.8]], rtol=1e-6)
+    with pytest.raises(ValueError):
+        probability_scaled(maps, np.array([0.5]))

@@ -1,0 +1,1 @@
+"""Explainable defect detection: data, model, training, evaluation and metrics."""

@@ -1,0 +1,398 @@
+"""Training, inference, precision choice, seeding and checkpoints of the CAM classifier."""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import pickle
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .constants import CLASS_NAMES
+from .dataloader import batch_order, normalise
+from .model import CAMClassifier, check_input_size, get_spec
+from .patchknn import build_memory, flatten_patches, memory_nbytes, patch_anomaly_maps, patch_embeddings
+
+CHECKPOINT_FORMAT = "cam-defect-detector/1"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (call once at the start of a notebook)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" picks CUDA when present, else CPU; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a torch device; use 'auto', 'cpu' or 'cuda'.") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available; use 'auto' or 'cpu'.")
+    return resolved
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN has fast bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Pick the autocast precision: "auto" is bf16 on CUDA or bf16-capable CPUs, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}.")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' is for CUDA only; on CPU use 'bf16' or 'fp32'.")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for `precision` ("fp32" disables it)."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def prepare_model(model: CAMClassifier, device: torch.device, precision: str) -> CAMClassifier:
+    """Move to `device`; the reduced-precision paths run channels-last (faster oneDNN/cuDNN)."""
+    model = model.to(device)
+    if precision != "fp32":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _to_input(images: torch.Tensor, mean, std, device, precision) -> torch.Tensor:
+    x = normalise(images.to(device, non_blocking=True), mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if precision != "fp32" else x
+
+
+@torch.no_grad()
+def frozen_pass(
+    model: CAMClassifier,
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    patch_images: torch.Tensor | None = None,
+    desc: str = "Frozen layers",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the frozen layers once over (N, 3, H, W) uint8 images.
+
+    Returns the cache (N, C, h, w) on the CPU, bf16 for the reduced-precision paths (half the
+    memory) and fp32 otherwise, and, for the images where the (N,) bool `patch_images` is True,
+    their patch embeddings flattened to (P, D) float32 (the same pass feeds the patch memory).
+    """
+    model.eval()
+    cache_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    taps = model.spec.taps if patch_images is not None else ()
+    cache, patches = [], []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
+        x = _to_input(images[start:start + batch_size], mean, std, device, precision)
+        with autocast(device, precision):
+            out, tapped = model.frozen_features(x, taps)
+        cache.append(out.to("cpu", cache_dtype).contiguous())
+        if taps:
+            keep = patch_images[start:start + batch_size].to(device)
+            if keep.any():
+                emb = patch_embeddings(*(t[keep].float() for t in tapped))  # (b, D, h8, w8)
+                patches.append(flatten_patches(emb).cpu())
+    return torch.cat(cache), (torch.cat(patches) if patches else None)
+
+
+def build_patch_memory(
+    patches: torch.Tensor, size: int, method: str, seed: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Subsample good training patches (P, D) to a (M, D) memory; also returns its statistics."""
+    start = time.perf_counter()
+    memory = build_memory(patches, size, method=method, seed=seed).contiguous()
+    info = {"n_patches": int(len(patches)), "size": int(len(memory)), "dim": int(memory.shape[1]),
+            "method": method, "megabytes": memory_nbytes(memory) / 2**20,
+            "seconds": time.perf_counter() - start}
+    return memory, info
+
+
+def train_model(
+    model: CAMClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    epochs: int,
+    lr: float,
+    class_weight: Sequence[float],
+    batch_size: int,
+    target_train_accuracy: float | None,
+    seed: int,
+    device: torch.device,
+    precision: str = "fp32",
+    cache: bool = True,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    features: torch.Tensor | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, float, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train the fine-tuned layers and head with weighted cross-entropy and Adam.
+
+    images: (N, 3, H, W) uint8, labels: (N,) int64. With `cache`, the frozen layers run once
+    (or `features` from `frozen_pass` are reused) and each step trains only the fine-tuned
+    layers on the cached activations; this is the same computation as the plain loop since
+    the frozen part is deterministic in eval mode. An `augment` function changes the images
+    every step, so it switches the cache off (stale features would be wrong).
+    Returns the history: per-epoch loss and accuracy, whether early stopping fired, seconds.
+    """
+    use_cache = cache and augment is None
+    generator = torch.Generator().manual_seed(seed)
+    criterion = nn.CrossEntropyLoss(weight=torch.tensor(class_weight, dtype=torch.float32, device=device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    labels = labels.to(device)
+    start = time.perf_counter()
+    if use_cache and features is None:
+        features, _ = frozen_pass(model, images, mean, std, batch_size=batch_size,
+                                  device=device, precision=precision)
+    history: dict[str, Any] = {"loss": [], "accuracy": [], "early_stopped": False,
+                               "cached_features": use_cache, "precision": precision}
+    for epoch in range(epochs):
+        model.train()
+        total_loss, correct = 0.0, 0
+        batches = batch_order(len(labels), batch_size, generator)
+        for idx in tqdm(batches, desc=f"Epoch {epoch + 1}/{epochs}", leave=False, disable=not progress):
+            with autocast(device, precision):
+                if use_cache:
+                    x = features[idx].to(device, non_blocking=True)
+                    if precision != "fp32":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    scores, _ = model.head(x)
+                else:
+                    batch = images[idx] if augment is None else augment(images[idx])
+                    scores = model(_to_input(batch, mean, std, device, precision))
+                loss = criterion(scores.float(), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(idx)
+            correct += (scores.argmax(1) == labels[idx]).sum().item()
+        history["loss"].append(total_loss / len(labels))
+        history["accuracy"].append(correct / len(labels))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, history["loss"][-1], history["accuracy"][-1])
+        if target_train_accuracy is not None and history["accuracy"][-1] >= target_train_accuracy:
+            history["early_stopped"] = True
+            break
+    history["epochs_run"] = len(history["loss"])
+    history["seconds"] = time.perf_counter() - start
+    return history
+
+
+@torch.no_grad()
+def predict(
+    model: CAMClassifier,
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    patch_memory: torch.Tensor | None = None,
+    desc: str = "Predicting",
+) -> dict[str, np.ndarray]:
+    """Score (N, 3, H, W) uint8 images in one pass through the network.
+
+    Returns "p_anomaly" (N,), "cam" (N, H, W) raw CAM heatmaps (not normalised) and, with a
+    `patch_memory` (M, D), "patch_map" (N, H, W) nearest-neighbour distances and "patch_score" (N,).
+    """
+    model.eval()
+    size = tuple(images.shape[-2:])
+    check_input_size(size[1], size[0])
+    taps = model.spec.taps if patch_memory is not None else ()
+    memory = patch_memory.to(device) if patch_memory is not None else None
+    out: dict[str, list] = {"p_anomaly": [], "cam": [], "patch_map": [], "patch_score": []}
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
+        x = _to_input(images[start:start + batch_size], mean, std, device, precision)
+        with autocast(device, precision):
+            frozen, tapped = model.frozen_features(x, taps)
+            scores, maps = model.head(frozen)
+        out["p_anomaly"].append(scores.float().softmax(dim=1)[:, 1].cpu())
+        out["cam"].append(model.cam(maps, size).cpu())
+        if memory is not None:
+            emb = patch_embeddings(*(t.float() for t in tapped))  # (B, D, h8, w8)
+            patch_map, patch_score = patch_anomaly_maps(emb, memory, out_size=size)
+            out["patch_map"].append(patch_map.cpu())
+            out["patch_score"].append(patch_score.cpu())
+    return {k: torch.cat(v).numpy() for k, v in out.items() if v}
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def atomic_write_bytes(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Write a file through `write(fileobj)` into a temporary sibling, then rename it into place,
+    so an interrupted run never leaves a half-written file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: CAMClassifier,
+    config: dict[str, Any],
+    test_files: Sequence[str],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Save state_dict, configuration, class names and held-out test files, atomically.
+
+    Only tensors and plain Python values, so `torch.load(path, weights_only=True)` reads it.
+    """
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": state,
+        "config": dict(config),
+        "class_names": list(CLASS_NAMES),
+        "test_files": list(test_files),
+        **(extra or {}),
+    }
+    atomic_write_bytes(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(
+    path: str | Path, backbone: str | None = None, image_size: int | None = None
+) -> tuple[CAMClassifier, dict[str, Any]]:
+    """Load a checkpoint written by `save_checkpoint` (safely: weights_only=True).
+
+    `backbone` / `image_size`, when given, must match the checkpoint's configuration.
+    Returns the model (on CPU, eval mode) and the checkpoint dictionary.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist: run Training.ipynb first or set weights_path.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"{path} is not a checkpoint of this repository (it could not be read with "
+            f"torch.load(weights_only=True), which refuses arbitrary pickles): {err}"
+        ) from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is not a checkpoint of this repository (no '{CHECKPOINT_FORMAT}' format "
+            f"marker). Train with Training.ipynb to get one."
+        )
+    config = ckpt["config"]
+    if backbone is not None and backbone != config["backbone"]:
+        raise ValueError(
+            f"{path} holds a {config['backbone']} model but backbone={backbone!r} was asked for: "
+            f"set backbone={config['backbone']!r} or point weights_path at a {backbone} checkpoint."
+        )
+    if image_size is not None and image_size != config["image_size"]:
+        raise ValueError(
+            f"{path} was trained at image_size={config['image_size']} but {image_size} was asked "
+            f"for; evaluate at the training size."
+        )
+    get_spec(config["backbone"])
+    model = CAMClassifier(config["backbone"], pretrained=False)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def _check(condition: bool, name: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}={value!r} is invalid: expected {expected}.")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def training_config(
+    *, data_dir: str, subset_name: str, download: bool, backbone: str, pretrained: bool,
+    image_size: int, batch_size: int, epochs: int, lr: float, class_weight: Sequence[float],
+    target_train_accuracy: float | None, test_size: float, seed: int, heatmap_thres: float,
+    n_cv_folds: int, weights_dir: str, results_dir: str, device: str, precision: str = "auto",
+    cache_features: bool = True,
+) -> dict[str, Any]:
+    """Check the Training.ipynb parameters and return them as the run's configuration.
+
+    A wrong type or value raises a ValueError that names the parameter and what it accepts.
+    """
+    get_spec(backbone)
+    _check(isinstance(data_dir, (str, Path)), "data_dir", data_dir, "a folder path")
+    _check(isinstance(subset_name, str) and subset_name != "", "subset_name", subset_name, "a subset name")
+    for name, value in (("download", download), ("pretrained", pretrained), ("cache_features", cache_features)):
+        _check(isinstance(value, bool), name, value, "True or False")
+    _check(_is_int(image_size) and image_size >= 64 and image_size % 32 == 0, "image_size",
+           image_size, "an integer multiple of 32, at least 64")
+    _check(_is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "a positive integer")
+    _check(_is_int(epochs) and epochs >= 1, "epochs", epochs, "a positive integer")
+    _check(_is_number(lr) and lr > 0, "lr", lr, "a positive number")
+    _check(isinstance(class_weight, (list, tuple)) and len(class_weight) == 2
+           and all(_is_number(w) and w > 0 for w in class_weight),
+           "class_weight", class_weight, "two positive numbers [Good, Anomaly]")
+    _check(target_train_accuracy is None or (_is_number(target_train_accuracy) and 0 < target_train_accuracy <= 1),
+           "target_train_accuracy", target_train_accuracy, "None or a number in (0, 1]")
+    _check(_is_number(test_size) and 0 < test_size < 1, "test_size", test_size, "a fraction in (0, 1)")
+    _check(_is_int(seed), "seed", seed, "an integer")
+    _check(_is_number(heatmap_thres) and 0 <= heatmap_thres <= 1, "heatmap_thres", heatmap_thres, "a number in [0, 1]")
+    _check(_is_int(n_cv_folds) and (n_cv_folds == 0 or n_cv_folds >= 2), "n_cv_folds", n_cv_folds,
+           "0 (skip) or an integer of at least 2")
+    _check(precision in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
+    resolve_device(device)
+    return {
+        "data_dir": str(data_dir), "subset_name": subset_name, "download": download,
+        "backbone": backbone, "pretrained": pretrained, "image_size": int(image_size),
+        "batch_size": int(batch_size), "epochs": int(epochs), "lr": float(lr),
+        "class_weight": [float(w) for w in class_weight],
+        "target_train_accuracy": None if target_train_accuracy is None else float(target_train_accuracy),
+        "test_size": float(test_size), "seed": int(seed), "heatmap_thres": float(heatmap_thres),
+        "n_cv_folds": int(n_cv_folds), "weights_dir": str(weights_dir), "results_dir": str(results_dir),
+        "device": device, "precision": precision, "cache_features": cache_features,
+    }
+
+
+def run_name(subset_name: str, backbone: str) -> str:
+    """The name of a run's checkpoint and results folder: `{subset}_{backbone}`."""
+    return f"{subset_name}_{backbone}"

@@ -1,0 +1,175 @@
+"""Image- and pixel-level metrics for Good/Anomaly classification and CAM localisation (Anomaly = 1)."""
+
+import warnings
+
+import numpy as np
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    auc,
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    roc_auc_score,
+)
+from torchvision.ops import box_iou
+
+from utils.constants import ANOMALY, GOOD
+from utils.postprocess import mask_regions, regions_to_boxes, to_numpy
+
+
+def _labels(y, name: str) -> np.ndarray:
+    """Validate a vector of 0/1 labels (N,) and return it as int64."""
+    y = to_numpy(y).reshape(-1)
+    if y.size and not np.isin(y, (GOOD, ANOMALY)).all():
+        raise ValueError(f"{name} must hold only {GOOD} (Good) and {ANOMALY} (Anomaly), got {np.unique(y)}")
+    return y.astype(np.int64)
+
+
+def _maps_and_masks(maps, masks) -> tuple[np.ndarray, np.ndarray]:
+    """Validate maps (N, H, W) float and masks (N, H, W) bool of equal shape; return float32, bool."""
+    maps, masks = to_numpy(maps).astype(np.float32, copy=False), to_numpy(masks).astype(bool, copy=False)
+    if maps.ndim != 3 or maps.shape != masks.shape:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both have shape (N, H, W)")
+    return maps, masks
+
+
+def confusion_counts(y_true, y_pred) -> dict:
+    """Counts {"TP", "FN", "FP", "TN"} as ints for labels (N,), Anomaly = 1 positive."""
+    y_true, y_pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
+    # labels fixed so the matrix stays 2 x 2 when a class is absent: rows true, columns predicted
+    tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[GOOD, ANOMALY]).ravel()
+    return {"TP": int(tp), "FN": int(fn), "FP": int(fp), "TN": int(tn)}
+
+
+def classification_metrics(y_true, y_pred, p_anomaly) -> dict:
+    """Image-level metrics for labels (N,), predictions (N,) and Anomaly probabilities (N,).
+
+    Keys: accuracy, balanced_accuracy, confusion_matrix, image_auroc (None with one class),
+    image_ap (None without an Anomaly image). Values are plain Python numbers.
+    """
+    y_true, y_pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
+    p_anomaly = to_numpy(p_anomaly).astype(np.float64).reshape(-1)
+    if not len(y_true) == len(y_pred) == len(p_anomaly) > 0:
+        raise ValueError(
+            f"y_true ({len(y_true)}), y_pred ({len(y_pred)}) and p_anomaly ({len(p_anomaly)}) "
+            "must have the same, non-zero length"
+        )
+    both_classes = len(np.unique(y_true)) == 2
+    with warnings.catch_warnings():
+        # with one class in y_true sklearn warns, yet balanced accuracy is still that class's recall
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(y_true, y_pred))
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": balanced,
+        "confusion_matrix": confusion_counts(y_true, y_pred),
+        "image_auroc": float(roc_auc_score(y_true, p_anomaly)) if both_classes else None,
+        "image_ap": float(average_precision_score(y_true, p_anomaly)) if y_true.any() else None,
+    }
+
+
+def pixel_auroc(maps, masks) -> float | None:
+    """ROC AUC over all pixels of maps (N, H, W) against masks (N, H, W); None with one class."""
+    maps, masks = _maps_and_masks(maps, masks)
+    if masks.all() or not masks.any():
+        return None
+    # ravel is a view, float32 scores: about 5 bytes per pixel before sklearn's sort
+    return float(roc_auc_score(masks.ravel(), maps.ravel()))
+
+
+def _region_ids(masks: np.ndarray) -> np.ndarray:
+    """Globally numbered 8-connected regions of masks (N, H, W): int32 (N, H, W), 0 = background."""
+    ids = np.zeros(masks.shape, dtype=np.int32)
+    offset = 0
+    for i, mask in enumerate(masks):
+        labels = mask_regions(mask)
+        ids[i] = np.where(labels > 0, labels + offset, 0)
+        offset += int(labels.max())
+    return ids
+
+
+def aupro(maps, masks, max_fpr: float = 0.3) -> float | None:
+    """Normalised area under the per-region-overlap curve up to max_fpr (Bergmann et al., IJCV 2021).
+
+    maps (N, H, W), masks (N, H, W). Regions are the 8-connected components of each mask;
+    PRO(t) is the mean over regions of the share of region pixels with map >= t, FPR(t) the share
+    of all negative pixels with map >= t. Computed exactly from one sort of all pixels. Returns
+    a value in [0, 1] (1 for a perfect map), None without regions or without negative pixels.
+    """
+    if not 0.0 < max_fpr <= 1.0:
+        raise ValueError(f"max_fpr={max_fpr} must lie in (0, 1]")
+    maps, masks = _maps_and_masks(maps, masks)
+    ids = _region_ids(masks).ravel()  # (N*H*W,)
+    sizes = np.bincount(ids)  # sizes[0] = number of negative pixels
+    n_regions, n_neg = len(sizes) - 1, int(sizes[0])
+    if n_regions == 0 or n_neg == 0:
+        return None
+    # each region pixel adds 1 / (region size * n_regions) to PRO; background adds nothing
+    pro_weight = np.concatenate([[0.0], 1.0 / (sizes[1:] * n_regions)])
+    order = np.argsort(-maps.ravel(), kind="stable")  # descending score
+    sorted_ids = ids[order]
+    scores = maps.ravel()[order]
+    # one threshold per distinct score: keep the last index of each tie group
+    last = np.append(np.flatnonzero(np.diff(scores)), len(scores) - 1)
+    pro = np.cumsum(pro_weight[sorted_ids])[last]
+    fpr = np.cumsum(sorted_ids == 0)[last] / n_neg
+    fpr, pro = np.concatenate([[0.0], fpr]), np.concatenate([[0.0], pro])
+    # cut the curve at max_fpr, interpolating PRO linearly on the segment that crosses it
+    stop = int(np.searchsorted(fpr, max_fpr, side="right"))  # fpr[:stop] <= max_fpr
+    if stop < len(fpr):
+        pro_at_max = np.interp(max_fpr, fpr[stop - 1 : stop + 1], pro[stop - 1 : stop + 1])
+        fpr = np.append(fpr[:stop], max_fpr)
+        pro = np.append(pro[:stop], pro_at_max)
+    return float(auc(fpr, pro) / max_fpr)
+
+
+def pointing_game(maps, masks) -> float | None:
+    """Share of images with a non-empty mask whose map argmax (first in flat order) is in the mask.
+
+    maps (N, H, W), masks (N, H, W); None when no mask has a positive pixel.
+    """
+    maps, masks = _maps_and_masks(maps, masks)
+    hits = [mask.ravel()[np.argmax(m.ravel())] for m, mask in zip(maps, masks) if mask.any()]
+    return float(np.mean(hits)) if hits else None
+
+
+def box_iou_score(pred_boxes: list[np.ndarray], masks) -> float | None:
+    """Mean over ground-truth regions of the best IoU with a predicted box of the same image.
+
+    pred_boxes[i] is (K_i, 4) x1, y1, x2, y2 with exclusive x2, y2 for image i; masks (N, H, W).
+    Regions are 8-connected components of each mask. None when there is no region at all.
+    """
+    masks = to_numpy(masks).astype(bool, copy=False)
+    if masks.ndim != 3 or len(pred_boxes) != len(masks):
+        raise ValueError(
+            f"need masks (N, H, W) and one box array per mask, got masks {masks.shape} "
+            f"and {len(pred_boxes)} box arrays"
+        )
+    best = []
+    for boxes, mask in zip(pred_boxes, masks):
+        gt = torch.from_numpy(regions_to_boxes(mask_regions(mask)))  # (R, 4)
+        boxes = torch.as_tensor(to_numpy(boxes), dtype=torch.float32).reshape(-1, 4)  # (K, 4)
+        if len(gt) == 0:
+            continue
+        if len(boxes) == 0:
+            best.extend([0.0] * len(gt))
+            continue
+        best.extend(box_iou(gt, boxes).max(dim=1).values.tolist())  # (R, K) -> (R,)
+    return float(np.mean(best)) if best else None
+
+
+def per_defect_type(defect_types, y_true, y_pred) -> dict:
+    """{type: {"n", "recall"}} per defect type of (N,) inputs; recall = share given their true label."""
+    types = np.asarray(defect_types).reshape(-1)
+    y_true, y_pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
+    if not len(types) == len(y_true) == len(y_pred):
+        raise ValueError(
+            f"defect_types ({len(types)}), y_true ({len(y_true)}) and y_pred ({len(y_pred)}) "
+            "must have the same length"
+        )
+    correct = y_true == y_pred
+    return {
+        str(t): {"n": int((types == t).sum()), "recall": float(correct[types == t].mean())}
+        for t in sorted(set(types.tolist()))
+    }

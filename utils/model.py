@@ -1,0 +1,176 @@
+"""The CAM classifier: a frozen/fine-tuned CNN backbone, a GAP + dense head and its heatmap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.error import URLError
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+from torchvision.models import MobileNet_V2_Weights, VGG16_Weights, WeightsEnum
+
+from .constants import ANOMALY, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, SIZE_MULTIPLE
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How one torchvision network becomes a CAM classifier."""
+
+    builder: Callable[..., nn.Module]
+    weights: WeightsEnum
+    features: Callable[[nn.Module], nn.Sequential]  # the convolutional part we keep
+    channels: int  # channels of the last feature map, the CAM's input
+    n_frozen: int  # leading modules of `features` that never train (cached by the fast path)
+    taps: tuple[int, int]  # (finer, coarser) frozen module outputs for the patch memory
+    head_maxpool: bool  # VGG16's published head max-pools 2x2 before the global average
+    fine_tuned: str  # for the README and printouts
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    # features[:-1] drops the last max-pool so conv5_3 keeps 14x14 at 224 px. Modules 0-22
+    # (conv1_1 .. conv4_3 + ReLU) are frozen as published; 23 is pool4, without parameters, so
+    # the frozen pass includes it and the cache stores (512, 14, 14) instead of (512, 28, 28).
+    "vgg16": BackboneSpec(
+        builder=models.vgg16,
+        weights=VGG16_Weights.IMAGENET1K_V1,
+        features=lambda net: net.features[:-1],
+        channels=512,
+        n_frozen=24,
+        taps=(22, 23),  # conv4_3 (stride 8) and pool4 (stride 16)
+        head_maxpool=True,
+        fine_tuned="conv5_1, conv5_2, conv5_3 + dense",
+    ),
+    # Blocks 0-13 (through the stride-16, 96-channel stage) frozen; blocks 14-18 (the 160- and
+    # 320-channel inverted residuals and the 1x1 conv to 1280) fine-tune.
+    "mobilenet_v2": BackboneSpec(
+        builder=models.mobilenet_v2,
+        weights=MobileNet_V2_Weights.IMAGENET1K_V1,
+        features=lambda net: net.features,
+        channels=1280,
+        n_frozen=14,
+        taps=(6, 13),  # end of the stride-8 (32 ch) and stride-16 (96 ch) stages
+        head_maxpool=False,
+        fine_tuned="features[14:] (blocks 14-18) + dense",
+    ),
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """ImageNet weights could neither be found in torch's cache nor downloaded."""
+
+
+def weights_file(backbone: str) -> Path:
+    """Where torchvision's weights API looks for the backbone's ImageNet file."""
+    url = get_spec(backbone).weights.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def get_spec(backbone: str) -> BackboneSpec:
+    """The registry entry of `backbone`, or a ValueError listing the supported names."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r} is not supported; use one of {sorted(BACKBONES)}.")
+    return BACKBONES[backbone]
+
+
+def normalisation(backbone: str, pretrained: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std: those that belong to the weights (ImageNet's for random init too)."""
+    if not pretrained:
+        return IMAGENET_MEAN, IMAGENET_STD
+    preset = get_spec(backbone).weights.transforms()
+    return tuple(preset.mean), tuple(preset.std)
+
+
+def build_backbone(backbone: str, pretrained: bool) -> nn.Sequential:
+    """The backbone's feature layers, with ImageNet weights through torchvision's weights enum."""
+    spec = get_spec(backbone)
+    if not pretrained:
+        return spec.features(spec.builder(weights=None))
+    try:
+        net = spec.builder(weights=spec.weights)
+    except (URLError, OSError, RuntimeError) as err:
+        target = weights_file(backbone)
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {backbone} are not available: {target} is missing and "
+            f"downloading {spec.weights.url} failed ({err}). Offline, copy the file "
+            f"{target.name} into {target.parent} (or set TORCH_HOME to a folder whose "
+            f"hub/checkpoints holds it), or run with pretrained=False for random weights."
+        ) from err
+    return spec.features(net)
+
+
+def class_activation_map(feature_maps: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """CAM: (B, C, h, w) feature maps weighted by a (C,) dense-layer row, summed -> (B, h, w)."""
+    return torch.einsum("bchw,c->bhw", feature_maps, class_weights)
+
+
+class CAMClassifier(nn.Module):
+    """Good/Anomaly classifier whose eval-mode forward also returns the Anomaly CAM.
+
+    Train mode: `forward(x)` -> (B, 2) scores. Eval mode: -> (probabilities (B, 2),
+    raw CAM (B, H, W) upsampled bilinearly to the input size, not normalised).
+    """
+
+    def __init__(self, backbone: str = "vgg16", pretrained: bool = True) -> None:
+        super().__init__()
+        spec = get_spec(backbone)
+        self.backbone_name = backbone
+        self.spec = spec
+        features = build_backbone(backbone, pretrained)
+        self.frozen = features[: spec.n_frozen]
+        self.trainable = features[spec.n_frozen:]
+        self.pool = nn.MaxPool2d(2) if spec.head_maxpool else nn.Identity()
+        self.fc = nn.Linear(spec.channels, len(CLASS_NAMES))
+        self.frozen.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "CAMClassifier":
+        """Switch mode, keeping every BatchNorm on its ImageNet statistics.
+
+        The frozen part never trains; fine-tuned BatchNorms keep running statistics too, since
+        batches of 10 from one category estimate them poorly, and so the cached (frozen) features
+        and the plain loop see exactly the same network.
+        """
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def frozen_features(self, x: torch.Tensor, taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the frozen layers; return their output and the outputs of the modules in `taps`."""
+        tapped = []
+        for i, layer in enumerate(self.frozen):
+            x = layer(x)
+            if i in taps:
+                tapped.append(x)
+        return x, tapped
+
+    def head(self, frozen_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fine-tuned layers and dense head: -> scores (B, 2) and last feature maps (B, C, h, w)."""
+        maps = self.trainable(frozen_out)  # (B, 512, 14, 14) conv5_3 for VGG16 at 224 px
+        pooled = F.adaptive_avg_pool2d(self.pool(maps), 1).flatten(1)  # (B, C)
+        return self.fc(pooled), maps
+
+    def cam(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Anomaly CAM of (B, C, h, w) maps, upsampled bilinearly to `size` -> (B, H, W) float32."""
+        cam = class_activation_map(maps.float(), self.fc.weight[ANOMALY].float())
+        return F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    def forward(self, x: torch.Tensor):
+        check_input_size(x.shape[-1], x.shape[-2])
+        scores, maps = self.head(self.frozen_features(x)[0])
+        if self.training:
+            return scores
+        return scores.float().softmax(dim=1), self.cam(maps, tuple(x.shape[-2:]))
+
+
+def check_input_size(width: int, height: int) -> None:
+    """Both backbones downsample by 32 before the head: other sizes would lose border pixels."""
+    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE or width < SIZE_MULTIPLE * 2:
+        raise ValueError(
+            f"Input size {width}x{height} must be a multiple of {SIZE_MULTIPLE} and at least "
+            f"{SIZE_MULTIPLE * 2} px (e.g. 64, 224, 256)."
+        )

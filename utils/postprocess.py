@@ -1,0 +1,129 @@
+"""Heatmap post-processing: upsampling, per-image normalisation, thresholding to boxes, mask regions."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from torchvision.ops import masks_to_boxes
+
+# 8-connectivity: diagonal neighbours belong to the same region, as in MVTec AD's region definition.
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+BOX_MODES = ("components", "single")
+
+
+def to_numpy(x) -> np.ndarray:
+    """Return a numpy view/copy of a torch tensor (any device) or array-like."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def upsample_maps(maps, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize maps (B, h, w) to (B, H, W) = (B, *size), align_corners=False."""
+    maps = torch.as_tensor(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must have shape (B, h, w), got {tuple(maps.shape)}")
+    # interpolate wants a channel axis: (B, 1, h, w) -> (B, 1, H, W)
+    out = F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return out[:, 0]
+
+
+def minmax_normalise(maps) -> np.ndarray:
+    """Min-max normalise each map of (N, H, W) to [0, 1]; a constant map becomes all zeros."""
+    maps = to_numpy(maps).astype(np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must have shape (N, H, W), got {maps.shape}")
+    lo = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - lo
+    # a constant map has no hot spot: divide by 1 instead of 0 so it stays all zeros, never NaN
+    return (maps - lo) / np.where(span > 0, span, 1.0).astype(np.float32)
+
+
+def _boxes_from_masks(masks: np.ndarray) -> np.ndarray:
+    """Boxes (K, 4) float32 x1, y1, x2, y2 with exclusive x2, y2 around each non-empty mask of (K, H, W)."""
+    if len(masks) == 0:
+        return np.zeros((0, 4), dtype=np.float32)
+    boxes = masks_to_boxes(torch.from_numpy(np.ascontiguousarray(masks)))
+    # masks_to_boxes gives the last covered pixel; +1 makes the edges exclusive so area == pixel count
+    boxes[:, 2:] += 1
+    return boxes.numpy().astype(np.float32)
+
+
+def heatmap_to_boxes(
+    heatmap, thres: float, mode: str = "components", min_area: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes around the pixels of a [0, 1] heatmap (H, W) with value >= thres.
+
+    mode="components": one box per 8-connected hot component of at least min_area pixels;
+    mode="single": one box around all hot pixels (the published behaviour), kept if their
+    count is at least min_area. Returns boxes (K, 4) float32 x1, y1, x2, y2 with exclusive
+    x2, y2 and scores (K,) float32 = the maximum heat inside each box's pixels, sorted by
+    score descending; K = 0 gives shapes (0, 4) and (0,).
+    """
+    heatmap = to_numpy(heatmap)
+    if heatmap.ndim != 2:
+        raise ValueError(f"heatmap must have shape (H, W), got {heatmap.shape}")
+    if not 0.0 <= thres <= 1.0:
+        raise ValueError(f"thres={thres} must lie in [0, 1]: the heatmap is normalised to [0, 1]")
+    if mode not in BOX_MODES:
+        raise ValueError(f"mode={mode!r} must be one of {BOX_MODES}")
+    if min_area < 1:
+        raise ValueError(f"min_area={min_area} must be a positive number of pixels")
+    hot = heatmap >= thres
+    if mode == "single":
+        masks = hot[None] if hot.sum() >= min_area else hot[:0]
+        scores = np.array([heatmap.max()] if len(masks) else [], dtype=np.float32)
+    else:
+        labels, n = ndimage.label(hot, structure=EIGHT_CONNECTED)
+        ids = np.arange(1, n + 1)
+        ids = ids[np.bincount(labels.ravel(), minlength=n + 1)[1:] >= min_area]
+        masks = labels[None] == ids[:, None, None]  # (K, H, W)
+        scores = np.asarray(ndimage.maximum(heatmap, labels, ids), dtype=np.float32).reshape(-1)
+    order = np.argsort(-scores, kind="stable")
+    return _boxes_from_masks(masks)[order], scores[order]
+
+
+def mask_regions(mask) -> np.ndarray:
+    """Label the 8-connected regions of a bool mask (H, W): int32 (H, W), 0 = background."""
+    mask = to_numpy(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must have shape (H, W), got {mask.shape}")
+    labels, _ = ndimage.label(mask.astype(bool), structure=EIGHT_CONNECTED)
+    return labels.astype(np.int32)
+
+
+def regions_to_boxes(labels) -> np.ndarray:
+    """Boxes (R, 4) float32 x1, y1, x2, y2 (exclusive x2, y2) of each label > 0 of (H, W), by label."""
+    labels = to_numpy(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must have shape (H, W), got {labels.shape}")
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    return _boxes_from_masks(labels[None] == ids[:, None, None])
+
+
+def resize_mask_nearest(mask, size: tuple[int, int]) -> np.ndarray:
+    """Resize a bool/uint8 mask (H, W) to bool (size_h, size_w) with PIL Image.resize(NEAREST).
+
+    Nearest neighbour only: interpolating a mask would invent fractional labels at the edges.
+    """
+    mask = to_numpy(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must have shape (H, W), got {mask.shape}")
+    size_h, size_w = size
+    image = Image.fromarray((mask > 0).astype(np.uint8) * 255)
+    # PIL takes (width, height)
+    return np.asarray(image.resize((size_w, size_h), Image.Resampling.NEAREST)) > 0
+
+
+def probability_scaled(maps, probs) -> np.ndarray:
+    """Per-image min-max normalised maps (N, H, W) times the Anomaly probability (N,) of each image.
+
+    The result is comparable across images: a good image with low probability stays cold.
+    """
+    probs = to_numpy(probs).astype(np.float32).reshape(-1)
+    normalised = minmax_normalise(maps)
+    if len(probs) != len(normalised):
+        raise ValueError(f"got {len(probs)} probabilities for {len(normalised)} maps: need one per map")
+    return normalised * probs[:, None, None]
