@@ -142,20 +142,28 @@ def _check_stratifiable(types: Sequence[str], n_groups: int, what: str) -> None:
         )
 
 
+def image_to_tensor(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
+    """A PIL image or (H, W) / (H, W, 3|4) uint8 array -> (3, size, size) uint8, as in training:
+    converted to RGB (grayscale and RGBA too) and resized bilinearly."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
 def read_image(path: str | Path, size: int) -> torch.Tensor:
-    """Decode one image as RGB (grayscale and RGBA are converted) resized to (3, size, size) uint8.
+    """Decode one image file as (3, size, size) uint8 RGB (see `image_to_tensor`).
 
     A truncated or corrupt file raises a ValueError naming it.
     """
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            return image_to_tensor(img, size)
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise ValueError(
             f"Cannot read image {path} ({err}). The file is truncated or not an image: "
             f"replace it or delete it."
         ) from err
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 def read_mask(mask_path: str | Path, image_path: str | Path, size: int) -> torch.Tensor:
@@ -229,3 +237,16 @@ def prepare_subset(
     if subset_name == SYNTHETIC_SUBSET:
         return generate_synthetic_subset(Path(data_dir) / subset_name, seed=seed)
     return ensure_subset(data_dir, subset_name, download=download, url=url)
+
+
+def select_samples(data_dir: str | Path, subset_name: str, paths: Sequence[str]) -> list[Sample]:
+    """The indexed samples of `subset_name` whose paths (relative to data_dir) are `paths`, in
+    that order; used to score exactly the test files a checkpoint lists."""
+    by_path = {s.path: s for s in index_subset(data_dir, subset_name)}
+    missing = [p for p in paths if p not in by_path]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} test images listed in the checkpoint are not in {Path(data_dir) / subset_name} "
+            f"(first: {missing[0]}). Evaluate with the data_dir the model was trained on."
+        )
+    return [by_path[p] for p in paths]

@@ -15,13 +15,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from .constants import CLASS_NAMES
-from .dataloader import batch_order, normalise
-from .model import CAMClassifier, check_input_size, get_spec
+from .dataloader import batch_order, image_to_tensor, normalise, read_image
+from .model import CAMClassifier, check_input_size, get_spec, normalisation
 from .patchknn import build_memory, flatten_patches, memory_nbytes, patch_anomaly_maps, patch_embeddings
+from .postprocess import heatmap_to_boxes, minmax_normalise
 
 CHECKPOINT_FORMAT = "cam-defect-detector/1"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -222,6 +224,7 @@ def predict(
     precision: str,
     patch_memory: torch.Tensor | None = None,
     desc: str = "Predicting",
+    progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Score (N, 3, H, W) uint8 images in one pass through the network.
 
@@ -234,7 +237,7 @@ def predict(
     taps = model.spec.taps if patch_memory is not None else ()
     memory = patch_memory.to(device) if patch_memory is not None else None
     out: dict[str, list] = {"p_anomaly": [], "cam": [], "patch_map": [], "patch_score": []}
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=not progress):
         x = _to_input(images[start:start + batch_size], mean, std, device, precision)
         with autocast(device, precision):
             frozen, tapped = model.frozen_features(x, taps)
@@ -396,3 +399,36 @@ def training_config(
 def run_name(subset_name: str, backbone: str) -> str:
     """The name of a run's checkpoint and results folder: `{subset}_{backbone}`."""
     return f"{subset_name}_{backbone}"
+
+
+def score_image(
+    image: str | Path | Image.Image | np.ndarray,
+    model: CAMClassifier,
+    config: dict[str, Any],
+    *,
+    heatmap_thres: float | None = None,
+    box_mode: str = "components",
+    device: torch.device = torch.device("cpu"),
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """Score one image (a path, PIL image or uint8 array) with a trained model.
+
+    The preprocessing is training's: RGB, bilinear resize to the checkpoint's image_size, the
+    weights' mean/std. Returns "label" ("Good"/"Anomaly"), "p_anomaly", "heatmap" (S, S) in
+    [0, 1] (the per-image min-max CAM) and "boxes" (K, 4) x1, y1, x2, y2 (exclusive x2, y2, in
+    pixels of the S x S input) around the parts above `heatmap_thres` (default: the
+    configuration's); boxes are empty when the label is Good.
+    """
+    size = config["image_size"]
+    if isinstance(image, (str, Path)):
+        x = read_image(image, size)
+    else:
+        x = image_to_tensor(image, size)
+    mean, std = normalisation(config["backbone"], config["pretrained"])
+    out = predict(model, x[None], mean, std, batch_size=1, device=device, precision=precision, progress=False)
+    p = float(out["p_anomaly"][0])
+    heatmap = minmax_normalise(out["cam"])[0]
+    thres = config["heatmap_thres"] if heatmap_thres is None else heatmap_thres
+    anomalous = p >= 0.5
+    boxes = heatmap_to_boxes(heatmap, thres, mode=box_mode)[0] if anomalous else np.zeros((0, 4), np.float32)
+    return {"label": CLASS_NAMES[int(anomalous)], "p_anomaly": p, "heatmap": heatmap, "boxes": boxes}

@@ -173,3 +173,23 @@ def per_defect_type(defect_types, y_true, y_pred) -> dict:
         str(t): {"n": int((types == t).sum()), "recall": float(correct[types == t].mean())}
         for t in sorted(set(types.tolist()))
     }
+
+
+def localisation_metrics(maps, masks, boxes: list[np.ndarray], image_scores, y_true) -> dict:
+    """Localisation metrics of one map type: pixel_auroc, aupro, pointing_game, box_iou and the
+    image_auroc of its image scores. maps (N, H, W), masks (N, H, W) bool or None (no ground
+    truth: the pixel metrics are None), boxes a list of N (K_i, 4) arrays, image_scores (N,)."""
+    y_true = _labels(y_true, "y_true")
+    image_auroc = None
+    if len(np.unique(y_true)) == 2:
+        image_auroc = float(roc_auc_score(y_true, to_numpy(image_scores).astype(np.float64)))
+    if masks is None:
+        return {"pixel_auroc": None, "aupro": None, "pointing_game": None, "box_iou": None,
+                "image_auroc": image_auroc}
+    return {
+        "pixel_auroc": pixel_auroc(maps, masks),
+        "aupro": aupro(maps, masks),
+        "pointing_game": pointing_game(maps, masks),
+        "box_iou": box_iou_score(boxes, masks),
+        "image_auroc": image_auroc,
+    }

@@ -127,3 +127,30 @@ def probability_scaled(maps, probs) -> np.ndarray:
     if len(probs) != len(normalised):
         raise ValueError(f"got {len(probs)} probabilities for {len(normalised)} maps: need one per map")
     return normalised * probs[:, None, None]
+
+
+LOCALIZERS = ("cam", "patch_knn", "cam_knn")
+
+
+def localizer_maps(cam, p_anomaly, patch_map=None) -> dict[str, np.ndarray]:
+    """Pixel-scoring maps (N, H, W) per localiser, each comparable across images.
+
+    "cam": the per-image min-max CAM scaled by the image's Anomaly probability (the raw CAM's
+    scale differs between images; see the README for the measurement behind this choice);
+    "patch_knn": the nearest-neighbour distance to good training patches (its scale is fixed by
+    the memory); "cam_knn": their product, the patch distance kept where the classifier looks.
+    """
+    maps = {"cam": probability_scaled(cam, p_anomaly)}
+    if patch_map is not None:
+        patch_map = to_numpy(patch_map).astype(np.float32)
+        maps["patch_knn"] = patch_map
+        maps["cam_knn"] = patch_map * minmax_normalise(cam)
+    return maps
+
+
+def boxes_for_maps(maps, thres: float, mode: str = "components") -> list[np.ndarray]:
+    """Boxes (K_i, 4) of each map of (N, H, W) after per-image min-max normalisation.
+
+    One rule for every localiser: normalise each map to [0, 1] on its own, keep pixels >= thres.
+    """
+    return [heatmap_to_boxes(m, thres, mode=mode)[0] for m in minmax_normalise(maps)]

@@ -1,0 +1,243 @@
+"""Figures for Evaluation.ipynb: prediction grid with heatmaps and boxes, confusion matrix, ROC, training curves."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+
+from utils.constants import ANOMALY, CLASS_NAMES, GOOD, GOOD_FOLDER
+from utils.postprocess import to_numpy
+
+MASK_COLOUR = "lime"  # ground-truth contour; not in the jet colour map's hot end, visible on most images
+BOX_COLOUR = "red"
+CELL_INCHES = 2.8  # side of one grid cell; wide enough for the first column's title at TITLE_SIZE
+TITLE_SIZE = 7
+TITLE_WRAP = 52  # characters that fit one cell width at TITLE_SIZE; longer titles break before "pred"
+CONFUSION_KEYS = ("TP", "FN", "FP", "TN")
+
+
+def _labels(y, name: str) -> np.ndarray:
+    """Validate a vector of 0/1 labels (N,) and return it as int64."""
+    y = to_numpy(y).reshape(-1)
+    if y.size and not np.isin(y, (GOOD, ANOMALY)).all():
+        raise ValueError(f"{name} must hold only {GOOD} (Good) and {ANOMALY} (Anomaly), got {np.unique(y)}")
+    return y.astype(np.int64)
+
+
+def select_grid_samples(y_true, y_pred, n: int, seed: int = 0) -> np.ndarray:
+    """Indices (min(n, N),) int64 of test images to show, spread over the outcomes (labels (N,)).
+
+    Each outcome group (false negatives, false positives, true positives, true negatives) is
+    shuffled with a seeded generator; picks go round-robin over the groups in that order, so
+    errors are picked first and every outcome present gets a row. The result lists the picks
+    group by group in the same order: errors at the top of the grid.
+    """
+    y_true, y_pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} labels and y_pred {len(y_pred)}: need one each per image")
+    if n < 0:
+        raise ValueError(f"n={n} must be a non-negative number of images")
+    rng = np.random.default_rng(seed)
+    outcomes = [(ANOMALY, GOOD), (GOOD, ANOMALY), (ANOMALY, ANOMALY), (GOOD, GOOD)]  # (true, pred): FN FP TP TN
+    groups = [rng.permutation(np.flatnonzero((y_true == t) & (y_pred == p))) for t, p in outcomes]
+    taken = [0] * len(groups)
+    for _ in range(min(n, len(y_true))):
+        # next group in round-robin order that still has images left
+        g = min((taken[i], i) for i in range(len(groups)) if taken[i] < len(groups[i]))[1]
+        taken[g] += 1
+    return np.concatenate([group[:k] for group, k in zip(groups, taken)]).astype(np.int64)
+
+
+def _images_hwc(images) -> np.ndarray:
+    """Images (N, C, H, W) with C = 1 or 3, tensor or array -> (N, H, W, 3) for imshow."""
+    images = to_numpy(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 3, H, W) or (N, 1, H, W), got {images.shape}")
+    if images.shape[1] == 1:
+        images = np.repeat(images, 3, axis=1)
+    return images.transpose(0, 2, 3, 1)
+
+
+def _per_image(values, n: int, name: str) -> list | np.ndarray:
+    """Check that a per-image sequence has n entries."""
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} images: need one per image")
+    return values
+
+
+def _title(true: int, pred: int, prob: float, defect: str | None) -> str:
+    """'true Anomaly/crack · pred Good · p=0.31'; the defect type is left out when it is the good folder."""
+    truth = CLASS_NAMES[true] if defect in (None, GOOD_FOLDER) else f"{CLASS_NAMES[true]}/{defect}"
+    title = f"true {truth} · pred {CLASS_NAMES[pred]} · p={prob:.2f}"
+    # long defect names (e.g. manipulated_front) would run into the next column
+    return title if len(title) <= TITLE_WRAP else title.replace(" · pred", "\npred", 1)
+
+
+def _draw_mask(ax, mask: np.ndarray | None) -> None:
+    """Outline a bool mask (H, W) on ax; empty or full masks have no edge, so nothing is drawn."""
+    if mask is not None and mask.any() and not mask.all():
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.0)
+
+
+def _draw_boxes(ax, boxes) -> None:
+    """Draw boxes (K, 4) x1, y1, x2, y2 with exclusive x2, y2 in pixel coordinates on an imshow axis."""
+    for x1, y1, x2, y2 in to_numpy(boxes).reshape(-1, 4):
+        # imshow puts pixel (i, j) centred on (j, i): its edges lie half a pixel either side
+        rect = Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=BOX_COLOUR, linewidth=1.2)
+        ax.add_patch(rect)
+
+
+def plot_prediction_grid(
+    images,
+    maps: dict[str, np.ndarray],
+    y_true,
+    y_pred,
+    p_anomaly,
+    masks=None,
+    boxes: list | None = None,
+    defect_types: list[str] | None = None,
+    heatmap_alpha: float = 0.5,
+) -> Figure:
+    """One row per image: the image with its title, mask contour and predicted boxes, then one map per column.
+
+    images (N, 3, H, W) uint8; maps {name: (N, H, W) in [0, 1]}; y_true, y_pred (N,) 0/1;
+    p_anomaly (N,); masks (N, H, W) bool or None; boxes a list of N arrays (K, 4) x1, y1, x2, y2
+    (exclusive x2, y2) from the first map, drawn only on images predicted Anomaly; defect_types
+    a list of N folder names or None. Titles of misclassified images are red.
+    """
+    images = _images_hwc(images)
+    n, height, width = images.shape[:3]
+    if n == 0:
+        raise ValueError("images is empty: select at least one image to plot")
+    if not maps:
+        raise ValueError("maps is empty: pass at least one heatmap, e.g. {'cam': cam_maps}")
+    if not 0.0 <= heatmap_alpha <= 1.0:
+        raise ValueError(f"heatmap_alpha={heatmap_alpha} must lie in [0, 1]")
+    maps = {name: to_numpy(m) for name, m in maps.items()}
+    for name, m in maps.items():
+        if m.shape != (n, height, width):
+            raise ValueError(f"map {name!r} has shape {m.shape}; need (N, H, W) = {(n, height, width)} like images")
+    y_true = _per_image(_labels(y_true, "y_true"), n, "y_true")
+    y_pred = _per_image(_labels(y_pred, "y_pred"), n, "y_pred")
+    p_anomaly = _per_image(to_numpy(p_anomaly).reshape(-1), n, "p_anomaly")
+    if masks is not None:
+        masks = to_numpy(masks).astype(bool)
+        if masks.shape != (n, height, width):
+            raise ValueError(f"masks has shape {masks.shape}; need (N, H, W) = {(n, height, width)} like images")
+    if boxes is not None:
+        _per_image(boxes, n, "boxes")
+    if defect_types is not None:
+        _per_image(defect_types, n, "defect_types")
+
+    cols = 1 + len(maps)
+    fig, axes = plt.subplots(n, cols, figsize=(CELL_INCHES * cols, CELL_INCHES * n), squeeze=False)
+    first_map = next(iter(maps))
+    for i in range(n):
+        mask = None if masks is None else masks[i]
+        ax = axes[i, 0]
+        ax.imshow(images[i])
+        _draw_mask(ax, mask)
+        if boxes is not None and y_pred[i] == ANOMALY:
+            _draw_boxes(ax, boxes[i])
+        defect = None if defect_types is None else defect_types[i]
+        wrong = y_true[i] != y_pred[i]
+        ax.set_title(_title(y_true[i], y_pred[i], float(p_anomaly[i]), defect),
+                     fontsize=TITLE_SIZE, color="red" if wrong else "black")
+        for ax, (name, m) in zip(axes[i, 1:], maps.items()):
+            ax.imshow(images[i])
+            ax.imshow(m[i], cmap="jet", alpha=heatmap_alpha, vmin=0.0, vmax=1.0)
+            _draw_mask(ax, mask)
+            ax.set_title(name, fontsize=TITLE_SIZE)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    legend = [f"{MASK_COLOUR} contour: ground-truth mask"] if masks is not None else []
+    if boxes is not None:
+        legend.append(f"{BOX_COLOUR} boxes: from {first_map!r}, on predicted Anomaly")
+    if legend:
+        fig.suptitle(" · ".join(legend), fontsize=TITLE_SIZE)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(confusion: dict) -> Figure:
+    """Confusion matrix from counts {"TP", "FN", "FP", "TN"} (Anomaly positive); rows true, columns predicted."""
+    missing = [k for k in CONFUSION_KEYS if k not in confusion]
+    if missing:
+        raise ValueError(f"confusion lacks {missing}: pass the dict of utils.metrics.confusion_counts")
+    if any(int(confusion[k]) < 0 for k in CONFUSION_KEYS):
+        raise ValueError(f"confusion counts must be non-negative, got {confusion}")
+    # order [Good, Anomaly] on both axes, as CLASS_NAMES
+    matrix = np.array([[confusion["TN"], confusion["FP"]], [confusion["FN"], confusion["TP"]]], dtype=np.int64)
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    ConfusionMatrixDisplay(matrix, display_labels=list(CLASS_NAMES)).plot(ax=ax, values_format="d", colorbar=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc_curves(y_true, scores: dict[str, np.ndarray]) -> Figure:
+    """ROC curves of image scores {name: (N,)} against labels y_true (N,) on one axis, AUROC in the legend."""
+    y_true = _labels(y_true, "y_true")
+    if not scores:
+        raise ValueError("scores is empty: pass at least one score, e.g. {'classifier': p_anomaly}")
+    scores = {name: to_numpy(s).reshape(-1) for name, s in scores.items()}
+    for name, s in scores.items():
+        _per_image(s, len(y_true), f"scores[{name!r}]")
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    if len(np.unique(y_true)) < 2:
+        # a ROC curve needs both classes; a test split with one class still gets a figure
+        ax.text(0.5, 0.5, "ROC undefined:\ny_true holds one class only",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("False positive rate")
+        ax.set_ylabel("True positive rate")
+    else:
+        for k, (name, s) in enumerate(scores.items()):
+            RocCurveDisplay.from_predictions(y_true, s, pos_label=ANOMALY, name=name, ax=ax,
+                                             plot_chance_level=k == len(scores) - 1)
+    ax.set_title("ROC, Anomaly positive", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(loss: list[float], accuracy: list[float]) -> Figure:
+    """Per-epoch training loss and train accuracy (lists of equal length) side by side."""
+    if len(loss) != len(accuracy):
+        raise ValueError(f"loss has {len(loss)} epochs and accuracy {len(accuracy)}: need one value each per epoch")
+    epochs = np.arange(1, len(loss) + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3))
+    ax_loss.plot(epochs, loss, marker="o")
+    ax_loss.set_ylabel("loss")
+    ax_acc.plot(epochs, accuracy, marker="o", color="tab:green")
+    ax_acc.set_ylabel("train accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path) -> None:
+    """Write fig to path as PNG (dpi 100, tight box) atomically, creating folders, then close fig.
+
+    In a notebook, display the figure before saving it: a closed figure is no longer shown inline.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path} must end in .png: figures are saved as PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a temporary file in the same folder, so os.replace is a rename and readers never see half a PNG
+    fd, tmp = tempfile.mkstemp(suffix=".png", prefix=f".{path.stem}.", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    plt.close(fig)
