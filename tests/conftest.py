@@ -20,6 +20,9 @@ if str(REPO_ROOT) not in sys.path:  # so `import utils` works whatever folder py
 from utils.constants import MVTEC_DIR_ENV  # noqa: E402
 from utils.model import CAMClassifier  # noqa: E402
 
+# The tests run tiny tensors: one intra-op thread avoids OpenMP stalls when the 2 cores are shared.
+torch.set_num_threads(1)
+
 # Where the real MVTec AD images live next to the repository (read-only, never written to).
 DEFAULT_MVTEC_DIR = REPO_ROOT.parent / "shared" / "data" / "mvtec_anomaly_detection"
 

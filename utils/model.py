@@ -134,6 +134,7 @@ class CAMClassifier(nn.Module):
         and the plain loop see exactly the same network.
         """
         super().train(mode)
+        self.frozen.eval()  # never trains: no layer there may switch to training behaviour
         for m in self.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
@@ -169,7 +170,7 @@ class CAMClassifier(nn.Module):
 
 def check_input_size(width: int, height: int) -> None:
     """Both backbones downsample by 32 before the head: other sizes would lose border pixels."""
-    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE or width < SIZE_MULTIPLE * 2:
+    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE or min(width, height) < SIZE_MULTIPLE * 2:
         raise ValueError(
             f"Input size {width}x{height} must be a multiple of {SIZE_MULTIPLE} and at least "
             f"{SIZE_MULTIPLE * 2} px (e.g. 64, 224, 256)."

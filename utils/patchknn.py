@@ -1,4 +1,4 @@
-"""Patch-memory anomaly maps (PatchCore, Roth et al. 2022): nearest-neighbour distance of test patches to good patches."""
+"""Patch-memory anomaly maps (PatchCore, Roth et al. 2022): distance of each test patch to its nearest good patch."""
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def patch_embeddings(fine: torch.Tensor, coarse: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
-    """Locally averaged fine (B,C1,H1,W1) and coarse (B,C2,H2,W2) maps, coarse resized to the fine grid -> (B,C1+C2,H1,W1) float32."""
+    """Locally averaged fine (B,C1,H1,W1) and coarse (B,C2,H2,W2) maps on the fine grid -> (B,C1+C2,H1,W1) float32."""
     _check_ndim("fine", fine, 4, "(B, C1, H1, W1)")
     _check_ndim("coarse", coarse, 4, "(B, C2, H2, W2)")
     if fine.shape[0] != coarse.shape[0]:

@@ -1,0 +1,55 @@
+"""The sweep tabulates every run's metrics.json and reports a failing subset without stopping."""
+
+import csv
+import json
+
+import sweep
+
+
+def _metrics(pixel_auroc):
+    loc = {"pixel_auroc": pixel_auroc, "aupro": 0.5, "pointing_game": None, "box_iou": 0.25, "image_auroc": 1.0}
+    return {"n_train": 40, "n_test": 10, "accuracy": 0.9, "balanced_accuracy": 0.875,
+            "image_auroc": 0.95, "image_ap": 0.97, "localizers": {"cam": loc}}
+
+
+def test_parse_assignments_reads_json_values():
+    assert sweep.parse_assignments(["epochs=3", "pretrained=false", "localizer=patch_knn", "lr=1e-3"]) == {
+        "epochs": 3, "pretrained": False, "localizer": "patch_knn", "lr": 0.001}
+
+
+def test_markdown_table_formats_numbers_and_missing_values():
+    rows = [sweep.summary_row("toothbrush", "mobilenet_v2", _metrics(0.9123), None)]
+    table = sweep.markdown_table(rows).splitlines()
+    assert table[0].startswith("| subset | backbone | n_train |") and table[0].endswith("| error |")
+    assert "| toothbrush | mobilenet_v2 | 40 | 10 | 0.900 | 0.875 | 0.950 | 0.970 | 0.912 | 0.500 | – | 0.250 |  |" == table[2]
+
+
+def test_failed_subset_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+
+    def fake_run(subset, backbone, common, train, evaluate, runs_dir):
+        if subset == "broken":
+            return "PapermillExecutionError: FileNotFoundError: Subset folder data/broken does not exist."
+        out = results / f"{subset}_{backbone}"
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps(_metrics(0.8)))
+        return None
+
+    monkeypatch.setattr(sweep, "run_one", fake_run)
+    rows = sweep.main(["--subsets", "broken", "toothbrush", "--backbones", "vgg16",
+                       "--results-dir", str(results), "--runs-dir", str(tmp_path / "runs")])
+    assert [r["subset"] for r in rows] == ["broken", "toothbrush"]
+    table = (results / "summary.md").read_text()
+    assert "Subset folder data/broken does not exist" in table and "| toothbrush | vgg16 | 40 |" in table
+    with open(results / "summary.csv") as f:
+        parsed = list(csv.DictReader(f))
+    assert parsed[1]["cam_pixel_auroc"] == "0.8" and parsed[0]["accuracy"] == ""
+
+
+def test_a_real_failing_run_is_caught(tmp_path):
+    """A subset that does not exist makes Training.ipynb raise; run_one returns the error."""
+    error = sweep.run_one("no_such_subset", "vgg16",
+                          {"data_dir": str(tmp_path), "results_dir": str(tmp_path / "r"),
+                           "weights_dir": str(tmp_path / "w"), "device": "cpu"},
+                          {"download": False, "pretrained": False}, {}, tmp_path / "runs")
+    assert error is not None and "no_such_subset" in error
