@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,10 @@ def run_one(subset: str, backbone: str, common: dict, train: dict, evaluate: dic
                             parameters={**params, **train})
         pm.execute_notebook(ROOT / "Evaluation.ipynb", out / "Evaluation.ipynb", cwd=str(ROOT),
                             parameters={**params, **evaluate})
-    except Exception as err:  # a failed subset is reported in the table; the sweep goes on
-        lines = [line for line in str(err).strip().splitlines() if line.strip()]
-        return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
+    except pm.PapermillExecutionError as err:  # reported in the table; the sweep goes on
+        return f"{err.ename}: {err.evalue}"
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
     return None
 
 
@@ -146,4 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    failed = [r for r in main() if r["error"]]
+    for row in failed:
+        print(f"{row['subset']} / {row['backbone']} failed: {row['error']}", file=sys.stderr)
+    sys.exit(1 if failed else 0)

@@ -1,7 +1,7 @@
 """Benchmark training and CAM inference: the published plain loop against this repository's fast path.
 
 Every measured way runs in its own child process (this script re-invoked with the hidden `--only`
-flag), so each peak-memory figure (VmHWM, see max_rss_mib) belongs to that way alone. Run from the repository root:
+flag), so each peak-memory figure belongs to that way alone. Run from the repository root:
 
     python benchmarks/benchmark.py            # 50 images, 10 epochs, about 10 minutes on 2 CPU cores
     python benchmarks/benchmark.py --quick    # smoke run: 10 images, 2 epochs
@@ -65,11 +65,14 @@ RATIOS = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
-                   help="folder holding MVTec AD-format subsets (default: %(default)s); when the subset "
-                        "is missing there, a synthetic subset is generated in --work-dir instead")
+                   help="folder holding MVTec AD-format subsets (default: ../shared/data/mvtec_anomaly_detection "
+                        "beside the repository); when the subset is missing there, a synthetic subset is "
+                        "generated in --work-dir instead")
     p.add_argument("--subset", default="toothbrush", help="subset (category) to read (default: %(default)s)")
     p.add_argument("--work-dir", default=None,
                    help="where the synthetic fallback subset is generated (default: a folder in the system temp dir)")
+    p.add_argument("--synthetic-size", type=int, default=1024,
+                   help="side in px of the synthetic fallback images (default: %(default)s, as MVTec AD)")
     p.add_argument("--n-images", type=int, default=50,
                    help="use the first N indexed images of the subset (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=10, help="training epochs, early stopping off (default: %(default)s)")
@@ -132,12 +135,19 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def resolve_data(args: argparse.Namespace) -> tuple[Path, str, bool]:
-    """(data folder, subset name, synthetic?): the real subset if present, else a generated synthetic one."""
+    """(data folder, subset name, synthetic?): the real subset if present, else a generated synthetic one.
+
+    The synthetic fallback is written at --synthetic-size px (1024 like MVTec AD) so that decoding
+    costs what a user's images cost, with about as many Good as defect images among the first N.
+    """
     data_dir = Path(args.data_dir)
     if (data_dir / args.subset).is_dir():
         return data_dir, args.subset, False
+    n, size = args.n_images, args.synthetic_size
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "cam-benchmark"
-    generate_synthetic_subset(work / SYNTHETIC_SUBSET, seed=args.seed)
+    work = work / f"n{n}_{size}px"  # other settings get their own folder (the generator refuses to mix)
+    generate_synthetic_subset(work / SYNTHETIC_SUBSET, seed=args.seed, n_train_good=n // 2 + 1,
+                              n_test_good=1, n_per_defect=n // 6 + 1, image_size=size)
     return work, SYNTHETIC_SUBSET, True
 
 
@@ -392,11 +402,10 @@ def main() -> None:
         results[way] = spawn_way(way, args, data_dir, subset)
         print(f"  {results[way]['seconds']:.2f} s, {results[way]['images_per_s']:.2f} images/s, "
               f"peak RSS {results[way]['max_rss_mib']:.0f} MiB", flush=True)
-    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print()
     print_table(results, args)
-    print(f"load average at start {machine['load_average_at_start']}, at end {machine['load_average_at_end']} "
-          f"(above ~0.5 means other processes shared the CPUs: timings are noisy)")
+    print(f"load average before the run {machine['load_average_at_start']} (1, 5, 15 min): well above 0 means "
+          f"other processes were using the CPUs and the timings are noisy")
 
     settings = {k: v for k, v in vars(args).items() if k not in ("only", "child_out")}
     settings.update({"data_dir": str(data_dir), "subset": subset, "synthetic": synthetic,

@@ -251,12 +251,13 @@ def test_cache_runs_frozen_layers_once(make_model, monkeypatch) -> None:
 
 
 def test_target_train_accuracy_stops_early(make_model) -> None:
-    images, labels = _tiny_data()
-    full = _train(make_model("mobilenet_v2"), images, labels, epochs=4, target_train_accuracy=None)
+    images, labels = _tiny_data(8)
+    # lr 1e-2 makes the accuracy move between epochs (here 0.5, then 0.75), so the stop is not always epoch 1.
+    full = _train(make_model("mobilenet_v2"), images, labels, epochs=4, lr=1e-2, target_train_accuracy=None)
     assert full["epochs_run"] == 4 and not full["early_stopped"]
     target = max(full["accuracy"][:3])
     expected_epochs = next(i + 1 for i, a in enumerate(full["accuracy"]) if a >= target)  # first to reach it
-    stopped = _train(make_model("mobilenet_v2"), images, labels, epochs=4, target_train_accuracy=target)
+    stopped = _train(make_model("mobilenet_v2"), images, labels, epochs=4, lr=1e-2, target_train_accuracy=target)
     assert stopped["early_stopped"] and expected_epochs < 4
     assert stopped["epochs_run"] == expected_epochs and stopped["accuracy"] == full["accuracy"][:expected_epochs]
     always = _train(make_model("mobilenet_v2"), images, labels, epochs=4, target_train_accuracy=0.0)

@@ -22,6 +22,7 @@ MVTEC_URL = (
 MVTEC_URL_ENV = "MVTEC_URL"
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 MVTEC_ARCHIVE_NAME = "mvtec_anomaly_detection.tar.xz"
+MVTEC_PAGE_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 MVTEC_LICENSE = (
     "MVTec AD is released under CC BY-NC-SA 4.0 (non-commercial use, attribution, "
     "share-alike); Copyright 2019 MVTec Software GmbH."

@@ -17,13 +17,13 @@ from utils.constants import (
     MVTEC_ARCHIVE_NAME,
     MVTEC_CATEGORIES,
     MVTEC_LICENSE,
+    MVTEC_PAGE_URL,
     MVTEC_SHA256,
     MVTEC_URL,
     MVTEC_URL_ENV,
     SYNTHETIC_SUBSET,
 )
 
-MVTEC_PAGE_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 # The real archive sometimes wraps everything in one folder of this name.
 _ARCHIVE_TOP_FOLDER = "mvtec_anomaly_detection"
 _CHUNK = 1 << 20
@@ -58,7 +58,7 @@ def _manual_hint(archive: Path, data_dir: Path | None = None, category: str | No
     return (
         f"To get the data by hand: download {MVTEC_ARCHIVE_NAME} from {MVTEC_PAGE_URL} and put it at "
         f"{archive} (it is extracted on the next run), or extract {folder} from it into {target}. "
-        f"If the host moved, pass url=... or set the {MVTEC_URL_ENV} environment variable."
+        f"If the host moved, set the Training.ipynb parameter mvtec_url or the {MVTEC_URL_ENV} environment variable."
     )
 
 
