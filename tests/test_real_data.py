@@ -40,6 +40,22 @@ N_GOOD_TRAIN = N_GOOD - N_GOOD // N_FOLDS
 # The patch grid is the finer tap's: MobileNetV2's stride-8 stage gives 224 / 8 = 28 x 28 patches.
 PATCHES_PER_IMAGE = (IMAGE_SIZE // 8) ** 2
 
+# Thresholds, from three full runs of this cross-validation on CPU (bf16) with seeds 0, 1, 2:
+# pooled out-of-fold image AUROC 0.827 / 0.862 / 0.805, mean per fold 0.850 / 0.917 / 0.833
+# (single folds of 10 images range 0.50-1.00, hence the pooled claim). Chance is 0.5; with
+# 20 good and 30 defective images the AUROC's standard error is about 0.06, so 0.70 sits two
+# standard errors under the lowest run and still far above chance.
+POOLED_AUROC_MIN = 0.70
+MEAN_FOLD_AUROC_MIN = 0.70
+# CAM pixel AUROC on the 30 held-out defective images: 0.937 / 0.937 / 0.923. Pixel AUROC is
+# flattered by position alone: a map that only knows toothbrushes stand upright in the image
+# centre (-|x - centre|) scores 0.838 on these masks, so the CAM must beat that prior too.
+CAM_PIXEL_AUROC_MIN = 0.88
+# Patch-memory pixel AUROC: 0.979 / 0.978 / 0.979, ahead of the CAM by 0.041 / 0.041 / 0.056;
+# AUPRO 0.79 / 0.78 / 0.79 against the CAM's 0.43 / 0.41 / 0.36.
+PATCH_PIXEL_AUROC_MIN = 0.95
+PATCH_OVER_CAM_MARGIN = 0.02
+
 
 @dataclass
 class CrossValidation:
@@ -127,6 +143,13 @@ def cv(toothbrush, pretrained_weights) -> CrossValidation:
     return result
 
 
+def centre_column_prior(shape: tuple[int, int, int]) -> np.ndarray:
+    """(N, H, W) maps that score each pixel by closeness to the vertical centre line, -|x - (W-1)/2|."""
+    n, h, w = shape
+    row = -np.abs(np.arange(w) - (w - 1) / 2)  # (W,)
+    return np.broadcast_to(row, (n, h, w))
+
+
 def _localisation(cv: CrossValidation, masks: torch.Tensor, maps: dict[int, np.ndarray]):
     """Stack the held-out defective images' maps (N_DEFECTIVE, H, W) with their masks."""
     order = sorted(maps)
@@ -162,6 +185,7 @@ def test_cam_is_hotter_inside_defect_masks(cv, toothbrush):
     score = pixel_auroc(cams, gt)
     print(f"CAM pixel AUROC {score:.3f}, AUPRO {aupro(cams, gt):.3f}, pointing game {pointing_game(cams, gt):.3f}")
     assert score > CAM_PIXEL_AUROC_MIN, score
+    assert score > pixel_auroc(centre_column_prior(gt.shape), gt), score
 
 
 def test_patch_memory_localises_better_than_cam(cv, toothbrush):
@@ -173,10 +197,6 @@ def test_patch_memory_localises_better_than_cam(cv, toothbrush):
           f"pointing game {pointing_game(patch, gt):.3f}")
     assert patch_score > PATCH_PIXEL_AUROC_MIN, patch_score
     assert patch_score > cam_score + PATCH_OVER_CAM_MARGIN, (patch_score, cam_score)
+    # the per-region overlap weighs small defects as much as large ones: the gap is wider there
+    assert aupro(patch, gt) > aupro(cams, gt)
 
-
-POOLED_AUROC_MIN = 0.5
-MEAN_FOLD_AUROC_MIN = 0.5
-CAM_PIXEL_AUROC_MIN = 0.5
-PATCH_PIXEL_AUROC_MIN = 0.5
-PATCH_OVER_CAM_MARGIN = 0.0
