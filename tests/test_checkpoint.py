@@ -90,7 +90,9 @@ def test_save_is_atomic(tmp_path: Path, make_model, monkeypatch) -> None:
     good = path.read_bytes()
 
     def failing_save(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")  # some bytes reach the file, then the disk fills up
+        handle = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+        handle.write(b"half a checkpoint")  # some bytes reach the file, then the disk fills up
+        handle.flush()
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)

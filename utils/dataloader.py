@@ -250,3 +250,9 @@ def select_samples(data_dir: str | Path, subset_name: str, paths: Sequence[str])
             f"(first: {missing[0]}). Evaluate with the data_dir the model was trained on."
         )
     return [by_path[p] for p in paths]
+
+
+def positions(samples: Sequence[Sample], chosen: Sequence[Sample]) -> torch.Tensor:
+    """Indices (K,) of `chosen` within `samples`, to take rows of images decoded once for all."""
+    index = {s.path: i for i, s in enumerate(samples)}
+    return torch.tensor([index[s.path] for s in chosen], dtype=torch.long)

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm.auto import tqdm
 
-from utils.constants import (
+from .constants import (
     MVTEC_ARCHIVE_NAME,
     MVTEC_CATEGORIES,
     MVTEC_LICENSE,

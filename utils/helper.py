@@ -20,7 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .constants import CLASS_NAMES
-from .dataloader import batch_order, image_to_tensor, normalise, read_image
+from .dataloader import batch_order, image_to_tensor, kfold_splits, normalise, positions, read_image
+from .metrics import classification_metrics
 from .model import CAMClassifier, check_input_size, get_spec, normalisation
 from .patchknn import build_memory, flatten_patches, memory_nbytes, patch_anomaly_maps, patch_embeddings
 from .postprocess import heatmap_to_boxes, minmax_normalise
@@ -432,3 +433,35 @@ def score_image(
     anomalous = p >= 0.5
     boxes = heatmap_to_boxes(heatmap, thres, mode=box_mode)[0] if anomalous else np.zeros((0, 4), np.float32)
     return {"label": CLASS_NAMES[int(anomalous)], "p_anomaly": p, "heatmap": heatmap, "boxes": boxes}
+
+
+def cross_validate(
+    samples: Sequence,
+    images: torch.Tensor,
+    *,
+    n_folds: int,
+    backbone: str,
+    pretrained: bool,
+    seed: int,
+    device: torch.device,
+    precision: str,
+    on_fold_end: Callable[[int, dict], None] | None = None,
+    **train_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Stratified, shuffled k-fold cross-validation over all `samples` (images (N, 3, H, W) uint8,
+    decoded once): a fresh model per fold, trained like the main one (`train_kwargs` are
+    train_model's), scored on the fold's held-out images. Returns each fold's classification metrics."""
+    mean, std = normalisation(backbone, pretrained)
+    results = []
+    for fold, (fold_train, fold_test) in enumerate(kfold_splits(samples, n_folds, seed)):
+        net = prepare_model(CAMClassifier(backbone, pretrained=pretrained), device, precision)
+        x_train, x_test = images[positions(samples, fold_train)], images[positions(samples, fold_test)]
+        y_test = np.array([s.label for s in fold_test])
+        train_model(net, x_train, torch.tensor([s.label for s in fold_train]), mean=mean, std=std,
+                    seed=seed + fold, device=device, precision=precision, progress=False, **train_kwargs)
+        p = predict(net, x_test, mean, std, batch_size=train_kwargs["batch_size"], device=device,
+                    precision=precision, progress=False)["p_anomaly"]
+        results.append(classification_metrics(y_test, (p >= 0.5).astype(int), p))
+        if on_fold_end is not None:
+            on_fold_end(fold + 1, results[-1])
+    return results

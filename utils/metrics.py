@@ -14,8 +14,8 @@ from sklearn.metrics import (
 )
 from torchvision.ops import box_iou
 
-from utils.constants import ANOMALY, GOOD
-from utils.postprocess import mask_regions, regions_to_boxes, to_numpy
+from .constants import ANOMALY, GOOD
+from .postprocess import mask_regions, regions_to_boxes, to_numpy
 
 
 def _labels(y, name: str) -> np.ndarray:

@@ -11,8 +11,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
-from utils.constants import ANOMALY, CLASS_NAMES, GOOD, GOOD_FOLDER
-from utils.postprocess import to_numpy
+from .constants import ANOMALY, CLASS_NAMES, GOOD, GOOD_FOLDER
+from .postprocess import to_numpy
 
 MASK_COLOUR = "lime"  # ground-truth contour; not in the jet colour map's hot end, visible on most images
 BOX_COLOUR = "red"

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
-from utils.constants import GOOD_FOLDER, MASK_SUFFIX
+from .constants import GOOD_FOLDER, MASK_SUFFIX
 
 SYNTHETIC_DEFECT_TYPES = ("crack", "scratch", "spot")
 MARKER_NAME = ".synthetic.json"
