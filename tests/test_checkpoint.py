@@ -139,10 +139,7 @@ def test_bare_state_dict(tmp_path: Path, make_model) -> None:
 
 
 @pytest.mark.parametrize("content", [
-    pytest.param(b"just text", id="text", marks=pytest.mark.xfail(
-        strict=True, raises=KeyError,
-        reason="helper.load_checkpoint catches only UnpicklingError/RuntimeError/EOFError/OSError; torch's "
-               "weights-only unpickler raises KeyError on this text (fix needed in utils/helper.py)")),
+    pytest.param(b"just text", id="text"),
     pytest.param(b"", id="empty"),
     pytest.param(b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01", id="cut-pickle"),
     pytest.param(None, id="truncated-checkpoint"),

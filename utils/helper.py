@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import pickle
 import random
 import tempfile
 import time
@@ -101,6 +100,7 @@ def frozen_pass(
     precision: str,
     patch_images: torch.Tensor | None = None,
     desc: str = "Frozen layers",
+    progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the frozen layers once over (N, 3, H, W) uint8 images.
 
@@ -112,7 +112,7 @@ def frozen_pass(
     cache_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     taps = model.spec.taps if patch_images is not None else ()
     cache, patches = [], []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=not progress):
         x = _to_input(images[start:start + batch_size], mean, std, device, precision)
         with autocast(device, precision):
             out, tapped = model.frozen_features(x, taps)
@@ -177,7 +177,7 @@ def train_model(
     start = time.perf_counter()
     if use_cache and features is None:
         features, _ = frozen_pass(model, images, mean, std, batch_size=batch_size,
-                                  device=device, precision=precision)
+                                  device=device, precision=precision, progress=progress)
     history: dict[str, Any] = {"loss": [], "accuracy": [], "early_stopped": False,
                                "cached_features": use_cache, "precision": precision}
     for epoch in range(epochs):
@@ -312,7 +312,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"Checkpoint {path} does not exist: run Training.ipynb first or set weights_path.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # any unreadable file: a pickle refused, truncated, or not torch's
         raise ValueError(
             f"{path} is not a checkpoint of this repository (it could not be read with "
             f"torch.load(weights_only=True), which refuses arbitrary pickles): {err}"
