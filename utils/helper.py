@@ -22,7 +22,7 @@ from .constants import CLASS_NAMES
 from .dataloader import batch_order, image_to_tensor, kfold_splits, normalise, positions, read_image
 from .metrics import classification_metrics
 from .model import CAMClassifier, check_input_size, get_spec, normalisation
-from .patchknn import build_memory, flatten_patches, memory_nbytes, patch_anomaly_maps, patch_embeddings
+from .patchknn import MEMORY_METHODS, build_memory, flatten_patches, memory_nbytes, patch_anomaly_maps, patch_embeddings
 from .postprocess import heatmap_to_boxes, minmax_normalise
 
 CHECKPOINT_FORMAT = "cam-defect-detector/1"
@@ -358,7 +358,7 @@ def training_config(
     image_size: int, batch_size: int, epochs: int, lr: float, class_weight: Sequence[float],
     target_train_accuracy: float | None, test_size: float, seed: int, heatmap_thres: float,
     n_cv_folds: int, weights_dir: str, results_dir: str, device: str, precision: str = "auto",
-    cache_features: bool = True,
+    cache_features: bool = True, patch_memory_size: int = 10000, patch_memory_method: str = "coreset",
 ) -> dict[str, Any]:
     """Check the Training.ipynb parameters and return them as the run's configuration.
 
@@ -385,6 +385,10 @@ def training_config(
     _check(_is_int(n_cv_folds) and (n_cv_folds == 0 or n_cv_folds >= 2), "n_cv_folds", n_cv_folds,
            "0 (skip) or an integer of at least 2")
     _check(precision in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
+    _check(_is_int(patch_memory_size) and patch_memory_size >= 0, "patch_memory_size", patch_memory_size,
+           "0 (no patch memory) or a positive integer")
+    _check(patch_memory_method in MEMORY_METHODS, "patch_memory_method", patch_memory_method,
+           f"one of {MEMORY_METHODS}")
     resolve_device(device)
     return {
         "data_dir": str(data_dir), "subset_name": subset_name, "download": download,
@@ -395,6 +399,7 @@ def training_config(
         "test_size": float(test_size), "seed": int(seed), "heatmap_thres": float(heatmap_thres),
         "n_cv_folds": int(n_cv_folds), "weights_dir": str(weights_dir), "results_dir": str(results_dir),
         "device": device, "precision": precision, "cache_features": cache_features,
+        "patch_memory_size": int(patch_memory_size), "patch_memory_method": patch_memory_method,
     }
 
 
