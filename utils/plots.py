@@ -1,7 +1,5 @@
 """Figures for Evaluation.ipynb: prediction grid with heatmaps and boxes, confusion matrix, ROC, training curves."""
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -12,6 +10,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from .constants import ANOMALY, CLASS_NAMES, GOOD, GOOD_FOLDER
+from .helper import atomic_write_bytes
 from .postprocess import to_numpy
 
 MASK_COLOUR = "lime"  # ground-truth contour; not in the jet colour map's hot end, visible on most images
@@ -230,14 +229,6 @@ def save_figure(fig: Figure, path) -> None:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path} must end in .png: figures are saved as PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary file in the same folder, so os.replace is a rename and readers never see half a PNG
-    fd, tmp = tempfile.mkstemp(suffix=".png", prefix=f".{path.stem}.", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # a temporary file in the same folder, renamed when complete: readers never see half a PNG
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
