@@ -43,7 +43,9 @@ def fold_maps(args, samples, train, test, images, index, device, precision, fold
                        class_weight=[1, 3], batch_size=10, target_train_accuracy=0.98,
                        seed=args.seed + fold, device=device, precision=precision, features=features,
                        progress=False)
-    memory, _ = helper.build_patch_memory(good, size=args.memory_size, method="coreset", seed=args.seed)
+    memory, info = helper.build_patch_memory(good, size=args.memory_size, method=args.memory_method, seed=args.seed)
+    print(f"fold {fold + 1}: memory {info['size']} of {info['n_patches']} patches ({info['method']}, "
+          f"{info['seconds']:.2f} s)", flush=True)
     x_test = images[[index[s.path] for s in test]]
     return helper.predict(net, x_test, mean, std, batch_size=10, device=device, precision=precision,
                           patch_memory=memory)
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="at most this many epochs per fold")
     parser.add_argument("--image-size", type=int, default=224, help="input size")
     parser.add_argument("--memory-size", type=int, default=10000, help="patch memory size")
+    parser.add_argument("--memory-method", default="coreset", help="patch memory subsampling: coreset or random")
     parser.add_argument("--seed", type=int, default=42, help="seed of folds, init and shuffling")
     parser.add_argument("--out", default=None, help="optional JSON file for the numbers")
     args = parser.parse_args()
