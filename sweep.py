@@ -26,15 +26,8 @@ from utils.helper import atomic_write_bytes, run_name
 
 ROOT = Path(__file__).resolve().parent
 
-# (column, how to read it from metrics.json); localisation columns come per localiser.
-COLUMNS = [
-    ("n_train", lambda m: m.get("n_train")),
-    ("n_test", lambda m: m.get("n_test")),
-    ("accuracy", lambda m: m.get("accuracy")),
-    ("balanced_accuracy", lambda m: m.get("balanced_accuracy")),
-    ("image_auroc", lambda m: m.get("image_auroc")),
-    ("image_ap", lambda m: m.get("image_ap")),
-]
+# Image-level columns read from metrics.json; localisation columns come per localiser.
+COLUMNS = ("n_train", "n_test", "accuracy", "balanced_accuracy", "image_auroc", "image_ap")
 LOCALISATION_KEYS = ("pixel_auroc", "aupro", "pointing_game", "box_iou")
 
 
@@ -57,8 +50,8 @@ def summary_row(subset: str, backbone: str, metrics: dict | None, error: str | N
     """One table row: image-level metrics and each localiser's localisation metrics."""
     row: dict[str, Any] = {"subset": subset, "backbone": backbone}
     metrics = metrics or {}
-    for column, read in COLUMNS:
-        row[column] = read(metrics)
+    for column in COLUMNS:
+        row[column] = metrics.get(column)
     for name, loc in sorted(metrics.get("localizers", {}).items()):
         for key in LOCALISATION_KEYS:
             row[f"{name}_{key}"] = loc.get(key)

@@ -12,6 +12,7 @@ from utils.metrics import (
     box_iou_score,
     classification_metrics,
     confusion_counts,
+    localisation_metrics,
     per_defect_type,
     pixel_auroc,
     pointing_game,
@@ -233,3 +234,15 @@ def test_per_defect_type():
     assert out["crack"] == {"n": 3, "recall": pytest.approx(2 / 3)}
     assert out["good"] == {"n": 2, "recall": 0.5}
     assert out["hole"] == {"n": 1, "recall": 0.0}
+
+
+def test_localisation_metrics_perfect_map_and_no_masks():
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[1, 1:3, 1:3] = True  # one defect region in the second image
+    maps = masks.astype(np.float32)  # hot exactly on the defect
+    boxes = [np.zeros((0, 4), np.float32), np.array([[1, 1, 3, 3]], np.float32)]
+    m = localisation_metrics(maps, masks, boxes, image_scores=[0.1, 0.9], y_true=[0, 1])
+    assert m == {"pixel_auroc": 1.0, "aupro": 1.0, "pointing_game": 1.0, "box_iou": 1.0, "image_auroc": 1.0}
+    empty = localisation_metrics(maps, None, boxes, image_scores=[0.9, 0.1], y_true=[0, 1])
+    assert empty == {"pixel_auroc": None, "aupro": None, "pointing_game": None, "box_iou": None,
+                     "image_auroc": 0.0}

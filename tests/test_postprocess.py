@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from utils.postprocess import (
+    boxes_for_maps,
     heatmap_to_boxes,
+    localizer_image_scores,
+    localizer_maps,
     mask_regions,
     minmax_normalise,
     probability_scaled,
@@ -148,3 +151,29 @@ def test_probability_scaled_keeps_low_probability_images_cold():
     np.testing.assert_allclose(out[1], [[0.0, 0.0], [0.4, 0.8]], rtol=1e-6)
     with pytest.raises(ValueError):
         probability_scaled(maps, np.array([0.5]))
+
+
+def test_localizer_maps_and_scores_by_hand():
+    cam = np.array([[[0.0, 2.0], [4.0, 8.0]], [[1.0, 1.0], [1.0, 1.0]]], dtype=np.float32)
+    prob = np.array([0.5, 0.9])
+    patch = np.array([[[1.0, 0.0], [0.0, 3.0]], [[2.0, 2.0], [2.0, 2.0]]], dtype=np.float32)
+    maps = localizer_maps(cam, prob, patch)
+    # cam: min-max per image (0, .25, .5, 1) times 0.5; a constant CAM is all zeros
+    np.testing.assert_allclose(maps["cam"][0], [[0.0, 0.125], [0.25, 0.5]])
+    np.testing.assert_allclose(maps["cam"][1], 0.0)
+    np.testing.assert_allclose(maps["patch_knn"], patch)
+    np.testing.assert_allclose(maps["cam_knn"][0], [[0.0, 0.0], [0.0, 3.0]])
+    scores = localizer_image_scores(maps, prob, np.array([3.0, 2.0]))
+    np.testing.assert_allclose(scores["cam"], prob)
+    np.testing.assert_allclose(scores["patch_knn"], [3.0, 2.0])
+    np.testing.assert_allclose(scores["cam_knn"], [3.0, 0.0])
+    assert set(localizer_maps(cam, prob)) == {"cam"}
+
+
+def test_boxes_for_maps_normalise_each_map_before_thresholding():
+    maps = np.zeros((2, 6, 6), dtype=np.float32)
+    maps[0, 1:3, 2:5] = 10.0  # scale 10
+    maps[1, 4, 0] = 0.001  # tiny scale: normalised per image it is as hot as the first
+    boxes = boxes_for_maps(maps, 0.5)
+    np.testing.assert_array_equal(boxes[0], [[2, 1, 5, 3]])
+    np.testing.assert_array_equal(boxes[1], [[0, 4, 1, 5]])

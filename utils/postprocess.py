@@ -148,6 +148,17 @@ def localizer_maps(cam, p_anomaly, patch_map=None) -> dict[str, np.ndarray]:
     return maps
 
 
+def localizer_image_scores(maps: dict[str, np.ndarray], p_anomaly, patch_score=None) -> dict[str, np.ndarray]:
+    """Image-level score (N,) per localiser of `localizer_maps`: the classifier's Anomaly
+    probability for "cam", the patch map's maximum (at feature resolution) for "patch_knn", the
+    map's maximum for "cam_knn"."""
+    scores = {"cam": to_numpy(p_anomaly)}
+    if "patch_knn" in maps:
+        scores["patch_knn"] = to_numpy(patch_score)
+        scores["cam_knn"] = maps["cam_knn"].reshape(len(maps["cam_knn"]), -1).max(axis=1)
+    return scores
+
+
 def boxes_for_maps(maps, thres: float, mode: str = "components") -> list[np.ndarray]:
     """Boxes (K_i, 4) of each map of (N, H, W) after per-image min-max normalisation.
 
