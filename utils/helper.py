@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .constants import CLASS_NAMES
 from .dataloader import batch_order, image_to_tensor, kfold_splits, normalise, positions, read_image
 from .metrics import classification_metrics
-from .model import CAMClassifier, check_input_size, get_spec, normalisation
+from .model import BackboneWeights, CAMClassifier, check_input_size, checkpoint_normalisation, get_spec, load_backbone_weights, normalisation
 from .patchknn import MEMORY_METHODS, build_memory, flatten_patches, memory_nbytes, patch_anomaly_maps, patch_embeddings
 from .postprocess import heatmap_to_boxes, minmax_normalise
 
@@ -359,10 +359,14 @@ def training_config(
     target_train_accuracy: float | None, test_size: float, seed: int, heatmap_thres: float,
     n_cv_folds: int, weights_dir: str, results_dir: str, device: str, precision: str = "auto",
     cache_features: bool = True, patch_memory_size: int = 10000, patch_memory_method: str = "coreset",
+    backbone_weights: str | None = None,
 ) -> dict[str, Any]:
     """Check the Training.ipynb parameters and return them as the run's configuration.
 
-    A wrong type or value raises a ValueError that names the parameter and what it accepts.
+    A wrong type or value raises a ValueError that names the parameter and what it accepts. A
+    `backbone_weights` file is read and checked here (see `model.load_backbone_weights`), so a bad
+    file stops the run before anything is trained; the configuration records its name, sha256 and
+    source, and the input `mean`/`std` of the run (the file's, or those of torchvision's weights).
     """
     get_spec(backbone)
     _check(isinstance(data_dir, (str, Path)), "data_dir", data_dir, "a folder path")
@@ -390,6 +394,14 @@ def training_config(
     _check(patch_memory_method in MEMORY_METHODS, "patch_memory_method", patch_memory_method,
            f"one of {MEMORY_METHODS}")
     resolve_device(device)
+    _check(backbone_weights is None or isinstance(backbone_weights, (str, Path)), "backbone_weights",
+           backbone_weights, "None or the path of a backbone weights file")
+    weights_info, (mean, std) = None, normalisation(backbone, pretrained)
+    if backbone_weights is not None:
+        _check(pretrained, "pretrained", pretrained, "True when backbone_weights is given "
+               "(pretrained=False means random init; set backbone_weights=None for that)")
+        weights = load_backbone_weights(backbone_weights, backbone)
+        weights_info, mean, std = weights.describe(), weights.mean, weights.std
     return {
         "data_dir": str(data_dir), "subset_name": subset_name, "download": download,
         "backbone": backbone, "pretrained": pretrained, "image_size": int(image_size),
@@ -400,6 +412,7 @@ def training_config(
         "n_cv_folds": int(n_cv_folds), "weights_dir": str(weights_dir), "results_dir": str(results_dir),
         "device": device, "precision": precision, "cache_features": cache_features,
         "patch_memory_size": int(patch_memory_size), "patch_memory_method": patch_memory_method,
+        "backbone_weights": weights_info, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
     }
 
 
@@ -431,7 +444,7 @@ def score_image(
         x = read_image(image, size)
     else:
         x = image_to_tensor(image, size)
-    mean, std = normalisation(config["backbone"], config["pretrained"])
+    mean, std = checkpoint_normalisation(config)
     out = predict(model, x[None], mean, std, batch_size=1, device=device, precision=precision, progress=False)
     p = float(out["p_anomaly"][0])
     heatmap = minmax_normalise(out["cam"])[0]
@@ -451,16 +464,18 @@ def cross_validate(
     seed: int,
     device: torch.device,
     precision: str,
+    weights: BackboneWeights | None = None,
     on_fold_end: Callable[[int, dict], None] | None = None,
     **train_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Stratified, shuffled k-fold cross-validation over all `samples` (images (N, 3, H, W) uint8,
     decoded once): a fresh model per fold, trained like the main one (`train_kwargs` are
-    train_model's), scored on the fold's held-out images. Returns each fold's classification metrics."""
-    mean, std = normalisation(backbone, pretrained)
+    train_model's; `weights` a backbone weights file as in the main run), scored on the fold's
+    held-out images. Returns each fold's classification metrics."""
+    mean, std = (weights.mean, weights.std) if weights is not None else normalisation(backbone, pretrained)
     results = []
     for fold, (fold_train, fold_test) in enumerate(kfold_splits(samples, n_folds, seed)):
-        net = prepare_model(CAMClassifier(backbone, pretrained=pretrained), device, precision)
+        net = prepare_model(CAMClassifier(backbone, pretrained=pretrained, weights=weights), device, precision)
         x_train, x_test = images[positions(samples, fold_train)], images[positions(samples, fold_test)]
         y_test = np.array([s.label for s in fold_test])
         train_model(net, x_train, torch.tensor([s.label for s in fold_train]), mean=mean, std=std,

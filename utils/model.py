@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 from urllib.error import URLError
 
 import torch
@@ -14,6 +14,12 @@ from torchvision import models
 from torchvision.models import MobileNet_V2_Weights, VGG16_Weights, WeightsEnum
 
 from .constants import ANOMALY, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, SIZE_MULTIPLE
+from .download import sha256_of
+
+# The small file format of `backbone_weights`: the backbone's convolutional state dict plus the
+# input normalisation those weights expect and where they came from (plain tensors and strings,
+# so torch.load(weights_only=True) reads it).
+BACKBONE_WEIGHTS_FORMAT = "cam-defect-detector/backbone-weights/1"
 
 
 @dataclass(frozen=True)
@@ -84,9 +90,93 @@ def normalisation(backbone: str, pretrained: bool) -> tuple[tuple[float, ...], t
     return tuple(preset.mean), tuple(preset.std)
 
 
-def build_backbone(backbone: str, pretrained: bool) -> nn.Sequential:
-    """The backbone's feature layers, with ImageNet weights through torchvision's weights enum."""
+def checkpoint_normalisation(config: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean/std a checkpoint was trained with: its recorded `mean`/`std` (a backbone
+    weights file brings its own), else the rule of `normalisation` (checkpoints that predate them)."""
+    if config.get("mean") is not None and config.get("std") is not None:
+        return tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"])
+    return normalisation(config["backbone"], config["pretrained"])
+
+
+@dataclass(frozen=True)
+class BackboneWeights:
+    """A checked backbone weights file: the state dict of `features`, its normalisation and origin."""
+
+    path: str
+    sha256: str
+    state_dict: dict[str, torch.Tensor]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint and training.json record of the file (no tensors)."""
+        return {"name": Path(self.path).name, "path": self.path, "sha256": self.sha256, "source": self.source}
+
+
+def _weights_error(path: Path, what: str) -> ValueError:
+    return ValueError(
+        f"backbone_weights={str(path)!r}: {what}. Expected a file written by torch.save holding "
+        f"{{'format': '{BACKBONE_WEIGHTS_FORMAT}', 'backbone', 'state_dict', 'mean', 'std', 'source'}} "
+        f"(e.g. made by `python -m utils.offline_weights --vgg16-oxford PATH`), or backbone_weights=None."
+    )
+
+
+def _check_normalisation(path: Path, name: str, values: Any) -> tuple[float, ...]:
+    ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if not ok or (name == "std" and min(values) <= 0):
+        raise _weights_error(path, f"'{name}' must be three numbers{' > 0' if name == 'std' else ''}, got {values!r}")
+    return tuple(float(v) for v in values)
+
+
+def load_backbone_weights(path: str | Path, backbone: str) -> BackboneWeights:
+    """Read and check a backbone weights file for `backbone` (torch.load with weights_only=True).
+
+    Its state dict must have exactly the parameter names and shapes of the backbone's `features`
+    (the layers CAMClassifier keeps). Any problem raises a ValueError naming the file.
+    """
+    path = Path(path)
     spec = get_spec(backbone)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise _weights_error(path, what)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle of objects is refused here, as is a truncated or foreign file
+        raise _weights_error(path, f"it cannot be read with torch.load(weights_only=True), which loads "
+                                   f"only plain tensors and values ({type(err).__name__}: {err})") from err
+    if not isinstance(content, dict) or content.get("format") != BACKBONE_WEIGHTS_FORMAT:
+        raise _weights_error(path, f"it has no '{BACKBONE_WEIGHTS_FORMAT}' format marker")
+    if content.get("backbone") != backbone:
+        raise _weights_error(path, f"it holds weights for backbone {content.get('backbone')!r}, not {backbone!r}")
+    state = content.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise _weights_error(path, "'state_dict' must map layer names to tensors")
+    expected = spec.features(spec.builder(weights=None)).state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise _weights_error(path, f"its layer names do not match {backbone}'s features: missing "
+                                   f"{missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
+                                   f"{unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    wrong = [f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}" for k, v in expected.items()
+             if state[k].shape != v.shape]
+    if wrong:
+        raise _weights_error(path, f"wrong shapes: {', '.join(wrong[:3])}")
+    mean = _check_normalisation(path, "mean", content.get("mean"))
+    std = _check_normalisation(path, "std", content.get("std"))
+    return BackboneWeights(str(path), sha256_of(path), {k: v.float() for k, v in state.items()},
+                           mean, std, str(content.get("source", "")))
+
+
+def build_backbone(backbone: str, pretrained: bool, weights: BackboneWeights | None = None) -> nn.Sequential:
+    """The backbone's feature layers: ImageNet weights through torchvision's weights enum, the
+    state dict of a checked weights file (`weights`), or random init (`pretrained=False`)."""
+    spec = get_spec(backbone)
+    if weights is not None:
+        features = spec.features(spec.builder(weights=None))
+        features.load_state_dict(weights.state_dict)
+        return features
     if not pretrained:
         return spec.features(spec.builder(weights=None))
     try:
@@ -97,7 +187,8 @@ def build_backbone(backbone: str, pretrained: bool) -> nn.Sequential:
             f"ImageNet weights for {backbone} are not available: {target} is missing and "
             f"downloading {spec.weights.url} failed ({err}). Offline, copy the file "
             f"{target.name} into {target.parent} (or set TORCH_HOME to a folder whose "
-            f"hub/checkpoints holds it), or run with pretrained=False for random weights."
+            f"hub/checkpoints holds it), run with pretrained=False for random weights"
+            + (", or use backbone_weights (see the README's Offline weights)." if backbone == "vgg16" else ".")
         ) from err
     return spec.features(net)
 
@@ -114,12 +205,14 @@ class CAMClassifier(nn.Module):
     raw CAM (B, H, W) upsampled bilinearly to the input size, not normalised).
     """
 
-    def __init__(self, backbone: str = "vgg16", pretrained: bool = True) -> None:
+    def __init__(
+        self, backbone: str = "vgg16", pretrained: bool = True, weights: BackboneWeights | None = None
+    ) -> None:
         super().__init__()
         spec = get_spec(backbone)
         self.backbone_name = backbone
         self.spec = spec
-        features = build_backbone(backbone, pretrained)
+        features = build_backbone(backbone, pretrained, weights)
         self.frozen = features[: spec.n_frozen]
         self.trainable = features[spec.n_frozen:]
         self.pool = nn.MaxPool2d(2) if spec.head_maxpool else nn.Identity()
