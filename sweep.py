@@ -120,10 +120,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--eval", nargs="*", default=[], metavar="NAME=VALUE",
                         help="extra Evaluation.ipynb parameters, e.g. localizer=patch_knn")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--backbone-weights", default=None, metavar="PATH",
+                        help="Training.ipynb's backbone_weights: a backbone weights file (e.g. the offline "
+                             "VGG16 file of `python -m utils.offline_weights --vgg16-oxford PATH`)")
     args = parser.parse_args(argv)
     common = {"data_dir": args.data_dir, "results_dir": args.results_dir,
               "weights_dir": args.weights_dir, "device": args.device}
     train, evaluate = parse_assignments(args.train), parse_assignments(args.eval)
+    if args.backbone_weights is not None:
+        train["backbone_weights"] = args.backbone_weights
     rows = []
     for subset in args.subsets:
         for backbone in args.backbones:

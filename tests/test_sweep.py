@@ -53,3 +53,16 @@ def test_a_real_failing_run_is_caught(tmp_path):
                            "weights_dir": str(tmp_path / "w"), "device": "cpu"},
                           {"download": False, "pretrained": False}, {}, tmp_path / "runs")
     assert error is not None and "no_such_subset" in error
+
+
+def test_backbone_weights_flag_reaches_training(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(subset, backbone, common, train, evaluate, runs_dir):
+        seen.append(train)
+        return "not run"
+
+    monkeypatch.setattr(sweep, "run_one", fake_run)
+    sweep.main(["--subsets", "pill", "--backbone-weights", "/w/vgg16.pth", "--train", "epochs=2",
+                "--results-dir", str(tmp_path / "r"), "--runs-dir", str(tmp_path / "runs")])
+    assert seen == [{"epochs": 2, "backbone_weights": "/w/vgg16.pth"}]
