@@ -19,11 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .constants import CLASS_NAMES
-from .dataloader import batch_order, image_to_tensor, kfold_splits, normalise, positions, read_image
+from .dataloader import batch_order, kfold_splits, normalise, positions
 from .metrics import classification_metrics
-from .model import BackboneWeights, CAMClassifier, check_input_size, checkpoint_normalisation, get_spec, load_backbone_weights, normalisation
+from .model import BackboneWeights, CAMClassifier, check_input_size, get_spec, load_backbone_weights, normalisation
 from .patchknn import MEMORY_METHODS, build_memory, flatten_patches, memory_nbytes, patch_anomaly_maps, patch_embeddings
-from .postprocess import heatmap_to_boxes, minmax_normalise
 
 CHECKPOINT_FORMAT = "cam-defect-detector/1"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -430,28 +429,22 @@ def score_image(
     box_mode: str = "components",
     device: torch.device = torch.device("cpu"),
     precision: str = "fp32",
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """Score one image (a path, PIL image or uint8 array) with a trained model.
+    """Score one image (a path, PIL image or uint8 array) with a trained model: kept for existing
+    code, `utils.inference.score_image` with a checkpoint holding only `config` (so the CAM and
+    the published min-max boxes). Pass the whole checkpoint to `inference.score_image` for the
+    patch maps and calibrated boxes.
 
-    The preprocessing is training's: RGB, bilinear resize to the checkpoint's image_size, the
-    weights' mean/std. Returns "label" ("Good"/"Anomaly"), "p_anomaly", "heatmap" (S, S) in
-    [0, 1] (the per-image min-max CAM) and "boxes" (K, 4) x1, y1, x2, y2 (exclusive x2, y2, in
-    pixels of the S x S input) around the parts above `heatmap_thres` (default: the
-    configuration's); boxes are empty when the label is Good.
+    Returns "label" ("Good"/"Anomaly"), "p_anomaly", "heatmap" (S, S) in [0, 1] (the per-image
+    min-max CAM), "boxes" (K, 4) x1, y1, x2, y2 (exclusive x2, y2, in pixels of the S x S input)
+    around the parts above `heatmap_thres` (default: the configuration's), empty when the label
+    is Good, and the other keys of `inference.results_from_predictions`.
     """
-    size = config["image_size"]
-    if isinstance(image, (str, Path)):
-        x = read_image(image, size)
-    else:
-        x = image_to_tensor(image, size)
-    mean, std = checkpoint_normalisation(config)
-    out = predict(model, x[None], mean, std, batch_size=1, device=device, precision=precision, progress=False)
-    p = float(out["p_anomaly"][0])
-    heatmap = minmax_normalise(out["cam"])[0]
-    thres = config["heatmap_thres"] if heatmap_thres is None else heatmap_thres
-    anomalous = p >= 0.5
-    boxes = heatmap_to_boxes(heatmap, thres, mode=box_mode)[0] if anomalous else np.zeros((0, 4), np.float32)
-    return {"label": CLASS_NAMES[int(anomalous)], "p_anomaly": p, "heatmap": heatmap, "boxes": boxes}
+    from .inference import score_image as _score_image  # inference builds on this module
+
+    return _score_image(image, model, {"config": config}, heatmap_thres=heatmap_thres, box_mode=box_mode,
+                        device=device, precision=precision, **kwargs)
 
 
 def cross_validate(

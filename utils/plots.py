@@ -1,4 +1,4 @@
-"""Figures for Evaluation.ipynb: prediction grid with heatmaps and boxes, confusion matrix, ROC, training curves."""
+"""Figures: prediction grid with heatmaps and boxes, confusion matrix, ROC, training curves, per-image overlays."""
 
 from pathlib import Path
 
@@ -7,6 +7,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from .constants import ANOMALY, CLASS_NAMES, GOOD, GOOD_FOLDER
@@ -232,3 +233,39 @@ def save_figure(fig: Figure, path) -> None:
     # a temporary file in the same folder, renamed when complete: readers never see half a PNG
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
+
+
+def overlay_image(image, heatmap, boxes, alpha: float = 0.5) -> np.ndarray:
+    """The picture to check one prediction: (H, 2W, 3) uint8, the image (H, W, 3) uint8 with its
+    boxes on the left, the same with the heatmap blended in (jet) and the boxes on the right.
+
+    heatmap (h, w) in [0, 1] at any resolution (resized bilinearly to H x W); boxes (K, 4)
+    x1, y1, x2, y2 with exclusive x2, y2 in pixels of the image.
+    """
+    image = to_numpy(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    heatmap = to_numpy(heatmap).astype(np.float32)
+    if heatmap.ndim != 2:
+        raise ValueError(f"heatmap must have shape (h, w), got {heatmap.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must lie in [0, 1]")
+    height, width = image.shape[:2]
+    heat = np.asarray(Image.fromarray(np.ascontiguousarray(heatmap)).resize((width, height), Image.BILINEAR))
+    colour = plt.get_cmap("jet")(np.clip(heat, 0.0, 1.0))[..., :3] * 255.0  # (H, W, 3)
+    blended = ((1 - alpha) * image + alpha * colour).round().astype(np.uint8)
+    panels = [Image.fromarray(image), Image.fromarray(blended)]
+    line = max(1, round(min(height, width) / 150))  # visible on a 1024 px image, thin on 64 px
+    for panel in panels:
+        draw = ImageDraw.Draw(panel)
+        for x1, y1, x2, y2 in to_numpy(boxes).reshape(-1, 4):
+            # exclusive x2, y2: the last covered pixel is x2 - 1; PIL's rectangle includes both ends
+            draw.rectangle([float(x1), float(y1), max(float(x1), float(x2) - 1), max(float(y1), float(y2) - 1)],
+                           outline=BOX_COLOUR, width=line)
+    return np.concatenate([np.asarray(p) for p in panels], axis=1)
+
+
+def save_png(array: np.ndarray, path) -> None:
+    """Write an (H, W, 3) uint8 array to path as PNG, atomically, creating folders."""
+    image = Image.fromarray(to_numpy(array))
+    atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))

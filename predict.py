@@ -1,0 +1,147 @@
+"""Score new images with a trained checkpoint: a label, scores, boxes and an overlay picture per image.
+
+Example:
+    python predict.py --checkpoint weights/pill_vgg16.pt --images new_parts/ --out predictions/pill
+    python predict.py --checkpoint weights/pill_vgg16.pt --images "line3/**/*.png" --out /tmp/pred \
+        --localizer patch_knn --batch-size 20
+
+Writes OUT/predictions.csv (one row per image file found), OUT/predictions.json (the same, plus
+the checkpoint's name and sha256 and the settings) and OUT/overlays/<image>.png (the image with
+its boxes, and with the map blended in). Every file is written atomically. A file that cannot be
+scored is reported in the `error` column and the run goes on; the exit status is 1 when any file
+failed, 2 when the checkpoint or the arguments are unusable (nothing is written then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from utils import helper, inference, plots
+from utils.download import sha256_of
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by Training.ipynb")
+    parser.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_GLOB",
+                        help="folders (searched recursively for image files), glob patterns (quote them; "
+                             "** is recursive) or image files")
+    parser.add_argument("--out", required=True, help="folder for predictions.csv, predictions.json and overlays/")
+    parser.add_argument("--localizer", default="cam",
+                        help="map for the image score, the boxes and the overlay: cam (default), patch_knn or "
+                             "cam_knn (these two need a checkpoint with a patch memory)")
+    parser.add_argument("--box-threshold", default=inference.DEFAULT_BOX_THRESHOLD,
+                        choices=inference.BOX_THRESHOLDS,
+                        help="calibrated: the checkpoint's threshold for the map; minmax: the published "
+                             "per-image rule at --heatmap-thres (default: %(default)s)")
+    parser.add_argument("--heatmap-thres", type=float, default=None,
+                        help="threshold of the minmax rule (default: the checkpoint's heatmap_thres)")
+    parser.add_argument("--box-mode", default="components", choices=("components", "single"),
+                        help="minmax rule: one box per hot region, or one box around all (published)")
+    parser.add_argument("--batch-size", type=int, default=10, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: %(default)s)")
+    parser.add_argument("--precision", default="auto", choices=helper.PRECISIONS,
+                        help="autocast precision, as in the notebooks (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size} must be a positive integer")
+    return args
+
+
+def overlay_name(name: str) -> str:
+    """Overlay file of an image, relative to OUT: overlays/<name>, ending in .png."""
+    return f"overlays/{name if name.lower().endswith('.png') else name + '.png'}"
+
+
+def score_files(files, model, checkpoint, args, device, precision, out: Path) -> list[dict[str, Any]]:
+    """Decode, score and draw `files` batch by batch; one row per file, failures included."""
+    size = checkpoint["config"]["image_size"]
+    rows = []
+    with tqdm(total=len(files), desc="Scoring images", unit="image") as bar:
+        for batch in inference.decode_batches(files, size, args.batch_size):
+            good = [d for d in batch if not d.error]
+            results = []
+            if good:
+                results = inference.score_batch(
+                    torch.stack([d.tensor for d in good]), model, checkpoint,
+                    localizer=args.localizer, box_threshold=args.box_threshold, heatmap_thres=args.heatmap_thres,
+                    box_mode=args.box_mode, batch_size=args.batch_size, device=device, precision=precision)
+            by_path = dict(zip((d.path for d in good), results))
+            for d in batch:
+                if d.error:
+                    rows.append({**inference.prediction_row(str(d.path), None, error=d.error), "overlay": ""})
+                    continue
+                height, width = d.display.shape[:2]
+                row = inference.prediction_row(str(d.path), by_path[d.path], width, height, size)
+                row["overlay"] = overlay_name(d.name)
+                boxes = np.array([b[:4] for b in row["boxes"]], np.float32).reshape(-1, 4)
+                plots.save_png(plots.overlay_image(d.display, by_path[d.path]["heatmap"], boxes), out / row["overlay"])
+                rows.append(row)
+            bar.update(len(batch))
+    return rows
+
+
+def settings(args: argparse.Namespace, checkpoint: dict[str, Any], rule: inference.BoxRule,
+             device, precision: str) -> dict[str, Any]:
+    """What predictions.json records about how the images were scored."""
+    config = checkpoint["config"]
+    return {
+        "images": [str(s) for s in args.images], "localizer": args.localizer,
+        "box_threshold": rule.name, "threshold": rule.threshold, "min_area": rule.min_area,
+        "box_mode": rule.mode, "box_note": rule.note, "batch_size": args.batch_size,
+        "device": str(device), "precision": precision, "backbone": config["backbone"],
+        "image_size": config["image_size"], "trained_on": config.get("subset_name"),
+        "class_names": list(checkpoint.get("class_names", [])),
+        "boxes": "[x1, y1, x2, y2, score] in pixels of the original image, x2 and y2 exclusive",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 all scored, 1 some files failed, 2 unusable input)."""
+    args = parse_args(argv)
+    try:
+        model, checkpoint = helper.load_checkpoint(args.checkpoint)
+        inference.check_localizer(args.localizer, checkpoint, where=args.checkpoint)
+        rule = inference.box_rule(checkpoint, args.localizer, args.box_threshold, args.heatmap_thres, args.box_mode)
+        files = inference.find_images(args.images)
+        device = helper.resolve_device(args.device)
+        precision = helper.resolve_precision(args.precision, device)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
+        # e.g. a missing file, another repository's checkpoint, a state_dict of another shape
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"error: no image files ({', '.join(inference.IMAGE_EXTENSIONS)}) found in "
+              f"{' '.join(map(str, args.images))}.", file=sys.stderr)
+        return 2
+    if rule.note:
+        print(f"note: {rule.note}", file=sys.stderr)
+    model = helper.prepare_model(model, device, precision)
+    out = Path(args.out)
+    rows = score_files(files, model, checkpoint, args, device, precision, out)
+    report = {
+        "checkpoint": {"path": str(args.checkpoint), "name": Path(args.checkpoint).name,
+                       "sha256": sha256_of(args.checkpoint)},
+        "settings": settings(args, checkpoint, rule, device, precision),
+        "n_images": len(rows), "n_failed": sum(bool(r["error"]) for r in rows),
+        "n_anomaly": sum(r["label"] == "Anomaly" for r in rows),
+        "predictions": rows,
+    }
+    inference.save_predictions_csv(out / "predictions.csv", rows)
+    helper.save_json(out / "predictions.json", report)
+    print(f"{report['n_images']} images: {report['n_anomaly']} Anomaly, {report['n_failed']} failed; "
+          f"wrote {out / 'predictions.csv'}, {out / 'predictions.json'} and {out / 'overlays'}/")
+    for row in rows:
+        if row["error"]:
+            print(f"failed: {row['path']}: {row['error']}", file=sys.stderr)
+    return 1 if report["n_failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

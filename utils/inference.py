@@ -1,0 +1,294 @@
+"""Scoring new images with a trained checkpoint: label, image score, map and boxes per image."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import itertools
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import postprocess
+from .constants import ANOMALY, CLASS_NAMES, IMAGE_EXTENSIONS
+from .dataloader import image_to_tensor, read_image
+from .helper import atomic_write_bytes, predict
+from .model import CAMClassifier, checkpoint_normalisation
+
+BOX_THRESHOLDS = ("calibrated", "minmax")
+PREDICTION_COLUMNS = ("path", "label", "p_anomaly", "image_score", "n_boxes", "boxes", "width", "height",
+                      "overlay", "error")
+# "minmax" until the checkpoint carries calibrated thresholds; see `box_rule`.
+DEFAULT_BOX_THRESHOLD = "minmax"
+PATCH_LOCALIZERS = ("patch_knn", "cam_knn")
+
+
+@dataclass(frozen=True)
+class BoxRule:
+    """How boxes are cut from a map: "calibrated" (threshold in the map's units, min_area pixels)
+    or "minmax" (the published rule: per-image min-max map >= heatmap_thres, only on images
+    labelled Anomaly). `note` says why a rule other than the one asked for is used, else ""."""
+
+    name: str
+    threshold: float
+    min_area: int = 1
+    mode: str = "components"
+    note: str = ""
+
+
+def available_localizers(checkpoint: dict[str, Any]) -> tuple[str, ...]:
+    """The localisers a checkpoint supports: "cam" always, the patch maps when it holds a patch memory."""
+    names = ["cam"]
+    if checkpoint.get("patch_memory") is not None:
+        names += list(PATCH_LOCALIZERS)
+    return tuple(n for n in postprocess.LOCALIZERS if n in names)
+
+
+def check_localizer(localizer: str, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
+    """Raise a ValueError naming `localizer` and what `where` supports, when it cannot be computed."""
+    if localizer not in postprocess.LOCALIZERS:
+        raise ValueError(f"localizer={localizer!r} is not known; use one of {postprocess.LOCALIZERS}.")
+    supported = available_localizers(checkpoint)
+    if localizer not in supported:
+        raise ValueError(
+            f"localizer={localizer!r} needs the patch memory, but {where} has none (it supports "
+            f"{', '.join(supported)}): train with patch_memory_size > 0 or pick one of those."
+        )
+
+
+def box_rule(
+    checkpoint: dict[str, Any],
+    localizer: str,
+    box_threshold: str = DEFAULT_BOX_THRESHOLD,
+    heatmap_thres: float | None = None,
+    box_mode: str = "components",
+) -> BoxRule:
+    """The box rule for `localizer`: the checkpoint's calibrated threshold of that map, or the
+    published per-image min-max rule at `heatmap_thres` (default: the checkpoint's). A checkpoint
+    without a calibrated threshold for the map falls back to "minmax" with a note."""
+    if box_threshold not in BOX_THRESHOLDS:
+        raise ValueError(f"box_threshold={box_threshold!r} must be one of {BOX_THRESHOLDS}.")
+    thres = checkpoint["config"]["heatmap_thres"] if heatmap_thres is None else float(heatmap_thres)
+    minmax = BoxRule("minmax", thres, 1, box_mode)
+    if box_threshold == "minmax":
+        return minmax
+    calibration = checkpoint.get("calibration") or {}
+    thresholds = calibration.get("thresholds") or {}
+    if localizer not in thresholds or not hasattr(postprocess, "calibrated_boxes"):
+        return BoxRule("minmax", thres, 1, box_mode,
+                       note=f"no calibrated threshold for {localizer!r} in the checkpoint: boxes use the "
+                            f"per-image min-max rule at {thres} (retrain to calibrate)")
+    return BoxRule("calibrated", float(thresholds[localizer]), int(calibration.get("min_area", 1)), box_mode)
+
+
+def _boxes(map_hw: np.ndarray, anomalous: bool, rule: BoxRule) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (K, 4) and scores (K,) of one map (H, W) in its own units under `rule`."""
+    if rule.name == "calibrated":
+        boxes, scores = postprocess.calibrated_boxes(map_hw, rule.threshold, rule.min_area)
+        return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32).reshape(-1)
+    if not anomalous:  # every min-max map has a hot part, so only an Anomaly decision gets its boxes
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+    return postprocess.heatmap_to_boxes(postprocess.minmax_normalise(map_hw[None])[0], rule.threshold, mode=rule.mode)
+
+
+def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: BoxRule) -> list[dict[str, Any]]:
+    """Per-image results from `helper.predict`'s output for N images.
+
+    Each: "label" ("Good"/"Anomaly", the classifier's argmax), "p_anomaly", "image_score" (the
+    localiser's image score, `postprocess.localizer_image_scores`), "map" (S, S) float32 in the
+    map's own units (`postprocess.localizer_maps`), "heatmap" (S, S) the map min-max normalised
+    per image for display, "boxes" (K, 4) float32 x1, y1, x2, y2 (exclusive x2, y2) in pixels of
+    the S x S input, "box_scores" (K,) float32 (each box's maximum, in the units of the rule's
+    map), "localizer" and "box_threshold" (the rule used).
+    """
+    p = np.asarray(pred["p_anomaly"], np.float32)
+    maps = postprocess.localizer_maps(pred["cam"], p, pred.get("patch_map"))
+    scores = postprocess.localizer_image_scores(maps, p, pred.get("patch_score"))
+    chosen = maps[localizer]
+    shown = postprocess.minmax_normalise(chosen)
+    results = []
+    for i in range(len(p)):
+        anomalous = bool(p[i] >= 0.5)
+        boxes, box_scores = _boxes(chosen[i], anomalous, rule)
+        results.append({
+            "label": CLASS_NAMES[ANOMALY if anomalous else 0], "p_anomaly": float(p[i]),
+            "image_score": float(scores[localizer][i]), "map": chosen[i], "heatmap": shown[i],
+            "boxes": boxes, "box_scores": box_scores, "localizer": localizer, "box_threshold": rule.name,
+        })
+    return results
+
+
+def score_batch(
+    images: torch.Tensor,
+    model: CAMClassifier,
+    checkpoint: dict[str, Any],
+    *,
+    localizer: str = "cam",
+    box_threshold: str = DEFAULT_BOX_THRESHOLD,
+    heatmap_thres: float | None = None,
+    box_mode: str = "components",
+    batch_size: int = 10,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "fp32",
+) -> list[dict[str, Any]]:
+    """Score (N, 3, S, S) uint8 images (decoded like training's, S the checkpoint's image_size)
+    in one pass per batch; returns one result per image (see `results_from_predictions`)."""
+    check_localizer(localizer, checkpoint)
+    rule = box_rule(checkpoint, localizer, box_threshold, heatmap_thres, box_mode)
+    mean, std = checkpoint_normalisation(checkpoint["config"])
+    memory = checkpoint.get("patch_memory") if localizer in PATCH_LOCALIZERS else None
+    pred = predict(model, images, mean, std, batch_size=batch_size, device=device, precision=precision,
+                   patch_memory=memory, progress=False)
+    return results_from_predictions(pred, localizer, rule)
+
+
+def score_image(
+    image: str | Path | Image.Image | np.ndarray,
+    model: CAMClassifier,
+    checkpoint: dict[str, Any],
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Score one image (a path, PIL image or uint8 array) with training's preprocessing (RGB,
+    bilinear resize to the checkpoint's image_size, the weights' mean/std); keyword arguments
+    are `score_batch`'s. Returns one result of `results_from_predictions`."""
+    size = checkpoint["config"]["image_size"]
+    x = read_image(image, size) if isinstance(image, (str, Path)) else image_to_tensor(image, size)
+    return score_batch(x[None], model, checkpoint, batch_size=1, **kwargs)[0]
+
+
+# --- folders of files -------------------------------------------------------------------------
+
+
+def is_image_file(path: Path) -> bool:
+    """A visible file with one of the image extensions training reads."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_images(specs: Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """Image files named by `specs`, each a folder (searched recursively), a glob pattern (`**`
+    recursive) or a file. Returns (path, name) pairs: `name` is the path relative to its folder or
+    to the pattern's fixed prefix, unique across all specs (used for the overlay files). Folders
+    and patterns keep image files only, sorted; a file named explicitly is kept whatever it is,
+    so a broken one is reported rather than skipped. Raises FileNotFoundError for a spec that
+    names nothing."""
+    found: list[tuple[Path, str]] = []
+    for spec in specs:
+        spec_path = Path(spec)
+        if spec_path.is_dir():
+            files = sorted(p for p in spec_path.rglob("*") if is_image_file(p)
+                           and not any(part.startswith(".") for part in p.relative_to(spec_path).parts))
+            found += [(p, p.relative_to(spec_path).as_posix()) for p in files]
+        elif spec_path.is_file():
+            found.append((spec_path, spec_path.name))
+        elif glob.has_magic(str(spec)):
+            root = Path(_fixed_prefix(str(spec)))
+            files = sorted(Path(p) for p in glob.glob(str(spec), recursive=True) if is_image_file(Path(p)))
+            found += [(p, os.path.relpath(p, root)) for p in files]
+        else:
+            raise FileNotFoundError(f"{spec} is neither a folder, a file nor a glob pattern that exists.")
+    return _unique_names(found)
+
+
+def _fixed_prefix(pattern: str) -> str:
+    """The folder part of a glob pattern before its first wildcard ("a/b/*/c.png" -> "a/b")."""
+    fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), Path(pattern).parts))
+    return str(Path(*fixed)) if fixed else "."
+
+
+def _unique_names(found: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """Drop repeated files; make names unique by suffixing "~2", "~3" to later clashes."""
+    seen_paths, names, out = set(), set(), []
+    for path, name in found:
+        key = os.path.realpath(path)
+        if key in seen_paths:
+            continue
+        seen_paths.add(key)
+        unique, k = name, 2
+        while unique in names:
+            unique, k = f"{name}~{k}", k + 1
+        names.add(unique)
+        out.append((path, unique))
+    return out
+
+
+@dataclass
+class Decoded:
+    """One file decoded for scoring: the model input (3, S, S) uint8, the full-size RGB image for
+    the overlay (H, W, 3) uint8, or the error that stopped it."""
+
+    path: Path
+    name: str
+    tensor: torch.Tensor | None = None
+    display: np.ndarray | None = None
+    error: str = ""
+
+
+def decode(path: Path, name: str, size: int) -> Decoded:
+    """Decode one file with training's conversion; any failure becomes `error` (never raised)."""
+    try:
+        tensor = read_image(path, size)
+        with Image.open(path) as img:
+            display = np.asarray(img.convert("RGB"))
+    except Exception as err:  # one bad file is reported in its row; the run goes on
+        return Decoded(path, name, error=f"{type(err).__name__}: {err}")
+    return Decoded(path, name, tensor, display)
+
+
+def decode_batches(files: Sequence[tuple[Path, str]], size: int, batch_size: int) -> Iterator[list[Decoded]]:
+    """Decode `files` batch by batch on a thread per core (Pillow releases the GIL while decoding)."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            yield list(pool.map(lambda f: decode(f[0], f[1], size), chunk))
+
+
+def scale_boxes(boxes: np.ndarray, size: int, width: int, height: int) -> np.ndarray:
+    """Boxes (K, 4) x1, y1, x2, y2 in pixels of the S x S input -> pixels of the W x H original
+    (the input is the original resized, so x scales by W / S and y by H / S)."""
+    factors = np.array([width / size, height / size, width / size, height / size], np.float32)
+    return np.asarray(boxes, np.float32).reshape(-1, 4) * factors
+
+
+def prediction_row(path: str, result: dict[str, Any] | None, width: int | None = None,
+                   height: int | None = None, size: int | None = None, error: str = "") -> dict[str, Any]:
+    """One row of predictions.csv: path, label, p_anomaly, image_score, n_boxes, boxes (a list of
+    [x1, y1, x2, y2, score] in pixels of the original W x H image, rounded to 0.1 px), width,
+    height and error ("" unless the file failed, then the other values are empty)."""
+    if result is None:
+        return {"path": path, "label": "", "p_anomaly": None, "image_score": None, "n_boxes": None,
+                "boxes": [], "width": None, "height": None, "error": error}
+    boxes = scale_boxes(result["boxes"], size, width, height)
+    listed = [[round(float(v), 1) for v in box] + [float(s)] for box, s in zip(boxes, result["box_scores"])]
+    return {"path": path, "label": result["label"], "p_anomaly": result["p_anomaly"],
+            "image_score": result["image_score"], "n_boxes": len(listed), "boxes": listed,
+            "width": width, "height": height, "error": error}
+
+
+def original_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header only."""
+    with Image.open(path) as img:
+        return img.size
+
+
+def predictions_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV text of `prediction_row`s: PREDICTION_COLUMNS, boxes as JSON, empty cells for missing values."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**{k: "" if v is None else v for k, v in row.items()}, "boxes": json.dumps(row["boxes"])})
+    return buffer.getvalue()
+
+
+def save_predictions_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write `predictions_csv(rows)` to path atomically."""
+    text = predictions_csv(rows).encode()
+    atomic_write_bytes(path, lambda f: f.write(text))
