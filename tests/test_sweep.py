@@ -2,6 +2,11 @@
 
 import csv
 import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
 
 import sweep
 
@@ -66,3 +71,25 @@ def test_backbone_weights_flag_reaches_training(tmp_path, monkeypatch):
     sweep.main(["--subsets", "pill", "--backbone-weights", "/w/vgg16.pth", "--train", "epochs=2",
                 "--results-dir", str(tmp_path / "r"), "--runs-dir", str(tmp_path / "runs")])
     assert seen == [{"epochs": 2, "backbone_weights": "/w/vgg16.pth"}]
+
+
+# Where a user's run writes with the default parameters: sweep.py's summary, the notebooks' weights,
+# results and executed copies, the benchmark's JSON, the generated synthetic subset.
+DEFAULT_OUTPUTS = (
+    "results/summary.csv", "results/summary.md", "results/toothbrush_mobilenet_v2/metrics.json",
+    "results/toothbrush_mobilenet_v2/training.json", "results/toothbrush_mobilenet_v2/predictions.png",
+    "results/toothbrush_mobilenet_v2/predictions.csv", "results/benchmark.json",
+    "weights/toothbrush_mobilenet_v2.pt", "runs/toothbrush_mobilenet_v2/Training.ipynb",
+    "data/mvtec_anomaly_detection/synthetic/train/good/000.png",
+)
+
+
+def test_a_run_writes_no_tracked_file():
+    """The README's commands leave `git status` clean: every default output path is ignored by git
+    and none is a tracked file (the README's reference results live in results/reference/)."""
+    root = Path(sweep.__file__).resolve().parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    assert git("ls-files", "--", *DEFAULT_OUTPUTS).stdout.split() == []
+    assert git("check-ignore", "--no-index", *DEFAULT_OUTPUTS).stdout.split() == list(DEFAULT_OUTPUTS)
