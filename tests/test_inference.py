@@ -100,3 +100,32 @@ def test_overlay_shows_image_and_map_with_boxes():
     assert tuple(left[15, 20]) == (100, 100, 100)  # inside the box: the image untouched
     # the right panel blends jet's colour of 0 (dark blue) into the image, and has the box too
     assert right[15, 20, 2] > right[15, 20, 0] and tuple(right[15, 10]) == red
+
+
+def test_calibrated_rule_uses_the_checkpoints_threshold_in_map_units(monkeypatch):
+    """With `calibration` in the checkpoint, boxes come from postprocess.calibrated_boxes at that
+    map's threshold and minimum area, whatever the label (the threshold itself decides)."""
+    calls = []
+
+    def calibrated_boxes(map_hw, threshold, min_area):
+        calls.append((map_hw.shape, threshold, min_area))
+        hot = map_hw > threshold
+        if not hot.any():
+            return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+        ys, xs = np.nonzero(hot)
+        return np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32), np.array([map_hw.max()], np.float32)
+
+    monkeypatch.setattr(inference.postprocess, "calibrated_boxes", calibrated_boxes, raising=False)
+    checkpoint = {**CHECKPOINT, "calibration": {"thresholds": {"cam": 0.3}, "min_area": 4, "rule": "test"}}
+    rule = inference.box_rule(checkpoint, "cam", "calibrated")
+    assert (rule.name, rule.threshold, rule.min_area, rule.note) == ("calibrated", 0.3, 4, "")
+    cam = np.zeros((2, 8, 8), np.float32)
+    cam[:, 2:4, 5:7] = 1.0
+    pred = {"p_anomaly": np.array([0.9, 0.2], np.float32), "cam": cam}
+    anomaly, good = inference.results_from_predictions(pred, "cam", rule)
+    # the cam map is the min-max CAM times the probability: 0.9 passes 0.3 inside the square, 0.2 does not
+    np.testing.assert_array_equal(anomaly["boxes"], [[5, 2, 7, 4]])
+    assert anomaly["box_scores"][0] == pytest.approx(0.9) and good["boxes"].shape == (0, 4)
+    assert calls == [((8, 8), 0.3, 4), ((8, 8), 0.3, 4)]
+    # a map without a calibrated threshold falls back to min-max, with a note
+    assert inference.box_rule(checkpoint, "patch_knn", "calibrated").name == "minmax"
