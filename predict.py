@@ -2,7 +2,7 @@
 
 Example:
     python predict.py --checkpoint weights/pill_vgg16.pt --images new_parts/ --out predictions/pill
-    python predict.py --checkpoint weights/pill_vgg16.pt --images "line3/**/*.png" --out /tmp/pred \
+    python predict.py --checkpoint weights/pill_vgg16.pt --images "line3/**/*.png" --out /tmp/pred \\
         --localizer patch_knn --batch-size 20
 
 Writes OUT/predictions.csv (one row per image file found), OUT/predictions.json (the same, plus

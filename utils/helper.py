@@ -427,23 +427,26 @@ def score_image(
     *,
     heatmap_thres: float | None = None,
     box_mode: str = "components",
+    calibration: dict[str, Any] | None = None,
     device: torch.device = torch.device("cpu"),
     precision: str = "fp32",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Score one image (a path, PIL image or uint8 array) with a trained model: kept for existing
-    code, `utils.inference.score_image` with a checkpoint holding only `config` (so the CAM and
-    the published min-max boxes). Pass the whole checkpoint to `inference.score_image` for the
-    patch maps and calibrated boxes.
+    code, `utils.inference.score_image` with a checkpoint made of `config` and `calibration`
+    (keyword arguments such as `localizer` and `box_threshold` pass through). Pass the whole
+    checkpoint to `inference.score_image` for the patch maps.
 
     Returns "label" ("Good"/"Anomaly"), "p_anomaly", "heatmap" (S, S) in [0, 1] (the per-image
     min-max CAM), "boxes" (K, 4) x1, y1, x2, y2 (exclusive x2, y2, in pixels of the S x S input)
-    around the parts above `heatmap_thres` (default: the configuration's), empty when the label
-    is Good, and the other keys of `inference.results_from_predictions`.
+    and the other keys of `inference.results_from_predictions`. With the published "minmax"
+    rule the boxes surround the parts above `heatmap_thres` (default: the configuration's) and
+    are empty when the label is Good.
     """
     from .inference import score_image as _score_image  # inference builds on this module
 
-    return _score_image(image, model, {"config": config}, heatmap_thres=heatmap_thres, box_mode=box_mode,
+    checkpoint = {"config": config, "calibration": calibration}
+    return _score_image(image, model, checkpoint, heatmap_thres=heatmap_thres, box_mode=box_mode,
                         device=device, precision=precision, **kwargs)
 
 

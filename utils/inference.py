@@ -107,7 +107,8 @@ def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: 
     map's own units (`postprocess.localizer_maps`), "heatmap" (S, S) the map min-max normalised
     per image for display, "boxes" (K, 4) float32 x1, y1, x2, y2 (exclusive x2, y2) in pixels of
     the S x S input, "box_scores" (K,) float32 (each box's maximum, in the units of the rule's
-    map), "localizer" and "box_threshold" (the rule used).
+    map), "localizer", "box_threshold" (the rule used) and "box_note" (why it is not the one asked
+    for, else "").
     """
     p = np.asarray(pred["p_anomaly"], np.float32)
     maps = postprocess.localizer_maps(pred["cam"], p, pred.get("patch_map"))
@@ -121,7 +122,7 @@ def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: 
         results.append({
             "label": CLASS_NAMES[ANOMALY if anomalous else 0], "p_anomaly": float(p[i]),
             "image_score": float(scores[localizer][i]), "map": chosen[i], "heatmap": shown[i],
-            "boxes": boxes, "box_scores": box_scores, "localizer": localizer, "box_threshold": rule.name,
+            "boxes": boxes, "box_scores": box_scores, "localizer": localizer, "box_threshold": rule.name, "box_note": rule.note,
         })
     return results
 
