@@ -158,7 +158,7 @@ def score_image(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Score one image (a path, PIL image or uint8 array) with training's preprocessing (RGB,
-    bilinear resize to the checkpoint's image_size, the weights' mean/std); keyword arguments
+    bilinear resize to the checkpoint's image_size, the checkpoint's mean/std); keyword arguments
     are `score_batch`'s. Returns one result of `results_from_predictions`."""
     size = checkpoint["config"]["image_size"]
     x = read_image(image, size) if isinstance(image, (str, Path)) else image_to_tensor(image, size)
