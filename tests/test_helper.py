@@ -7,7 +7,7 @@ from PIL import Image
 
 from utils import dataloader, helper
 from utils.model import normalisation
-from utils.postprocess import heatmap_to_boxes
+from utils.postprocess import calibrated_boxes, heatmap_to_boxes
 from utils.synthetic import generate_synthetic_subset
 
 CPU = torch.device("cpu")
@@ -33,7 +33,7 @@ def _set_bias(model, good: float, anomaly: float):
 def test_path_pil_and_array_give_the_same_result(image_file, make_model):
     path, array = image_file
     model = _set_bias(make_model("vgg16"), -10.0, 10.0).eval()
-    results = [helper.score_image(x, model, CONFIG) for x in (path, Image.open(path), array)]
+    results = [helper.score_image(x, model, CONFIG, box_threshold="minmax") for x in (path, Image.open(path), array)]
     for r in results[1:]:
         assert r["label"] == results[0]["label"] == "Anomaly"
         np.testing.assert_array_equal(r["heatmap"], results[0]["heatmap"])
@@ -51,9 +51,24 @@ def test_path_pil_and_array_give_the_same_result(image_file, make_model):
 def test_good_label_gets_no_box_and_grayscale_works(image_file, make_model):
     _, array = image_file
     model = _set_bias(make_model("vgg16"), 10.0, -10.0).eval()
-    result = helper.score_image(array[..., 0], model, CONFIG)  # (H, W) grayscale array
+    result = helper.score_image(array[..., 0], model, CONFIG, box_threshold="minmax")  # (H, W) grayscale array
     assert result["label"] == "Good" and result["p_anomaly"] < 0.01
     assert result["boxes"].shape == (0, 4)
+
+
+def test_calibrated_boxes_of_score_image_follow_the_checkpoint_threshold(image_file, make_model):
+    path, _ = image_file
+    model = _set_bias(make_model("vgg16"), -10.0, 10.0).eval()  # p_anomaly ~ 1: the "cam" map is the heatmap
+    low = {"thresholds": {"cam": 0.5}, "min_area": 1}
+    result = helper.score_image(path, model, CONFIG, calibration=low)
+    heatmap = result["heatmap"] * result["p_anomaly"]
+    np.testing.assert_array_equal(result["boxes"], calibrated_boxes(heatmap, 0.5, 1)[0])
+    assert len(result["boxes"]) >= 1
+    # a threshold above the whole map (as calibrated on good parts hotter than this one): no box
+    high = {"thresholds": {"cam": 1.0}, "min_area": 1}
+    assert helper.score_image(path, model, CONFIG, calibration=high)["boxes"].shape == (0, 4)
+    with pytest.raises(ValueError, match="calibration"):
+        helper.score_image(path, model, CONFIG)  # calibrated by default: the calibration is required
 
 
 def test_cross_validation_holds_out_every_image_once(tmp_path):

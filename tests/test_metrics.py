@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from utils.metrics import (
     aupro,
+    box_detection,
     box_iou_score,
     classification_metrics,
     confusion_counts,
@@ -242,7 +243,51 @@ def test_localisation_metrics_perfect_map_and_no_masks():
     maps = masks.astype(np.float32)  # hot exactly on the defect
     boxes = [np.zeros((0, 4), np.float32), np.array([[1, 1, 3, 3]], np.float32)]
     m = localisation_metrics(maps, masks, boxes, image_scores=[0.1, 0.9], y_true=[0, 1])
-    assert m == {"pixel_auroc": 1.0, "aupro": 1.0, "pointing_game": 1.0, "box_iou": 1.0, "image_auroc": 1.0}
+    assert m == {"pixel_auroc": 1.0, "aupro": 1.0, "pointing_game": 1.0, "box_iou": 1.0, "box_recall": 1.0,
+                 "box_precision": 1.0, "good_images_with_boxes": 0.0, "image_auroc": 1.0}
     empty = localisation_metrics(maps, None, boxes, image_scores=[0.9, 0.1], y_true=[0, 1])
     assert empty == {"pixel_auroc": None, "aupro": None, "pointing_game": None, "box_iou": None,
+                     "box_recall": None, "box_precision": None, "good_images_with_boxes": 0.0,
                      "image_auroc": 0.0}
+
+
+def box_test_set():
+    """Three 4 x 8 images: two defective (three regions in all) and one good, with their boxes."""
+    masks = np.zeros((3, 4, 8), dtype=bool)
+    masks[0, 0:2, 0:2] = True  # region A: box [0, 0, 2, 2], 4 px
+    masks[0, 2:4, 6:8] = True  # region B: box [6, 2, 8, 4], 4 px
+    masks[1, 0:2, 0:4] = True  # region C: box [0, 0, 4, 2], 8 px
+    boxes = [
+        np.array([[0, 0, 2, 2], [0, 0, 3, 4]], np.float32),  # A exactly (IoU 1); 2nd box vs A: 4/12 = 1/3
+        np.array([[2, 0, 6, 2]], np.float32),  # C: overlap 4, union 12 -> IoU 1/3 >= 0.3, a match
+        np.array([[3, 1, 5, 3]], np.float32),  # a box on the good image: a false alarm
+    ]
+    return masks, boxes, np.array([1, 1, 0])
+
+
+def test_box_detection_by_hand():
+    masks, boxes, y = box_test_set()
+    # regions A and C found, B missed: 2/3; boxes matching a region: both of image 0, image 1's: 3 of 4
+    assert box_detection(boxes, masks, y) == {"box_recall": pytest.approx(2 / 3), "box_precision": 0.75,
+                                              "good_images_with_boxes": 1.0}
+    # at IoU 0.5 only the exact box of A matches
+    assert box_detection(boxes, masks, y, iou=0.5) == {"box_recall": pytest.approx(1 / 3),
+                                                       "box_precision": 0.25, "good_images_with_boxes": 1.0}
+
+
+def test_box_detection_empty_cases():
+    masks, boxes, y = box_test_set()
+    none = [np.zeros((0, 4), np.float32)] * 3
+    # no boxes: every region missed, precision undefined, no false alarm
+    assert box_detection(none, masks, y) == {"box_recall": 0.0, "box_precision": None,
+                                             "good_images_with_boxes": 0.0}
+    # no regions (all images good): recall undefined, every box a false alarm
+    assert box_detection(boxes, np.zeros_like(masks), [0, 0, 0]) == {
+        "box_recall": None, "box_precision": 0.0, "good_images_with_boxes": 1.0}
+    # no good images: the false-alarm share is undefined
+    assert box_detection(boxes[:2], masks[:2], [1, 1])["good_images_with_boxes"] is None
+    # no masks: only the good images' share is known
+    assert box_detection(boxes, None, y) == {"box_recall": None, "box_precision": None,
+                                             "good_images_with_boxes": 1.0}
+    with pytest.raises(ValueError, match="one box array per image"):
+        box_detection(boxes[:2], masks, y)

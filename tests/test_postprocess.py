@@ -6,6 +6,10 @@ import torch
 
 from utils.postprocess import (
     boxes_for_maps,
+    boxes_for_rule,
+    calibrate,
+    calibrated_boxes,
+    calibration_threshold,
     heatmap_to_boxes,
     localizer_image_scores,
     localizer_maps,
@@ -177,3 +181,83 @@ def test_boxes_for_maps_normalise_each_map_before_thresholding():
     boxes = boxes_for_maps(maps, 0.5)
     np.testing.assert_array_equal(boxes[0], [[2, 1, 5, 3]])
     np.testing.assert_array_equal(boxes[1], [[0, 4, 1, 5]])
+
+
+def test_calibrated_boxes_fit_a_known_blob_in_map_units():
+    m = np.full((10, 12), 0.2, dtype=np.float32)
+    m[2:5, 3:9] = 3.0  # a 3 x 6 blob far above the good level
+    m[3, 4] = 4.0  # its peak
+    boxes, scores = calibrated_boxes(m, threshold=1.0, min_area=1)
+    np.testing.assert_array_equal(boxes, [[3, 2, 9, 5]])
+    np.testing.assert_array_equal(scores, [4.0])  # the region's maximum, in map units
+    assert boxes.dtype == np.float32 and scores.dtype == np.float32
+
+
+def test_calibrated_boxes_none_when_the_map_never_exceeds_the_threshold():
+    m = np.full((6, 6), 0.5, dtype=np.float32)
+    m[0, 0] = 0.9
+    for threshold in (0.9, 2.0):  # equal is not above: a good image at the calibration maximum gets no box
+        boxes, scores = calibrated_boxes(m, threshold, min_area=1)
+        assert boxes.shape == (0, 4) and scores.shape == (0,)
+    # unlike the min-max rule, which always finds the image's own hottest part
+    assert len(heatmap_to_boxes(minmax_normalise(m[None])[0], 0.7)[0]) == 1
+
+
+def test_calibrated_boxes_min_area_and_order():
+    m = np.zeros((8, 8), dtype=np.float32)
+    m[0, 0] = 9.0  # one hot pixel: the largest value, but below min_area
+    m[4:7, 4:7] = 2.0  # 9 pixels
+    m[0:2, 5:7] = 3.0  # 4 pixels
+    boxes, scores = calibrated_boxes(m, threshold=1.0, min_area=4)
+    np.testing.assert_array_equal(boxes, [[5, 0, 7, 2], [4, 4, 7, 7]])
+    np.testing.assert_array_equal(scores, [3.0, 2.0])
+
+
+@pytest.mark.parametrize("kwargs", [dict(threshold=float("nan"), min_area=1), dict(threshold=1.0, min_area=0),
+                                    dict(threshold=1.0, min_area=2.5)])
+def test_calibrated_boxes_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        calibrated_boxes(np.zeros((4, 4)), **kwargs)
+    with pytest.raises(ValueError, match="shape"):
+        calibrated_boxes(np.zeros((1, 4, 4)), threshold=1.0, min_area=1)
+
+
+def test_calibration_threshold_is_a_quantile_of_image_maxima():
+    good = np.zeros((5, 3, 3), dtype=np.float32)
+    good[:, 1, 1] = [1.0, 2.0, 3.0, 4.0, 5.0]  # image maxima
+    assert calibration_threshold(good, 1.0) == 5.0
+    assert calibration_threshold(good, 0.5) == 3.0
+    assert calibration_threshold(good, 0.9) == pytest.approx(4.6)  # linear between 4 and 5
+    with pytest.raises(ValueError, match="good images"):
+        calibration_threshold(np.zeros((0, 3, 3)))
+    with pytest.raises(ValueError, match="quantile"):
+        calibration_threshold(good, 1.5)
+
+
+def test_calibrate_stores_a_threshold_per_map():
+    good = {"cam": np.full((2, 4, 4), 0.1, np.float32), "patch_knn": np.full((3, 4, 4), 7.0, np.float32)}
+    good["cam"][1, 0, 0] = 0.3
+    cal = calibrate(good, quantile=1.0, min_area=16)
+    assert cal["thresholds"] == {"cam": pytest.approx(0.3), "patch_knn": 7.0}
+    assert cal["min_area"] == 16 and cal["quantile"] == 1.0 and cal["n_images"] == {"cam": 2, "patch_knn": 3}
+    assert isinstance(cal["rule"], str)
+    with pytest.raises(ValueError):
+        calibrate({}, 1.0, 16)
+
+
+def test_boxes_for_rule_calibrated_and_minmax():
+    maps = {"cam": np.zeros((2, 6, 6), np.float32)}
+    maps["cam"][0, 1:3, 1:3] = 0.8  # defective image: hot well above the good level
+    maps["cam"][1, 4, 4] = 0.05  # good image: its own maximum, yet below the threshold
+    cal = {"thresholds": {"cam": 0.1}, "min_area": 1}
+    boxes = boxes_for_rule(maps, "calibrated", heatmap_thres=0.7, calibration=cal)["cam"]
+    np.testing.assert_array_equal(boxes[0], [[1, 1, 3, 3]])
+    assert boxes[1].shape == (0, 4)
+    published = boxes_for_rule(maps, "minmax", heatmap_thres=0.7)["cam"]
+    np.testing.assert_array_equal(published[1], [[4, 4, 5, 5]])  # the published rule boxes the good image
+    with pytest.raises(ValueError, match="calibration"):
+        boxes_for_rule(maps, "calibrated", heatmap_thres=0.7, calibration=None)
+    with pytest.raises(ValueError, match="no threshold"):
+        boxes_for_rule(maps, "calibrated", heatmap_thres=0.7, calibration={"thresholds": {}, "min_area": 1})
+    with pytest.raises(ValueError, match="box_threshold"):
+        boxes_for_rule(maps, "otsu", heatmap_thres=0.7)

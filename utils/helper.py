@@ -22,7 +22,9 @@ from .constants import CLASS_NAMES
 from .dataloader import batch_order, kfold_splits, normalise, positions
 from .metrics import classification_metrics
 from .model import BackboneWeights, CAMClassifier, check_input_size, get_spec, load_backbone_weights, normalisation
-from .patchknn import MEMORY_METHODS, build_memory, flatten_patches, memory_nbytes, patch_anomaly_maps, patch_embeddings
+from .patchknn import (MEMORY_METHODS, build_memory, flatten_patches, leave_one_image_out_maps, memory_nbytes,
+                       patch_anomaly_maps, patch_embeddings)
+from .postprocess import calibrate, localizer_maps, upsample_maps
 
 CHECKPOINT_FORMAT = "cam-defect-detector/1"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -251,6 +253,42 @@ def predict(
             out["patch_map"].append(patch_map.cpu())
             out["patch_score"].append(patch_score.cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items() if v}
+
+
+def calibrate_boxes(
+    model: CAMClassifier,
+    good_images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    quantile: float,
+    min_area: int,
+    good_patches: torch.Tensor | None = None,
+    patch_memory: torch.Tensor | None = None,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The checkpoint's "calibration" (see `postprocess.calibrate`) from good training images.
+
+    good_images (N, 3, S, S) uint8 are good images the classifier trained on; with a patch memory,
+    good_patches (N*h*w, D) are the patches of these same images that built it (`frozen_pass`
+    order), and each image's patch map leaves its own memory rows out, so no map is calibrated
+    on the images that built its reference.
+    """
+    if len(good_images) == 0:
+        raise ValueError("calibration needs good training images, and the training split has none")
+    out = predict(model, good_images, mean, std, batch_size=batch_size, device=device,
+                  precision=precision, desc="Calibration images", progress=progress)
+    patch_map = None
+    if patch_memory is not None:
+        size = tuple(good_images.shape[-2:])
+        grid = (size[0] // 8, size[1] // 8)  # the stride-8 tap of both backbones
+        held_out = leave_one_image_out_maps(good_patches, patch_memory, grid)  # (N, h, w)
+        patch_map = upsample_maps(held_out, size).numpy()  # as patch_anomaly_maps upsamples
+    maps = localizer_maps(out["cam"], out["p_anomaly"], patch_map)
+    return calibrate(maps, quantile=quantile, min_area=min_area)
 
 
 def save_json(path: str | Path, obj: Any) -> None:

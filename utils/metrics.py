@@ -159,6 +159,52 @@ def box_iou_score(pred_boxes: list[np.ndarray], masks) -> float | None:
     return float(np.mean(best)) if best else None
 
 
+BOX_MATCH_IOU = 0.3  # a box and a ground-truth region match at IoU >= 0.3
+
+
+def _check_boxes(pred_boxes: list, n: int) -> list[torch.Tensor]:
+    """Each of n per-image box arrays as a (K_i, 4) float32 tensor."""
+    if len(pred_boxes) != n:
+        raise ValueError(f"need one box array per image: got {len(pred_boxes)} box arrays for {n} images")
+    return [torch.as_tensor(to_numpy(b), dtype=torch.float32).reshape(-1, 4) for b in pred_boxes]
+
+
+def box_detection(pred_boxes: list[np.ndarray], masks, y_true, iou: float = BOX_MATCH_IOU) -> dict:
+    """Detection counts of per-image boxes against the 8-connected regions of the masks.
+
+    pred_boxes[i] is (K_i, 4) x1, y1, x2, y2 (exclusive x2, y2) for image i; masks (N, H, W) bool
+    or None (no ground truth); y_true (N,) 0 = Good, 1 = Anomaly. Keys:
+    "box_recall": share of ground-truth regions with a box of the same image at IoU >= iou
+    (None without regions); "box_precision": share of all boxes, good images' included, that
+    match a region of their image at IoU >= iou (None without boxes); "good_images_with_boxes":
+    share of Good images with at least one box (None without Good images). Without masks the
+    first two are None.
+    """
+    y_true = _labels(y_true, "y_true")
+    boxes = _check_boxes(pred_boxes, len(y_true))
+    good = y_true == GOOD
+    with_boxes = np.array([len(b) > 0 for b in boxes], dtype=bool)
+    result = {"box_recall": None, "box_precision": None,
+              "good_images_with_boxes": float(with_boxes[good].mean()) if good.any() else None}
+    if masks is None:
+        return result
+    masks = to_numpy(masks).astype(bool, copy=False)
+    if masks.ndim != 3 or len(masks) != len(y_true):
+        raise ValueError(f"masks must have shape (N, H, W) with N = {len(y_true)} images, got {masks.shape}")
+    n_regions = n_found = n_boxes = n_true_boxes = 0
+    for b, mask in zip(boxes, masks):
+        gt = torch.from_numpy(regions_to_boxes(mask_regions(mask)))  # (R, 4)
+        n_regions += len(gt)
+        n_boxes += len(b)
+        if len(gt) and len(b):
+            hit = box_iou(gt, b) >= iou  # (R, K)
+            n_found += int(hit.any(dim=1).sum())
+            n_true_boxes += int(hit.any(dim=0).sum())
+    result["box_recall"] = n_found / n_regions if n_regions else None
+    result["box_precision"] = n_true_boxes / n_boxes if n_boxes else None
+    return result
+
+
 def per_defect_type(defect_types, y_true, y_pred) -> dict:
     """{type: {"n", "recall"}} per defect type of (N,) inputs; recall = share given their true label."""
     types = np.asarray(defect_types).reshape(-1)
@@ -176,20 +222,23 @@ def per_defect_type(defect_types, y_true, y_pred) -> dict:
 
 
 def localisation_metrics(maps, masks, boxes: list[np.ndarray], image_scores, y_true) -> dict:
-    """Localisation metrics of one map type: pixel_auroc, aupro, pointing_game, box_iou and the
+    """Localisation metrics of one map type: pixel_auroc, aupro, pointing_game, box_iou,
+    box_recall, box_precision, good_images_with_boxes (see `box_detection`) and the
     image_auroc of its image scores. maps (N, H, W), masks (N, H, W) bool or None (no ground
     truth: the pixel metrics are None), boxes a list of N (K_i, 4) arrays, image_scores (N,)."""
     y_true = _labels(y_true, "y_true")
     image_auroc = None
     if len(np.unique(y_true)) == 2:
         image_auroc = float(roc_auc_score(y_true, to_numpy(image_scores).astype(np.float64)))
+    detection = box_detection(boxes, masks, y_true)
     if masks is None:
         return {"pixel_auroc": None, "aupro": None, "pointing_game": None, "box_iou": None,
-                "image_auroc": image_auroc}
+                **detection, "image_auroc": image_auroc}
     return {
         "pixel_auroc": pixel_auroc(maps, masks),
         "aupro": aupro(maps, masks),
         "pointing_game": pointing_game(maps, masks),
         "box_iou": box_iou_score(boxes, masks),
+        **detection,
         "image_auroc": image_auroc,
     }

@@ -74,14 +74,39 @@ def heatmap_to_boxes(
     if mode == "single":
         masks = hot[None] if hot.sum() >= min_area else hot[:0]
         scores = np.array([heatmap.max()] if len(masks) else [], dtype=np.float32)
-    else:
-        labels, n = ndimage.label(hot, structure=EIGHT_CONNECTED)
-        ids = np.arange(1, n + 1)
-        ids = ids[np.bincount(labels.ravel(), minlength=n + 1)[1:] >= min_area]
-        masks = labels[None] == ids[:, None, None]  # (K, H, W)
-        scores = np.asarray(ndimage.maximum(heatmap, labels, ids), dtype=np.float32).reshape(-1)
+        return _boxes_from_masks(masks), scores
+    return _component_boxes(hot, heatmap, min_area)
+
+
+def _component_boxes(hot: np.ndarray, values: np.ndarray, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """One box per 8-connected component of the bool (H, W) `hot` with at least min_area pixels,
+    scored by the maximum of `values` (H, W) inside it; sorted by score, descending."""
+    labels, n = ndimage.label(hot, structure=EIGHT_CONNECTED)
+    ids = np.arange(1, n + 1)
+    ids = ids[np.bincount(labels.ravel(), minlength=n + 1)[1:] >= min_area]
+    masks = labels[None] == ids[:, None, None]  # (K, H, W)
+    scores = np.asarray(ndimage.maximum(values, labels, ids), dtype=np.float32).reshape(-1)
     order = np.argsort(-scores, kind="stable")
     return _boxes_from_masks(masks)[order], scores[order]
+
+
+def calibrated_boxes(map_hw: np.ndarray, threshold: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes around the connected regions of a map (H, W) above a calibrated threshold.
+
+    The threshold is in the map's own units (see `calibrate`), so a map that never exceeds it,
+    as a good image's should not, gets no box. One box per 8-connected region of pixels
+    > threshold with at least min_area pixels. Returns boxes (K, 4) float32 x1, y1, x2, y2 with
+    exclusive x2, y2 and scores (K,) float32 = each region's maximum map value, by score
+    descending; K = 0 gives shapes (0, 4) and (0,).
+    """
+    map_hw = to_numpy(map_hw).astype(np.float32, copy=False)
+    if map_hw.ndim != 2:
+        raise ValueError(f"map_hw must have shape (H, W), got {map_hw.shape}")
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold={threshold} must be a finite number in the map's units")
+    if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 1:
+        raise ValueError(f"min_area={min_area!r} must be a positive number of pixels")
+    return _component_boxes(map_hw > threshold, map_hw, int(min_area))
 
 
 def mask_regions(mask) -> np.ndarray:
@@ -165,3 +190,68 @@ def boxes_for_maps(maps, thres: float, mode: str = "components") -> list[np.ndar
     One rule for every localiser: normalise each map to [0, 1] on its own, keep pixels >= thres.
     """
     return [heatmap_to_boxes(m, thres, mode=mode)[0] for m in minmax_normalise(maps)]
+
+
+BOX_THRESHOLDS = ("calibrated", "minmax")
+
+
+def calibration_threshold(good_maps, quantile: float = 1.0) -> float:
+    """Threshold (map units) from maps (N, H, W) of good images that did not build the map.
+
+    The `quantile` of the images' maxima: 1.0 is the highest value any good image reached (no
+    good calibration image would get a box), 0.9 lets the hottest tenth of them through.
+    """
+    good_maps = to_numpy(good_maps).astype(np.float32, copy=False)
+    if good_maps.ndim != 3 or len(good_maps) == 0:
+        raise ValueError(f"good_maps must have shape (N, H, W) with N >= 1, got {good_maps.shape}: "
+                         "calibration needs good images that did not build the map")
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile={quantile} must lie in [0, 1]")
+    peaks = good_maps.reshape(len(good_maps), -1).max(axis=1)  # (N,)
+    return float(np.quantile(peaks.astype(np.float64), quantile))
+
+
+def calibrate(good_maps: dict[str, np.ndarray], quantile: float, min_area: int) -> dict:
+    """The checkpoint's "calibration": a threshold per map of `localizer_maps` from good images.
+
+    good_maps[name] is (N, H, W), the maps of good images that did not build that map's reference
+    (for the patch map, leave-one-image-out maps). Returns {"thresholds": {name: float},
+    "min_area": int, "rule": str, "quantile": float, "n_images": {name: int}}.
+    """
+    if not good_maps:
+        raise ValueError("good_maps is empty: give the maps of at least one localiser")
+    if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 1:
+        raise ValueError(f"min_area={min_area!r} must be a positive number of pixels")
+    return {
+        "thresholds": {name: calibration_threshold(m, quantile) for name, m in good_maps.items()},
+        "min_area": int(min_area),
+        "rule": f"quantile {quantile:g} of the per-image maxima of good calibration images",
+        "quantile": float(quantile),
+        "n_images": {name: int(len(m)) for name, m in good_maps.items()},
+    }
+
+
+def boxes_for_rule(
+    maps: dict[str, np.ndarray], box_threshold: str, *, heatmap_thres: float, box_mode: str = "components",
+    calibration: dict | None = None,
+) -> dict[str, list[np.ndarray]]:
+    """Boxes (K_i, 4) of each image of each map (N, H, W) of `localizer_maps` under one rule.
+
+    "calibrated": regions above the map's calibrated threshold (`calibrated_boxes`);
+    "minmax": the published rule, each map normalised per image and cut at heatmap_thres.
+    """
+    if box_threshold not in BOX_THRESHOLDS:
+        raise ValueError(f"box_threshold={box_threshold!r} must be one of {BOX_THRESHOLDS}")
+    if box_threshold == "minmax":
+        return {name: boxes_for_maps(m, heatmap_thres, box_mode) for name, m in maps.items()}
+    if not calibration:
+        raise ValueError('box_threshold="calibrated" needs the checkpoint\'s "calibration": retrain with '
+                         'Training.ipynb, or use box_threshold="minmax"')
+    missing = sorted(set(maps) - set(calibration["thresholds"]))
+    if missing:
+        raise ValueError(f"the calibration has no threshold for {missing}: retrain with Training.ipynb, "
+                         'or use box_threshold="minmax"')
+    return {
+        name: [calibrated_boxes(m, calibration["thresholds"][name], calibration["min_area"])[0] for m in stack]
+        for name, stack in maps.items()
+    }
