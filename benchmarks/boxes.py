@@ -55,10 +55,13 @@ def collect(args, cache: Path) -> dict[str, np.ndarray]:
     samples = dataloader.index_subset(args.data_dir, args.subset)
     images = dataloader.load_images(args.data_dir, samples, args.image_size)
     labels = torch.tensor([s.label for s in samples])
-    net = model_lib.CAMClassifier(args.backbone, pretrained=True)
     if args.backbone_weights:
-        net.load_backbone_weights(args.backbone_weights)  # noqa: the lead's loader, when present
-    mean, std = model_lib.normalisation(args.backbone, True)
+        weights = model_lib.load_backbone_weights(args.backbone_weights, args.backbone)
+        net = model_lib.CAMClassifier(args.backbone, pretrained=True, weights=weights)
+        mean, std = weights.mean, weights.std
+    else:
+        net = model_lib.CAMClassifier(args.backbone, pretrained=True)
+        mean, std = model_lib.normalisation(args.backbone, True)
     net = helper.prepare_model(net, device, precision)
     init = {k: v.clone() for k, v in net.state_dict().items()}
     start = time.perf_counter()
@@ -105,7 +108,8 @@ def collect(args, cache: Path) -> dict[str, np.ndarray]:
 
 
 QUANTILES = (1.0, 0.95, 0.9)  # of the good calibration images' map maxima
-MIN_AREAS = (1, 64, 256)  # pixels at 224 px: a point, an 8x8 patch (one feature cell), 16x16
+MIN_AREAS = (1, 64, 256)
+EXTENT_QUANTILES = (0.99, 0.999)  # of all good calibration pixels: where a flagged region ends  # pixels at 224 px: a point, an 8x8 patch (one feature cell), 16x16
 
 
 def full_maps(cam, p, patch, size: int) -> dict[str, np.ndarray]:
@@ -128,11 +132,14 @@ def analyse(args, c: dict[str, np.ndarray], weights: str) -> None:
     folds = range(args.folds)
     # per fold, the calibration maps' maxima: all a quantile threshold needs
     peaks = {name: {} for name in maps}
+    pixel_q = {(name, q): {} for name in maps for q in EXTENT_QUANTILES}
     for fold in folds:
         sel = c["cal_fold"] == fold
         cal = full_maps(c["cal_cam"][sel], c["cal_p"][sel], c["cal_patch"][sel], args.image_size)
         for name, m in cal.items():
             peaks[name][fold] = m.reshape(len(m), -1).max(axis=1)
+            for q in EXTENT_QUANTILES:  # of all good calibration pixels
+                pixel_q[(name, q)][fold] = float(np.quantile(m, q))
     rows = {}
     gated = labels * 0 + (c["p"] >= 0.5)  # the classifier's decision, for the gated published rule
     for name, m in maps.items():
@@ -145,6 +152,13 @@ def analyse(args, c: dict[str, np.ndarray], weights: str) -> None:
             boxes = [postprocess.calibrated_boxes(m[i], thresholds[c["test_fold"][i]], area)[0]
                      for i in range(len(m))]
             rows[(name, f"calibrated q={q:g}, min_area={area}")] = box_row(boxes, masks, labels)
+        for eq, area in itertools.product(EXTENT_QUANTILES, MIN_AREAS):
+            high = {f: float(np.max(peaks[name][f])) for f in folds}
+            boxes = [postprocess.calibrated_boxes(m[i], high[c["test_fold"][i]], area,
+                                                  extent_threshold=min(pixel_q[(name, eq)][c["test_fold"][i]],
+                                                                       high[c["test_fold"][i]]))[0]
+                     for i in range(len(m))]
+            rows[(name, f"calibrated q=1, extent pixel q={eq:g}, min_area={area}")] = box_row(boxes, masks, labels)
     n_good = int((labels == 0).sum())
     print(f"\n{args.subset}, {args.backbone} ({weights} weights), {len(labels)} images ({n_good} good), "
           f"{args.folds}-fold CV (seed {args.seed}), out-of-fold boxes pooled; thresholds per fold "

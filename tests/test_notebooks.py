@@ -49,6 +49,10 @@ def test_training_writes_checkpoint_and_log(executed):
     assert ckpt["class_names"] == ["Good", "Anomaly"]
     assert ckpt["config"]["image_size"] == 64 and ckpt["config"]["backbone"] == "vgg16"
     assert all(p.startswith("synthetic/") for p in ckpt["test_files"])
+    # box thresholds for every map, calibrated on good training images, in the checkpoint
+    cal = ckpt["calibration"]
+    assert set(cal["thresholds"]) == {"cam", "patch_knn", "cam_knn"} and cal["min_area"] >= 1
+    assert cal["thresholds"]["patch_knn"] > 0  # leave-one-image-out: a good image never scores 0
     log = json.loads((executed / "results" / "synthetic_vgg16" / "training.json").read_text())
     assert len(log["loss"]) == len(log["accuracy"]) == log["epochs_run"] <= 3
     assert {"early_stopped", "seconds"} <= set(log)
@@ -65,8 +69,10 @@ def test_evaluation_writes_contract_metrics_and_beats_chance(executed):
     assert m["image_auroc"] >= 0.9
     assert set(m["localizers"]) == {"cam", "patch_knn", "cam_knn"}
     assert m["localizer"] == "cam_knn" and m["pixel_auroc"] == m["localizers"]["cam_knn"]["pixel_auroc"]
+    assert m["box_threshold"] == "calibrated" and m["calibration"]["thresholds"] == ckpt["calibration"]["thresholds"]
     for name, loc in m["localizers"].items():
         assert loc["pixel_auroc"] > 0.5, name  # hotter inside the drawn defects than outside
+        assert {"box_iou", "box_recall", "box_precision", "good_images_with_boxes"} <= set(loc), name
     for png in ("predictions.png", "confusion_matrix.png", "roc_curve.png"):
         assert (out / png).stat().st_size > 0
 

@@ -261,3 +261,16 @@ def test_boxes_for_rule_calibrated_and_minmax():
         boxes_for_rule(maps, "calibrated", heatmap_thres=0.7, calibration={"thresholds": {}, "min_area": 1})
     with pytest.raises(ValueError, match="box_threshold"):
         boxes_for_rule(maps, "otsu", heatmap_thres=0.7)
+
+
+def test_calibrated_boxes_extent_reaches_the_unusual_shoulder_of_a_flagged_region():
+    m = np.zeros((8, 10), dtype=np.float32)
+    m[2:6, 1:5] = 0.5  # shoulder above the extent threshold only
+    m[3:5, 2:4] = 2.0  # peak above the threshold
+    m[1:3, 7:9] = 0.5  # a region as warm as the shoulder but without a peak: no box
+    np.testing.assert_array_equal(calibrated_boxes(m, 1.0, 1)[0], [[2, 3, 4, 5]])  # peak only
+    boxes, scores = calibrated_boxes(m, 1.0, 1, extent_threshold=0.25)
+    np.testing.assert_array_equal(boxes, [[1, 2, 5, 6]])
+    np.testing.assert_array_equal(scores, [2.0])
+    with pytest.raises(ValueError, match="extent_threshold"):
+        calibrated_boxes(m, 1.0, 1, extent_threshold=1.5)

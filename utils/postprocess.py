@@ -90,14 +90,18 @@ def _component_boxes(hot: np.ndarray, values: np.ndarray, min_area: int) -> tupl
     return _boxes_from_masks(masks)[order], scores[order]
 
 
-def calibrated_boxes(map_hw: np.ndarray, threshold: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+def calibrated_boxes(
+    map_hw: np.ndarray, threshold: float, min_area: int, extent_threshold: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Boxes around the connected regions of a map (H, W) above a calibrated threshold.
 
     The threshold is in the map's own units (see `calibrate`), so a map that never exceeds it,
     as a good image's should not, gets no box. One box per 8-connected region of pixels
-    > threshold with at least min_area pixels. Returns boxes (K, 4) float32 x1, y1, x2, y2 with
-    exclusive x2, y2 and scores (K,) float32 = each region's maximum map value, by score
-    descending; K = 0 gives shapes (0, 4) and (0,).
+    > threshold with at least min_area pixels. With an `extent_threshold` (<= threshold), a
+    region is the connected part above extent_threshold around pixels above threshold (it
+    reaches out to where the map is still unusual, not only where it is at its hottest).
+    Returns boxes (K, 4) float32 x1, y1, x2, y2 with exclusive x2, y2 and scores (K,) float32 =
+    each region's maximum map value, by score descending; K = 0 gives shapes (0, 4) and (0,).
     """
     map_hw = to_numpy(map_hw).astype(np.float32, copy=False)
     if map_hw.ndim != 2:
@@ -106,7 +110,13 @@ def calibrated_boxes(map_hw: np.ndarray, threshold: float, min_area: int) -> tup
         raise ValueError(f"threshold={threshold} must be a finite number in the map's units")
     if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 1:
         raise ValueError(f"min_area={min_area!r} must be a positive number of pixels")
-    return _component_boxes(map_hw > threshold, map_hw, int(min_area))
+    if extent_threshold is None:
+        return _component_boxes(map_hw > threshold, map_hw, int(min_area))
+    if not np.isfinite(extent_threshold) or extent_threshold > threshold:
+        raise ValueError(f"extent_threshold={extent_threshold} must be a finite number <= threshold={threshold}")
+    boxes, scores = _component_boxes(map_hw > extent_threshold, map_hw, int(min_area))
+    keep = scores > threshold  # regions that reach above the threshold somewhere
+    return boxes[keep], scores[keep]
 
 
 def mask_regions(mask) -> np.ndarray:
