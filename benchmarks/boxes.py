@@ -109,7 +109,7 @@ def collect(args, cache: Path) -> dict[str, np.ndarray]:
 
 QUANTILES = (1.0, 0.95, 0.9)  # of the good calibration images' map maxima
 MIN_AREAS = (1, 64, 256)
-EXTENT_QUANTILES = (0.99, 0.999)  # of all good calibration pixels: where a flagged region ends  # pixels at 224 px: a point, an 8x8 patch (one feature cell), 16x16
+EXTENT_QUANTILES = (0.999,)  # of all good calibration pixels: where a flagged region ends  # pixels at 224 px: a point, an 8x8 patch (one feature cell), 16x16
 
 
 def full_maps(cam, p, patch, size: int) -> dict[str, np.ndarray]:
@@ -152,7 +152,7 @@ def analyse(args, c: dict[str, np.ndarray], weights: str) -> None:
             boxes = [postprocess.calibrated_boxes(m[i], thresholds[c["test_fold"][i]], area)[0]
                      for i in range(len(m))]
             rows[(name, f"calibrated q={q:g}, min_area={area}")] = box_row(boxes, masks, labels)
-        for eq, area in itertools.product(EXTENT_QUANTILES, MIN_AREAS):
+        for eq, area in itertools.product(EXTENT_QUANTILES, (64,)):
             high = {f: float(np.max(peaks[name][f])) for f in folds}
             boxes = [postprocess.calibrated_boxes(m[i], high[c["test_fold"][i]], area,
                                                   extent_threshold=min(pixel_q[(name, eq)][c["test_fold"][i]],
