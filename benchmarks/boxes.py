@@ -108,8 +108,8 @@ def collect(args, cache: Path) -> dict[str, np.ndarray]:
 
 
 QUANTILES = (1.0, 0.95, 0.9)  # of the good calibration images' map maxima
-MIN_AREAS = (1, 64, 256)
-EXTENT_QUANTILES = (0.999,)  # of all good calibration pixels: where a flagged region ends  # pixels at 224 px: a point, an 8x8 patch (one feature cell), 16x16
+MIN_AREAS = (1, 64, 256)  # pixels at 224 px: a point, one 8x8 cell of the stride-8 patch grid, 16x16
+EXTENT_QUANTILES = (0.999,)  # of all good calibration pixels: where a flagged region ends
 
 
 def full_maps(cam, p, patch, size: int) -> dict[str, np.ndarray]:
