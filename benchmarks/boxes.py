@@ -123,6 +123,24 @@ def box_row(boxes, masks, labels) -> dict:
     return {"box_iou": metrics.box_iou_score(boxes, masks), **metrics.box_detection(boxes, masks, labels)}
 
 
+def region_diagnostics(maps: dict[str, np.ndarray], masks: np.ndarray, labels: np.ndarray) -> None:
+    """What limits box IoU: ground-truth regions per image and their size, and the box IoU of an
+    oracle that picks, per defective image, the best of nine thresholds (quantiles of its own map)."""
+    counts, sizes = [], []
+    for mask in masks[labels == 1]:
+        regions = postprocess.mask_regions(mask)
+        counts.append(int(regions.max()))
+        sizes += np.bincount(regions.ravel())[1:].tolist()
+    print(f"regions per defective image (count of images with 0, 1, 2, ... regions): {np.bincount(counts).tolist()}; "
+          f"region size median {np.median(sizes):.0f} px, 10-90 % {np.quantile(sizes, 0.1):.0f}-{np.quantile(sizes, 0.9):.0f} px")
+    for name, stack in maps.items():
+        best = []
+        for m, mask in zip(stack[labels == 1], masks[labels == 1]):
+            ts = np.quantile(m, [0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999])
+            best.append(max(metrics.box_iou_score([postprocess.calibrated_boxes(m, t, 1)[0]], mask[None]) for t in ts))
+        print(f"{name}: oracle per-image threshold, mean region box IoU {np.mean(best):.3f}")
+
+
 def analyse(args, c: dict[str, np.ndarray], weights: str) -> None:
     """Measure the published and the calibrated boxes on the pooled out-of-fold maps."""
     samples = dataloader.index_subset(args.data_dir, args.subset)
@@ -168,6 +186,8 @@ def analyse(args, c: dict[str, np.ndarray], weights: str) -> None:
     for (name, rule), r in rows.items():
         print(f"{name:<10}{rule:<40}{fmt(r['box_iou']):>8}{fmt(r['box_recall']):>8}"
               f"{fmt(r['box_precision']):>8}{fmt(r['good_images_with_boxes']):>12}")
+    if args.diagnose:
+        region_diagnostics(maps, masks, labels)
     if args.out:
         helper.save_json(args.out, {"args": vars(args), "weights": weights,
                                     "rows": [{"map": n, "rule": r, **v} for (n, r), v in rows.items()]})
@@ -187,6 +207,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42, help="seed of folds, init and shuffling")
     parser.add_argument("--cache", default="/tmp/i11", help="folder of the cached maps")
     parser.add_argument("--collect-only", action="store_true", help="compute and cache the maps, then stop")
+    parser.add_argument("--diagnose", action="store_true", help="also print region counts/sizes and an oracle box IoU")
     parser.add_argument("--out", default=None, help="optional JSON file for the numbers")
     args = parser.parse_args()
 
