@@ -67,8 +67,9 @@ def test_calibrated_boxes_of_score_image_follow_the_checkpoint_threshold(image_f
     # a threshold above the whole map (as calibrated on good parts hotter than this one): no box
     high = {"thresholds": {"cam": 1.0}, "min_area": 1}
     assert helper.score_image(path, model, CONFIG, calibration=high)["boxes"].shape == (0, 4)
-    with pytest.raises(ValueError, match="calibration"):
-        helper.score_image(path, model, CONFIG)  # calibrated by default: the calibration is required
+    # calibrated by default; without a calibration the published rule is used, and said so
+    fallback = helper.score_image(path, model, CONFIG)
+    assert fallback["box_threshold"] == "minmax" and "no calibrated threshold" in fallback["box_note"]
 
 
 def test_cross_validation_holds_out_every_image_once(tmp_path):

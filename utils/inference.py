@@ -26,8 +26,9 @@ from .model import CAMClassifier, checkpoint_normalisation
 BOX_THRESHOLDS = ("calibrated", "minmax")
 PREDICTION_COLUMNS = ("path", "label", "p_anomaly", "image_score", "n_boxes", "boxes", "width", "height",
                       "overlay", "error")
-# "minmax" until the checkpoint carries calibrated thresholds; see `box_rule`.
-DEFAULT_BOX_THRESHOLD = "minmax"
+# Checkpoints carry calibrated thresholds (Training.ipynb); one without them falls back to "minmax"
+# with a note, see `box_rule`.
+DEFAULT_BOX_THRESHOLD = "calibrated"
 PATCH_LOCALIZERS = ("patch_knn", "cam_knn")
 
 
