@@ -7,6 +7,7 @@ from utils.patchknn import (
     build_memory,
     flatten_patches,
     greedy_coreset,
+    greedy_coreset_stepwise,
     leave_one_image_out_maps,
     memory_sources,
     memory_nbytes,
@@ -162,6 +163,27 @@ def test_greedy_coreset_finds_every_cluster(projection_dim, seed):
     assert coverage_radius(points, index) < 0.1
     random_index = random_subsample(points, 5, seed=seed)
     assert coverage_radius(points, random_index) > 100.0
+
+
+@pytest.mark.parametrize("candidates", [1, 7, 64, 1024])
+def test_blocked_greedy_selects_what_the_stepwise_loop_selects(candidates):
+    # Any candidate count, even one (a block per step), must give the stepwise loop's choice, in order.
+    g = torch.Generator().manual_seed(1)
+    points = torch.randn(3000, 40, generator=g) * torch.linspace(0.1, 3, 40)  # uneven spread, no ties
+    reference = greedy_coreset_stepwise(points, 400, seed=5)
+    assert torch.equal(greedy_coreset(points, 400, seed=5, candidates=candidates), reference)
+
+
+def test_blocked_greedy_same_rows_on_clustered_patches():
+    # Clusters make near-ties within rounding (the two loops round differently): the order of two picks
+    # may swap, and rarely the other of two equally far rows is chosen; the coverage stays the same.
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(30, 200, generator=g) * 5
+    points = centres[torch.randint(30, (6000,), generator=g)] + torch.randn(6000, 200, generator=g) * 0.3
+    reference = greedy_coreset_stepwise(points, 600, seed=1)
+    blocked = greedy_coreset(points, 600, seed=1)
+    assert len(set(blocked.tolist()) & set(reference.tolist())) >= 0.99 * len(reference)
+    assert coverage_radius(points, blocked) == pytest.approx(coverage_radius(points, reference))
 
 
 def test_random_subsample():

@@ -69,22 +69,10 @@ def _project(patches: torch.Tensor, projection_dim: int | None, seed: int, chunk
     return out
 
 
-def greedy_coreset(
-    patches: torch.Tensor,
-    size: int,
-    seed: int,
-    projection_dim: int | None = 128,
-    chunk_size: int = 16384,
-    start: int | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Indices (M,) of the greedy k-center coreset of patches (N, D), in selection order; M = min(size, N).
-
-    Starts at row `start` (None: a row drawn with `seed`), then repeatedly adds the row farthest from
-    the rows chosen so far. Distances are computed on a seeded Gaussian projection to projection_dim
-    dims when D > projection_dim (None: never project). chunk_size rows are projected at a time.
-    Memory: the (N, K) float32 projection plus a few (N,) vectors on patches.device.
-    """
+def _prepare_coreset(
+    patches: torch.Tensor, size: int, seed: int, projection_dim: int | None, chunk_size: int, start: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Checks shared by both greedy loops; None when every row is kept, else (feats (N, K), ||feats||^2 (N,), start)."""
     _check_ndim("patches", patches, 2, "(N, D)")
     _check_positive("size", size)
     _check_positive("chunk_size", chunk_size)
@@ -96,12 +84,33 @@ def greedy_coreset(
     if start is not None and not 0 <= start < n:
         raise ValueError(f"start must be a row index in [0, {n}), got {start}")
     if size >= n:
-        return torch.arange(n, device=patches.device)
-
+        return None
     feats = _project(patches, projection_dim, seed, chunk_size)  # (N, K)
-    sq_norms = (feats * feats).sum(dim=1)  # (N,)
     if start is None:
         start = int(torch.randint(n, (1,), generator=_generator(seed)))
+    return feats, (feats * feats).sum(dim=1), start
+
+
+def greedy_coreset_stepwise(
+    patches: torch.Tensor,
+    size: int,
+    seed: int,
+    projection_dim: int | None = 128,
+    chunk_size: int = 16384,
+    start: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The textbook greedy k-center loop, one full pass over the (N, K) projection per chosen row.
+
+    Same arguments and result as `greedy_coreset`; kept as its reference (tests and the memory
+    benchmark compare the two). On a CPU each step re-reads the whole projection from memory,
+    so it is memory-bound: ~70 s for 143k x 128 -> 10k.
+    """
+    prepared = _prepare_coreset(patches, size, seed, projection_dim, chunk_size, start)
+    if prepared is None:
+        return torch.arange(patches.shape[0], device=patches.device)
+    feats, sq_norms, start = prepared
+    n = feats.shape[0]
     chosen = torch.empty(size, dtype=torch.long, device=patches.device)
     chosen[0] = start
     current = chosen[:1]  # (1,) tensor index: no host sync per step on a GPU
@@ -116,6 +125,81 @@ def greedy_coreset(
         current = torch.argmax(min_sq).view(1)
         chosen[k] = current[0]
     return chosen
+
+
+def _lower_min_sq(
+    min_sq: torch.Tensor, feats: torch.Tensor, sq_norms: torch.Tensor, centres: torch.Tensor, chunk_size: int
+) -> None:
+    """In place: min_sq (N,) = min(min_sq, squared distance of each row of feats (N, K) to the rows `centres` (b,)).
+
+    One matrix product per chunk of rows: the projection is read once for b centres, not b times.
+    """
+    c = feats[centres]  # (b, K)
+    c_sq = sq_norms[centres]  # (b,)
+    for lo in range(0, feats.shape[0], chunk_size):
+        hi = min(lo + chunk_size, feats.shape[0])
+        # (c, b) = ||c||^2 - 2 x.c, then + ||x||^2 after the min over centres (it is the same for all).
+        part = torch.addmm(c_sq, feats[lo:hi], c.T, alpha=-2.0).amin(dim=1).add_(sq_norms[lo:hi])
+        torch.minimum(min_sq[lo:hi], part, out=min_sq[lo:hi])
+    min_sq[centres] = float("-inf")  # chosen rows are never chosen again, whatever the rounding
+
+
+def greedy_coreset(
+    patches: torch.Tensor,
+    size: int,
+    seed: int,
+    projection_dim: int | None = 128,
+    chunk_size: int = 16384,
+    start: int | None = None,
+    progress: bool = False,
+    candidates: int = 1024,
+) -> torch.Tensor:
+    """Indices (M,) of the greedy k-center coreset of patches (N, D), in selection order; M = min(size, N).
+
+    Starts at row `start` (None: a row drawn with `seed`), then repeatedly adds the row farthest from
+    the rows chosen so far. Distances are computed on a seeded Gaussian projection to projection_dim
+    dims when D > projection_dim (None: never project). chunk_size rows are projected at a time.
+
+    The same selection as `greedy_coreset_stepwise` (up to exact ties), found in blocks: the
+    `candidates` rows farthest from the selection are taken aside with tau, the largest distance
+    of any other row; greedy steps then run on the candidates alone (their distances updated
+    exactly), and stay exact while the farthest candidate is at least tau away, since a row outside
+    can only have come closer. Then one matrix product updates all N rows for the whole block.
+    Memory: the (N, K) float32 projection plus a few (N,) vectors on patches.device.
+    """
+    prepared = _prepare_coreset(patches, size, seed, projection_dim, chunk_size, start)
+    if prepared is None:
+        return torch.arange(patches.shape[0], device=patches.device)
+    _check_positive("candidates", candidates)
+    feats, sq_norms, start = prepared
+    n = feats.shape[0]
+    chosen = [torch.tensor([start], device=patches.device)]
+    n_chosen = 1
+    min_sq = torch.full((n,), float("inf"), device=patches.device)  # squared distance to the selection
+    _lower_min_sq(min_sq, feats, sq_norms, chosen[0], chunk_size)
+    bar = tqdm(total=size, initial=1, desc="greedy coreset", disable=not progress)
+    while n_chosen < size:
+        top_sq, top = torch.topk(min_sq, min(candidates + 1, n))  # sorted, farthest first
+        tau = float(top_sq[-1]) if len(top) > candidates else float("-inf")
+        top, cand_sq = top[:candidates], top_sq[:candidates].clone()  # (L,)
+        cand, cand_norms = feats[top], sq_norms[top]  # (L, K), (L,)
+        block = []
+        while n_chosen + len(block) < size:
+            j = int(torch.argmax(cand_sq))
+            # The first pick is the global farthest row; later ones only while no outside row can beat them.
+            if block and not float(cand_sq[j]) >= tau:
+                break
+            block.append(j)
+            dist = torch.addmv(cand_norms, cand, cand[j], alpha=-2.0).add_(cand_norms[j])
+            torch.minimum(cand_sq, dist, out=cand_sq)
+            cand_sq[j] = float("-inf")
+        rows = top[torch.tensor(block, device=top.device)]
+        _lower_min_sq(min_sq, feats, sq_norms, rows, chunk_size)
+        chosen.append(rows)
+        n_chosen += len(block)
+        bar.update(len(block))
+    bar.close()
+    return torch.cat(chosen)
 
 
 def build_memory(
