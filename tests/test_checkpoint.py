@@ -6,11 +6,20 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from utils.constants import CLASS_NAMES
-from utils.helper import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, training_config
+from utils.helper import (
+    CHECKPOINT_FORMAT,
+    has_classifier,
+    load_checkpoint,
+    predict,
+    save_checkpoint,
+    trains_classifier,
+    training_config,
+)
 
 # The Training.ipynb defaults from CONTRACT.md, shrunk to a tiny run.
 DEFAULTS = dict(
@@ -183,8 +192,52 @@ def test_training_config_accepts_contract_defaults() -> None:
     ("image_size", 224.0), ("epochs", 0), ("epochs", 2.5), ("class_weight", [1]), ("class_weight", [1, -3]),
     ("download", "yes"), ("pretrained", 1), ("device", "tpu"), ("batch_size", 0), ("lr", -1e-4),
     ("target_train_accuracy", 1.5), ("heatmap_thres", 2), ("n_cv_folds", 1), ("seed", "42"),
-    ("seed", True), ("subset_name", ""), ("precision", "fp64"),
+    ("seed", True), ("subset_name", ""), ("precision", "fp64"), ("split", "mvtec"),
 ])
 def test_training_config_names_bad_parameter(name: str, value) -> None:
     with pytest.raises(ValueError, match=name):
         _config(**{name: value})
+
+
+# --------------------------------------------------------------------------- checkpoints without a classifier
+
+
+def test_patch_only_checkpoint_keeps_the_frozen_layers_and_their_patch_map(tmp_path: Path, make_model) -> None:
+    model = make_model("mobilenet_v2")
+    with torch.no_grad():  # frozen weights a fresh model would not have
+        for p in model.frozen.parameters():
+            p.add_(0.01)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    memory = torch.randn(50, 32 + 96, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "pill_mobilenet_v2.pt"
+    config = _config(backbone="mobilenet_v2", split="official")
+    save_checkpoint(path, model, config, TEST_FILES, extra={"patch_memory": memory}, classifier=False)
+
+    raw = torch.load(path, weights_only=True)
+    assert raw["classifier"] is False
+    assert raw["state_dict"] and all(k.startswith("frozen.") for k in raw["state_dict"])
+    loaded, ckpt = load_checkpoint(path, backbone="mobilenet_v2")
+    assert not has_classifier(ckpt) and ckpt["config"]["split"] == "official"
+    kwargs = dict(batch_size=2, device=torch.device("cpu"), precision="fp32", progress=False)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    before = predict(model, images, mean, std, patch_memory=memory, **kwargs)
+    after = predict(loaded, images, mean, std, patch_memory=ckpt["patch_memory"], classifier=False, **kwargs)
+    assert set(after) == {"patch_map", "patch_score"}
+    assert np.array_equal(before["patch_map"], after["patch_map"])
+    with pytest.raises(ValueError, match="needs a patch_memory"):
+        predict(loaded, images, mean, std, classifier=False, **kwargs)
+
+
+def test_older_checkpoints_have_a_classifier(vgg16_checkpoint: Path) -> None:
+    ckpt = torch.load(vgg16_checkpoint, weights_only=True)
+    del ckpt["classifier"]
+    assert has_classifier(ckpt)
+
+
+def test_good_only_training_builds_the_memory_or_says_why_not() -> None:
+    assert trains_classifier(_config(), n_train_anomalies=3)
+    assert not trains_classifier(_config(), n_train_anomalies=0)
+    with pytest.raises(ValueError, match="patch_memory_size=0 builds no patch memory"):
+        trains_classifier(_config(patch_memory_size=0), n_train_anomalies=0)
+    with pytest.raises(ValueError, match="n_cv_folds=5 cross-validates the classifier"):
+        trains_classifier(_config(n_cv_folds=5), n_train_anomalies=0)

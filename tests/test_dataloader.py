@@ -16,6 +16,7 @@ from utils.dataloader import (
     Sample,
     batch_order,
     check_both_classes,
+    has_anomalies,
     index_subset,
     kfold_splits,
     load_images,
@@ -24,6 +25,7 @@ from utils.dataloader import (
     read_image,
     read_mask,
     split_samples,
+    split_subset,
     summarise,
 )
 from utils.synthetic import generate_synthetic_subset
@@ -338,3 +340,28 @@ def test_load_masks_zero_for_good_and_none_without_masks(widget: Path) -> None:
     assert not masks[[s.label == GOOD for s in samples]].any()
     plain = [s for s in samples if s.label == GOOD]
     assert load_masks(widget, plain, 16) is None
+
+
+# --------------------------------------------------------------------------- official split
+
+
+def test_official_split_is_the_train_and_test_folders(widget: Path) -> None:
+    train, test = split_subset(index_subset(widget, "widget"), "official", test_size=0.2, seed=0)
+    assert train == WIDGET_SAMPLES[:2] and test == WIDGET_SAMPLES[2:]
+    assert not has_anomalies(train) and has_anomalies(test)
+
+
+def test_pooled_split_is_the_published_one(widget: Path) -> None:
+    samples = [s for s in index_subset(widget, "widget")] * 2  # two of each type to stratify
+    assert split_subset(samples, "pooled", test_size=0.5, seed=3) == split_samples(samples, 0.5, 3)
+
+
+def test_official_split_without_test_folder_names_it(widget: Path) -> None:
+    samples = [s for s in index_subset(widget, "widget") if "/train/" in s.path]
+    with pytest.raises(ValueError, match=r"widget/test/.*split='pooled'"):
+        split_subset(samples, "official", test_size=0.2, seed=0)
+
+
+def test_unknown_split_is_a_clear_error(widget: Path) -> None:
+    with pytest.raises(ValueError, match="split='mvtec' must be one of"):
+        split_subset(index_subset(widget, "widget"), "mvtec", test_size=0.2, seed=0)

@@ -103,6 +103,49 @@ def test_predict_py_equals_evaluation_on_the_test_split(executed, tmp_path):
     assert any(int(r["n_boxes"]) > 0 for r in ours)
 
 
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """The synthetic subset's official split (train/ holds good images only): Training, then Evaluation
+    of the patch map."""
+    tmp = tmp_path_factory.mktemp("official")
+    dirs = {"data_dir": str(tmp / "data"), "weights_dir": str(tmp / "weights"),
+            "results_dir": str(tmp / "results")}
+    pm.execute_notebook(ROOT / "Training.ipynb", tmp / "Training.ipynb", cwd=str(ROOT),
+                        parameters={**TRAIN_PARAMS, **dirs, "split": "official"}, progress_bar=False)
+    pm.execute_notebook(ROOT / "Evaluation.ipynb", tmp / "Evaluation.ipynb", cwd=str(ROOT),
+                        parameters={"subset_name": "synthetic", "localizer": "patch_knn", "n_samples": 4, **dirs},
+                        progress_bar=False)
+    return tmp
+
+
+def test_official_split_without_anomalies_builds_the_patch_memory_only(official):
+    ckpt = torch.load(official / "weights" / "synthetic_vgg16.pt", weights_only=True)
+    assert ckpt["classifier"] is False and ckpt["config"]["split"] == "official"
+    assert all(k.startswith("frozen.") for k in ckpt["state_dict"]) and len(ckpt["patch_memory"]) == 2000
+    assert all(p.startswith("synthetic/test/") for p in ckpt["test_files"])
+    log = json.loads((official / "results" / "synthetic_vgg16" / "training.json").read_text())
+    assert log["classifier"] is False and log["epochs_run"] == 0 and log["test"] is None
+    stdout = "".join(o.get("text", "") for c in json.loads((official / "Training.ipynb").read_text())["cells"]
+                     for o in c.get("outputs", []))
+    assert "classifier skipped: the training split has no Anomaly images" in stdout
+
+
+def test_official_split_evaluation_measures_the_patch_map(official):
+    out = official / "results" / "synthetic_vgg16"
+    m = json.loads((out / "metrics.json").read_text())
+    assert CONTRACT_KEYS <= set(m)
+    for key in ("accuracy", "balanced_accuracy", "confusion_matrix", "image_auroc", "image_ap", "per_defect_type"):
+        assert m[key] is None, key
+    assert m["n_test"] == 80 and m["n_test_anomalies"] == 60  # the whole test/ folder
+    assert set(m["localizers"]) == {"patch_knn"} and m["localizer"] == "patch_knn"
+    patch = m["localizers"]["patch_knn"]
+    # Random weights at 64 px: measured pixel AUROC 0.81, image AUROC 1.00; chance is 0.5.
+    assert patch["pixel_auroc"] > 0.65 and patch["image_auroc"] >= 0.9
+    assert patch["box_iou"] is not None and m["pixel_auroc"] == patch["pixel_auroc"]
+    assert (out / "predictions.png").stat().st_size > 0 and (out / "roc_curve.png").stat().st_size > 0
+    assert not (out / "confusion_matrix.png").exists()
+
+
 def test_nbval_rerun_reproduces(executed):
     """nbval re-executes the executed notebooks; cells marked NBVAL_CHECK_OUTPUT must match."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # nbval starts the kernel in the notebook's folder

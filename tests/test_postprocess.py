@@ -10,6 +10,7 @@ from utils.postprocess import (
     calibrate,
     calibrated_boxes,
     calibration_threshold,
+    check_localizer,
     heatmap_to_boxes,
     localizer_image_scores,
     localizer_maps,
@@ -274,3 +275,26 @@ def test_calibrated_boxes_extent_reaches_the_unusual_shoulder_of_a_flagged_regio
     np.testing.assert_array_equal(scores, [2.0])
     with pytest.raises(ValueError, match="extent_threshold"):
         calibrated_boxes(m, 1.0, 1, extent_threshold=1.5)
+
+
+def test_without_classifier_only_the_patch_map_exists():
+    patch = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    maps = localizer_maps(None, None, patch)
+    assert list(maps) == ["patch_knn"] and np.array_equal(maps["patch_knn"], patch)
+    scores = localizer_image_scores(maps, None, np.array([3.0, 5.0]))
+    assert list(scores) == ["patch_knn"] and scores["patch_knn"].tolist() == [3.0, 5.0]
+
+
+@pytest.mark.parametrize("localizer", ["cam", "cam_knn"])
+def test_classifier_localizer_without_classifier_is_a_clear_error(localizer):
+    with pytest.raises(ValueError, match=f"localizer='{localizer}' needs the classifier.*'patch_knn'"):
+        check_localizer(localizer, has_classifier=False, has_memory=True)
+
+
+def test_localizer_checks():
+    check_localizer("patch_knn", has_classifier=False, has_memory=True)
+    check_localizer("cam", has_classifier=True, has_memory=False)
+    with pytest.raises(ValueError, match="needs the patch memory"):
+        check_localizer("patch_knn", has_classifier=True, has_memory=False)
+    with pytest.raises(ValueError, match="must be one of"):
+        check_localizer("gradcam", has_classifier=True, has_memory=True)

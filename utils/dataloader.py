@@ -123,6 +123,42 @@ def split_samples(
     return train, test
 
 
+SPLITS = ("pooled", "official")
+
+
+def official_split(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """The dataset's own split: the images under `<subset>/train/` train, those under `<subset>/test/` test
+    (MVTec AD's protocol: good images only in train/, so no classifier can be trained on them)."""
+    parts = {"train": [], "test": []}
+    for s in samples:
+        parts[s.path.split("/")[1]].append(s)
+    for name, part in parts.items():
+        if not part:
+            subset = samples[0].path.split("/")[0] if samples else "the subset"
+            raise ValueError(
+                f"split='official' needs images under {subset}/{name}/, but there are none: add them "
+                f"(MVTec layout {name}/<type>/*.png), or use split='pooled'."
+            )
+    return parts["train"], parts["test"]
+
+
+def split_subset(
+    samples: Sequence[Sample], split: str, test_size: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Train and test samples: "pooled" = the published stratified split of all images (`split_samples`),
+    "official" = the subset's train/ and test/ folders (`official_split`)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} must be one of {SPLITS}.")
+    if split == "official":
+        return official_split(samples)
+    return split_samples(samples, test_size=test_size, seed=seed)
+
+
+def has_anomalies(samples: Sequence[Sample]) -> bool:
+    """True when some sample is an Anomaly image (a classifier can train only then)."""
+    return any(s.label == ANOMALY for s in samples)
+
+
 def kfold_splits(
     samples: Sequence[Sample], n_folds: int, seed: int
 ) -> Iterator[tuple[list[Sample], list[Sample]]]:

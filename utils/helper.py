@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .constants import CLASS_NAMES
-from .dataloader import batch_order, kfold_splits, normalise, positions
+from .dataloader import SPLITS, batch_order, kfold_splits, normalise, positions
 from .metrics import classification_metrics
 from .model import BackboneWeights, CAMClassifier, check_input_size, get_spec, load_backbone_weights, normalisation
 from .patchknn import (MEMORY_METHODS, build_memory, flatten_patches, leave_one_image_out_maps, memory_nbytes,
@@ -27,6 +27,7 @@ from .patchknn import (MEMORY_METHODS, build_memory, flatten_patches, leave_one_
 from .postprocess import calibrate, localizer_maps, upsample_maps
 
 CHECKPOINT_FORMAT = "cam-defect-detector/1"
+FROZEN_PREFIX = "frozen."  # state_dict keys of the frozen layers (all a patch-memory-only checkpoint holds)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -226,6 +227,7 @@ def predict(
     device: torch.device,
     precision: str,
     patch_memory: torch.Tensor | None = None,
+    classifier: bool = True,
     desc: str = "Predicting",
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
@@ -233,7 +235,11 @@ def predict(
 
     Returns "p_anomaly" (N,), "cam" (N, H, W) raw CAM heatmaps (not normalised) and, with a
     `patch_memory` (M, D), "patch_map" (N, H, W) nearest-neighbour distances and "patch_score" (N,).
+    With classifier=False (a model trained without one) only the frozen layers run: no
+    "p_anomaly" or "cam", so a patch_memory is required.
     """
+    if not classifier and patch_memory is None:
+        raise ValueError("predict(classifier=False) needs a patch_memory: without a classifier it is the only map")
     model.eval()
     size = tuple(images.shape[-2:])
     check_input_size(size[1], size[0])
@@ -244,9 +250,11 @@ def predict(
         x = _to_input(images[start:start + batch_size], mean, std, device, precision)
         with autocast(device, precision):
             frozen, tapped = model.frozen_features(x, taps)
-            scores, maps = model.head(frozen)
-        out["p_anomaly"].append(scores.float().softmax(dim=1)[:, 1].cpu())
-        out["cam"].append(model.cam(maps, size).cpu())
+            if classifier:
+                scores, maps = model.head(frozen)
+        if classifier:
+            out["p_anomaly"].append(scores.float().softmax(dim=1)[:, 1].cpu())
+            out["cam"].append(model.cam(maps, size).cpu())
         if memory is not None:
             emb = patch_embeddings(*(t.float() for t in tapped))  # (B, D, h8, w8)
             patch_map, patch_score = patch_anomaly_maps(emb, memory, out_size=size)
@@ -269,8 +277,11 @@ def calibrate_boxes(
     device: torch.device,
     precision: str,
     progress: bool = True,
+    classifier: bool = True,
 ) -> dict[str, Any]:
     """The checkpoint's "calibration" (see `postprocess.calibrate`) from good training images.
+
+    classifier=False (no classifier trained): only the patch map is calibrated.
 
     good_images (N, 3, S, S) uint8 are good images the classifier trained on; with a patch memory,
     good_patches (N*h*w, D) are the patches of these same images that built it (`frozen_pass`
@@ -279,8 +290,12 @@ def calibrate_boxes(
     """
     if len(good_images) == 0:
         raise ValueError("calibration needs good training images, and the training split has none")
-    out = predict(model, good_images, mean, std, batch_size=batch_size, device=device,
-                  precision=precision, desc="Calibration images", progress=progress)
+    if not classifier and patch_memory is None:
+        raise ValueError("calibration without a classifier needs the patch memory: it is the only map")
+    out = {"cam": None, "p_anomaly": None}
+    if classifier:
+        out = predict(model, good_images, mean, std, batch_size=batch_size, device=device,
+                      precision=precision, desc="Calibration images", progress=progress)
     patch_map = None
     if patch_memory is not None:
         size = tuple(good_images.shape[-2:])
@@ -320,14 +335,20 @@ def save_checkpoint(
     config: dict[str, Any],
     test_files: Sequence[str],
     extra: dict[str, Any] | None = None,
+    classifier: bool = True,
 ) -> None:
     """Save state_dict, configuration, class names and held-out test files, atomically.
 
     Only tensors and plain Python values, so `torch.load(path, weights_only=True)` reads it.
+    classifier=False (no classifier was trained, e.g. good training images only): the state_dict
+    holds the frozen layers alone, which the patch memory's features come from, and the
+    checkpoint's "classifier" flag is False.
     """
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if classifier or k.startswith(FROZEN_PREFIX)}
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
+        "classifier": bool(classifier),
         "state_dict": state,
         "config": dict(config),
         "class_names": list(CLASS_NAMES),
@@ -373,8 +394,19 @@ def load_checkpoint(
         )
     get_spec(config["backbone"])
     model = CAMClassifier(config["backbone"], pretrained=False)
-    model.load_state_dict(ckpt["state_dict"])
+    if has_classifier(ckpt):
+        model.load_state_dict(ckpt["state_dict"])
+    else:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+        if unexpected or any(k.startswith(FROZEN_PREFIX) for k in missing):
+            raise ValueError(f"{path} has no classifier and its state_dict does not match the frozen "
+                             f"{config['backbone']} layers; retrain it with Training.ipynb.")
     return model.eval(), ckpt
+
+
+def has_classifier(checkpoint: dict[str, Any]) -> bool:
+    """Whether a checkpoint holds a trained classifier (older checkpoints always do)."""
+    return bool(checkpoint.get("classifier", True))
 
 
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -397,6 +429,7 @@ def training_config(
     n_cv_folds: int, weights_dir: str, results_dir: str, device: str, precision: str = "auto",
     cache_features: bool = True, patch_memory_size: int = 10000, patch_memory_method: str = "coreset",
     backbone_weights: str | None = None,
+    split: str = "pooled",
 ) -> dict[str, Any]:
     """Check the Training.ipynb parameters and return them as the run's configuration.
 
@@ -428,6 +461,7 @@ def training_config(
     _check(precision in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
     _check(_is_int(patch_memory_size) and patch_memory_size >= 0, "patch_memory_size", patch_memory_size,
            "0 (no patch memory) or a positive integer")
+    _check(split in SPLITS, "split", split, f"one of {SPLITS}")
     _check(patch_memory_method in MEMORY_METHODS, "patch_memory_method", patch_memory_method,
            f"one of {MEMORY_METHODS}")
     resolve_device(device)
@@ -450,7 +484,23 @@ def training_config(
         "device": device, "precision": precision, "cache_features": cache_features,
         "patch_memory_size": int(patch_memory_size), "patch_memory_method": patch_memory_method,
         "backbone_weights": weights_info, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+        "split": split,
     }
+
+
+def trains_classifier(config: dict[str, Any], n_train_anomalies: int) -> bool:
+    """Whether the run trains a classifier: only with Anomaly training images. Without them only the
+    patch memory is built, which needs patch_memory_size > 0 and no cross-validation (of a classifier)."""
+    if n_train_anomalies:
+        return True
+    if not config["patch_memory_size"]:
+        raise ValueError("The training split has no Anomaly images, so no classifier can train, and "
+                         "patch_memory_size=0 builds no patch memory: nothing would be trained. "
+                         "Set patch_memory_size > 0 (e.g. 10000).")
+    if config["n_cv_folds"]:
+        raise ValueError(f"n_cv_folds={config['n_cv_folds']} cross-validates the classifier, but the training "
+                         f"split has no Anomaly images, so none is trained: set n_cv_folds=0.")
+    return False
 
 
 def run_name(subset_name: str, backbone: str) -> str:

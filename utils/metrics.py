@@ -42,6 +42,10 @@ def confusion_counts(y_true, y_pred) -> dict:
     return {"TP": int(tp), "FN": int(fn), "FP": int(fp), "TN": int(tn)}
 
 
+# The keys of classification_metrics: they describe the classifier, so they are null without one.
+CLASSIFICATION_KEYS = ("accuracy", "balanced_accuracy", "confusion_matrix", "image_auroc", "image_ap")
+
+
 def classification_metrics(y_true, y_pred, p_anomaly) -> dict:
     """Image-level metrics for labels (N,), predictions (N,) and Anomaly probabilities (N,).
 

@@ -71,9 +71,12 @@ def _per_image(values, n: int, name: str) -> list | np.ndarray:
     return values
 
 
-def _title(true: int, pred: int, prob: float, defect: str | None) -> str:
-    """'true Anomaly/crack · pred Good · p=0.31'; the defect type is left out when it is the good folder."""
+def _title(true: int, pred: int | None, prob: float, defect: str | None) -> str:
+    """'true Anomaly/crack · pred Good · p=0.31'; the defect type is left out when it is the good folder.
+    Without a prediction (pred None, no classifier) 'true Anomaly/crack · score=0.31'."""
     truth = CLASS_NAMES[true] if defect in (None, GOOD_FOLDER) else f"{CLASS_NAMES[true]}/{defect}"
+    if pred is None:
+        return f"true {truth} · score={prob:.2f}"
     title = f"true {truth} · pred {CLASS_NAMES[pred]} · p={prob:.2f}"
     # long defect names (e.g. manipulated_front) would run into the next column
     return title if len(title) <= TITLE_WRAP else title.replace(" · pred", "\npred", 1)
@@ -107,7 +110,8 @@ def plot_prediction_grid(
     """One row per image: the image with its title, mask contour and predicted boxes, then one map per column.
 
     images (N, 3, H, W) uint8; maps {name: (N, H, W) in [0, 1]}; y_true, y_pred (N,) 0/1;
-    p_anomaly (N,); masks (N, H, W) bool or None; boxes a list of N arrays (K, 4) x1, y1, x2, y2
+    p_anomaly (N,); y_pred None (a model without classifier): p_anomaly is then the first map's
+    image score, shown as such, and boxes are drawn on every image; masks (N, H, W) bool or None; boxes a list of N arrays (K, 4) x1, y1, x2, y2
     (exclusive x2, y2) from the first map, drawn only on images predicted Anomaly; defect_types
     a list of N folder names or None. Titles of misclassified images are red.
     """
@@ -124,7 +128,7 @@ def plot_prediction_grid(
         if m.shape != (n, height, width):
             raise ValueError(f"map {name!r} has shape {m.shape}; need (N, H, W) = {(n, height, width)} like images")
     y_true = _per_image(_labels(y_true, "y_true"), n, "y_true")
-    y_pred = _per_image(_labels(y_pred, "y_pred"), n, "y_pred")
+    y_pred = [None] * n if y_pred is None else _per_image(_labels(y_pred, "y_pred"), n, "y_pred")
     p_anomaly = _per_image(to_numpy(p_anomaly).reshape(-1), n, "p_anomaly")
     if masks is not None:
         masks = to_numpy(masks).astype(bool)
@@ -143,10 +147,10 @@ def plot_prediction_grid(
         ax = axes[i, 0]
         ax.imshow(images[i])
         _draw_mask(ax, mask)
-        if boxes is not None and y_pred[i] == ANOMALY:
+        if boxes is not None and y_pred[i] in (ANOMALY, None):
             _draw_boxes(ax, boxes[i])
         defect = None if defect_types is None else defect_types[i]
-        wrong = y_true[i] != y_pred[i]
+        wrong = y_pred[i] is not None and y_true[i] != y_pred[i]
         ax.set_title(_title(y_true[i], y_pred[i], float(p_anomaly[i]), defect),
                      fontsize=TITLE_SIZE, color="red" if wrong else "black")
         for ax, (name, m) in zip(axes[i, 1:], maps.items()):
@@ -158,7 +162,7 @@ def plot_prediction_grid(
         ax.set_axis_off()
     legend = [f"{MASK_COLOUR} contour: ground-truth mask"] if masks is not None else []
     if boxes is not None:
-        legend.append(f"{BOX_COLOUR} boxes: from {first_map!r}, on predicted Anomaly")
+        legend.append(f"{BOX_COLOUR} boxes: from {first_map!r}" + (", on predicted Anomaly" if y_pred[0] is not None else ""))
     if legend:
         fig.suptitle(" · ".join(legend), fontsize=TITLE_SIZE)
     fig.tight_layout()

@@ -165,21 +165,43 @@ def probability_scaled(maps, probs) -> np.ndarray:
 
 
 LOCALIZERS = ("cam", "patch_knn", "cam_knn")
+CLASSIFIER_LOCALIZERS = ("cam", "cam_knn")  # need the trained classifier's CAM
+MEMORY_LOCALIZERS = ("patch_knn", "cam_knn")  # need the patch memory
+
+
+def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, checkpoint: str = "the checkpoint") -> None:
+    """Raise a ValueError naming what is missing when `localizer` cannot be computed from a checkpoint."""
+    if localizer not in LOCALIZERS:
+        raise ValueError(f"localizer={localizer!r} must be one of {LOCALIZERS}.")
+    if localizer in CLASSIFIER_LOCALIZERS and not has_classifier:
+        usable = [name for name in MEMORY_LOCALIZERS if name not in CLASSIFIER_LOCALIZERS]
+        raise ValueError(
+            f"localizer={localizer!r} needs the classifier, but {checkpoint} has none (its training split "
+            f"had no Anomaly images): use localizer={usable[0]!r}, or train on a split with Anomaly images."
+        )
+    if localizer in MEMORY_LOCALIZERS and not has_memory:
+        raise ValueError(f"localizer={localizer!r} needs the patch memory, but {checkpoint} has none: "
+                         f"train with patch_memory_size > 0.")
 
 
 def localizer_maps(cam, p_anomaly, patch_map=None) -> dict[str, np.ndarray]:
     """Pixel-scoring maps (N, H, W) per localiser, each comparable across images.
+
+    cam and p_anomaly are None for a model without a classifier: then only "patch_knn" exists.
 
     "cam": the per-image min-max CAM scaled by the image's Anomaly probability (the raw CAM's
     scale differs between images; see the README for the measurement behind this choice);
     "patch_knn": the nearest-neighbour distance to good training patches (its scale is fixed by
     the memory); "cam_knn": their product, the patch distance kept where the classifier looks.
     """
-    maps = {"cam": probability_scaled(cam, p_anomaly)}
+    if cam is None and patch_map is None:
+        raise ValueError("localizer_maps needs a CAM, a patch map or both; got neither")
+    maps = {} if cam is None else {"cam": probability_scaled(cam, p_anomaly)}
     if patch_map is not None:
         patch_map = to_numpy(patch_map).astype(np.float32)
         maps["patch_knn"] = patch_map
-        maps["cam_knn"] = patch_map * minmax_normalise(cam)
+        if cam is not None:
+            maps["cam_knn"] = patch_map * minmax_normalise(cam)
     return maps
 
 
@@ -187,9 +209,10 @@ def localizer_image_scores(maps: dict[str, np.ndarray], p_anomaly, patch_score=N
     """Image-level score (N,) per localiser of `localizer_maps`: the classifier's Anomaly
     probability for "cam", the patch map's maximum (at feature resolution) for "patch_knn", the
     map's maximum for "cam_knn"."""
-    scores = {"cam": to_numpy(p_anomaly)}
+    scores = {} if "cam" not in maps else {"cam": to_numpy(p_anomaly)}
     if "patch_knn" in maps:
         scores["patch_knn"] = to_numpy(patch_score)
+    if "cam_knn" in maps:
         scores["cam_knn"] = maps["cam_knn"].reshape(len(maps["cam_knn"]), -1).max(axis=1)
     return scores
 

