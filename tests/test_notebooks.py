@@ -125,7 +125,7 @@ def test_official_split_without_anomalies_builds_the_patch_memory_only(official)
     assert all(p.startswith("synthetic/test/") for p in ckpt["test_files"])
     log = json.loads((official / "results" / "synthetic_vgg16" / "training.json").read_text())
     assert log["classifier"] is False and log["epochs_run"] == 0 and log["test"] is None
-    stdout = "".join(o.get("text", "") for c in json.loads((official / "Training.ipynb").read_text())["cells"]
+    stdout = "".join("".join(o.get("text", [])) for c in json.loads((official / "Training.ipynb").read_text())["cells"]
                      for o in c.get("outputs", []))
     assert "classifier skipped: the training split has no Anomaly images" in stdout
 
