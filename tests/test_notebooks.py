@@ -123,6 +123,7 @@ def test_official_split_without_anomalies_builds_the_patch_memory_only(official)
     assert ckpt["classifier"] is False and ckpt["config"]["split"] == "official"
     assert all(k.startswith("frozen.") for k in ckpt["state_dict"]) and len(ckpt["patch_memory"]) == 2000
     assert all(p.startswith("synthetic/test/") for p in ckpt["test_files"])
+    assert set(ckpt["calibration"]["thresholds"]) == {"patch_knn"}  # the only map without a classifier
     log = json.loads((official / "results" / "synthetic_vgg16" / "training.json").read_text())
     assert log["classifier"] is False and log["epochs_run"] == 0 and log["test"] is None
     stdout = "".join("".join(o.get("text", [])) for c in json.loads((official / "Training.ipynb").read_text())["cells"]
