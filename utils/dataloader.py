@@ -205,7 +205,7 @@ def describe_skipped(skipped: Sequence[Skipped], n_examples: int = 3) -> str:
     ranked = sorted(skipped, key=lambda s: (_SKIP_ORDER.index(s.kind) if s.kind in _SKIP_ORDER else 99, s.path))
     examples = ", ".join(s.path for s in ranked[:n_examples])
     more = f" and {len(skipped) - n_examples} more" if len(skipped) > n_examples else ""
-    kinds = ", ".join(f"{counts[k]} {k}" for k in sorted(counts, key=lambda k: _SKIP_ORDER.index(k)
+    kinds = ", ".join(f"{counts[k]} x {k}" for k in sorted(counts, key=lambda k: _SKIP_ORDER.index(k)
                                                           if k in _SKIP_ORDER else 99))
     return f"index: skipped {len(skipped)} ({kinds}): {examples}{more}"
 
