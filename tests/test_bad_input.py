@@ -454,17 +454,17 @@ def _run_training(tmp_path: Path, png, **params) -> tuple[str, Path]:
     return str(info.value), out
 
 
-# One bad parameter checked in the first cell (seed, before it is used), one the data cannot support
-# and one bad mask of the training split (both checked right after indexing); the other checks of
-# those two cells are tested on their functions above.
-@pytest.mark.parametrize("case", ["seed", "n_cv_folds", "mask"])
+# One bad parameter checked in the first cell (seed, before it is used) and one bad mask of the
+# training split (checked right after indexing, after the split and n_cv_folds checks); the other
+# checks of those two cells are tested on their functions above.
+@pytest.mark.parametrize("case", ["seed", "mask"])
 def test_training_stops_before_the_first_epoch_and_writes_nothing(tmp_path: Path, png, case: str) -> None:
-    params = {"seed": {"seed": "abc"}, "n_cv_folds": {"n_cv_folds": 5}, "mask": {}}[case]
+    params = {"seed": {"seed": "abc"}, "mask": {}}[case]
     if case == "mask":
         _subset(tmp_path / "data", png)
         png(tmp_path / "data/widget/ground_truth/crack/0_mask.png", size=16, channels=1, value=255)
     error, executed = _run_training(tmp_path, png, **params)
-    expected = {"seed": "seed=", "n_cv_folds": "n_cv_folds=5", "mask": "0_mask.png"}[case]
+    expected = {"seed": "seed=", "mask": "0_mask.png"}[case]
     assert expected in error
     outputs = json.dumps([c.get("outputs", []) for c in json.loads(executed.read_text())["cells"]])
     assert "epoch  1/" not in outputs and "Decoding" not in outputs
