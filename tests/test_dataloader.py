@@ -52,9 +52,11 @@ def widget(tmp_path: Path, png) -> Path:
             Image.new("RGB", (8, 8), (10, 20, 30)).save(root / rel, format="JPEG")
         else:
             png(root / rel)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 3:6] = 255
     for rel in ("ground_truth/scratch/000_mask.png", "ground_truth/scratch/001_mask.png",
                 "ground_truth/crack/000_mask.png"):
-        png(root / rel, channels=1, value=255)
+        png(root / rel, array=mask)
     # Junk a real folder collects: none of it is an image sample.
     (root / "train/good/notes.txt").write_text("not an image")
     (root / "train/good/.DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
@@ -336,7 +338,9 @@ def test_load_masks_zero_for_good_and_none_without_masks(widget: Path) -> None:
     samples = index_subset(widget, "widget")
     masks = load_masks(widget, samples, 16)
     assert masks.shape == (6, 16, 16)
-    assert [bool(m.all()) for m in masks] == [s.label == ANOMALY for s in samples]  # masks are all 255
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[4:10, 6:12] = True  # the 8 px masks' square, scaled by 2
+    assert all(torch.equal(m, expected) for m, s in zip(masks, samples) if s.label == ANOMALY)
     assert not masks[[s.label == GOOD for s in samples]].any()
     plain = [s for s in samples if s.label == GOOD]
     assert load_masks(widget, plain, 16) is None

@@ -30,8 +30,11 @@ MVTEC_LICENSE = (
 # A real MVTec AD folder for the tests that need real images (one folder per category).
 MVTEC_DIR_ENV = "MVTEC_AD_DIR"
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-GOOD_FOLDER = "good"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+GOOD_FOLDER = "good"  # matched in any case: good, Good, GOOD
+# Folder names people give good parts; refused rather than read as a defect type named "OK".
+GOOD_SYNONYMS = ("ok", "normal", "pass", "passed", "nominal", "defect_free", "no_defect", "nodefect")
+SUBSET_FOLDERS = ("train", "test", "ground_truth")  # the only folders of a subset that are read
 MASK_SUFFIX = "_mask"
 
 DEFAULT_IMAGE_SIZE = 224

@@ -248,7 +248,8 @@ def ensure_subset(
     if subset_name not in MVTEC_CATEGORIES:
         raise ValueError(
             f"Unknown subset '{subset_name}' in {data_dir} (present: {_present_subsets(data_dir)}). "
-            f"Valid names: {', '.join(MVTEC_CATEGORIES)}, or '{SYNTHETIC_SUBSET}'."
+            f"subset_name is a folder in data_dir (your own data in the MVTec layout, or a category already "
+            f"there), an MVTec AD category to download ({', '.join(MVTEC_CATEGORIES)}), or '{SYNTHETIC_SUBSET}'."
         )
     archive = Path(archive_path) if archive_path is not None else data_dir.parent / MVTEC_ARCHIVE_NAME
     if archive.is_file():

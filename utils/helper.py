@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import numbers
 import os
@@ -28,11 +29,18 @@ from .postprocess import calibrate, localizer_maps, upsample_maps
 
 CHECKPOINT_FORMAT = "cam-defect-detector/1"
 FROZEN_PREFIX = "frozen."  # state_dict keys of the frozen layers (all a patch-memory-only checkpoint holds)
+CHECKPOINT_KEYS = ("state_dict", "config", "test_files")  # what load_checkpoint needs
+CONFIG_KEYS = ("backbone", "image_size", "pretrained")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SEED_RANGE = "an integer from 0 to 2**32 - 1"  # NumPy's seed range
+# A temporary file of the atomic writer untouched this long belongs to a killed save.
+STALE_TMP_SECONDS = 300
 
 
 def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (call once at the start of a notebook)."""
+    """Seed Python, NumPy and torch (call once at the start of a notebook, after the parameter
+    checks); a seed NumPy cannot take raises a ValueError naming it first."""
+    _check(_is_seed(seed), "seed", seed, SEED_RANGE)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -311,11 +319,28 @@ def save_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def atomic_write_bytes(path: str | Path, write: Callable[[Any], None]) -> None:
-    """Write a file through `write(fileobj)` into a temporary sibling, then rename it into place,
-    so an interrupted run never leaves a half-written file where a good one was."""
+def remove_stale_temporaries(path: str | Path, older_than: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Delete `.<name>.*.tmp` files of `atomic_write_bytes` next to `path` that nothing has written
+    for `older_than` seconds (left by a killed save); returns what it removed."""
     path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > older_than:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # another process cleaned it first
+            pass
+    return removed
+
+
+def _write_temporary(path: Path, write: Callable[[Any], None]) -> Path:
+    """Write through `write(fileobj)` into a new temporary sibling of `path` and return it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -323,10 +348,44 @@ def atomic_write_bytes(path: str | Path, write: Callable[[Any], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Write a file through `write(fileobj)` into a temporary sibling, then rename it into place,
+    so an interrupted run never leaves a half-written file where a good one was. Temporary files
+    of earlier killed saves of the same file are removed."""
+    path = Path(path)
+    tmp = _write_temporary(path, write)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_dict(
+    model: CAMClassifier, config: dict[str, Any], test_files: Sequence[str], extra: dict[str, Any] | None = None,
+    classifier: bool = True,
+) -> dict[str, Any]:
+    """The checkpoint `save_checkpoint` writes: only tensors and plain Python values.
+
+    classifier=False (no classifier was trained, e.g. good training images only): the state_dict
+    holds the frozen layers alone, which the patch memory's features come from, and the
+    checkpoint's "classifier" flag is False.
+    """
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "classifier": bool(classifier),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                       if classifier or k.startswith(FROZEN_PREFIX)},
+        "config": dict(config),
+        "class_names": list(CLASS_NAMES),
+        "test_files": list(test_files),
+        **(extra or {}),
+    }
 
 
 def save_checkpoint(
@@ -344,18 +403,37 @@ def save_checkpoint(
     holds the frozen layers alone, which the patch memory's features come from, and the
     checkpoint's "classifier" flag is False.
     """
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if classifier or k.startswith(FROZEN_PREFIX)}
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "classifier": bool(classifier),
-        "state_dict": state,
-        "config": dict(config),
-        "class_names": list(CLASS_NAMES),
-        "test_files": list(test_files),
-        **(extra or {}),
-    }
+    checkpoint = checkpoint_dict(model, config, test_files, extra, classifier)
     atomic_write_bytes(path, lambda f: torch.save(checkpoint, f))
+
+
+def save_run(
+    weights_path: str | Path,
+    model: CAMClassifier,
+    config: dict[str, Any],
+    test_files: Sequence[str],
+    extra: dict[str, Any] | None,
+    log_path: str | Path,
+    log: Any,
+    classifier: bool = True,
+) -> None:
+    """Write a run's checkpoint and its JSON log so that they never disagree.
+
+    Both are first written in full to temporary files; only then is the old log removed, the
+    checkpoint renamed into place and the log after it. A failure while writing changes nothing;
+    one between the renames leaves a checkpoint without a log, never a log of another checkpoint.
+    """
+    weights_path, log_path = Path(weights_path), Path(log_path)
+    checkpoint = checkpoint_dict(model, config, test_files, extra, classifier)
+    temporaries = [_write_temporary(weights_path, lambda f: torch.save(checkpoint, f))]
+    try:
+        temporaries.append(_write_temporary(log_path, lambda f: f.write(json.dumps(log, indent=2).encode())))
+        log_path.unlink(missing_ok=True)
+        os.replace(temporaries[0], weights_path)
+        os.replace(temporaries[1], log_path)
+    finally:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(
@@ -367,21 +445,40 @@ def load_checkpoint(
     Returns the model (on CPU, eval mode) and the checkpoint dictionary.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        raise IsADirectoryError(
+            f"Checkpoint path {path} is a folder, not a file: point weights_path at the .pt file"
+            + (f" (this folder holds: {', '.join(inside)})." if inside else " (this folder holds no .pt file).")
+        )
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist: run Training.ipynb first or set weights_path.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"Checkpoint {path} is empty (0 bytes): a save or a copy was interrupted. "
+                         f"Run Training.ipynb again, or copy the file again.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as err:
+        raise ValueError(f"Cannot read checkpoint {path}: permission denied. Give this user read access.") from err
     except Exception as err:  # any unreadable file: a pickle refused, truncated, or not torch's
         raise ValueError(
             f"{path} is not a checkpoint of this repository (it could not be read with "
-            f"torch.load(weights_only=True), which refuses arbitrary pickles): {err}"
+            f"torch.load(weights_only=True), which refuses arbitrary pickles): {str(err) or type(err).__name__}"
         ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not a checkpoint of this repository (no '{CHECKPOINT_FORMAT}' format "
             f"marker). Train with Training.ipynb to get one."
         )
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"Checkpoint {path} lacks {', '.join(missing)}: it is incomplete or was not written "
+                         f"by Training.ipynb. Train again to get a complete one.")
     config = ckpt["config"]
+    missing = [k for k in CONFIG_KEYS if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ValueError(f"Checkpoint {path} has a config without {', '.join(missing)}: it was not written "
+                         f"by Training.ipynb. Train again to get a complete one.")
     if backbone is not None and backbone != config["backbone"]:
         raise ValueError(
             f"{path} holds a {config['backbone']} model but backbone={backbone!r} was asked for: "
@@ -394,13 +491,17 @@ def load_checkpoint(
         )
     get_spec(config["backbone"])
     model = CAMClassifier(config["backbone"], pretrained=False)
-    if has_classifier(ckpt):
-        model.load_state_dict(ckpt["state_dict"])
-    else:
-        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
-        if unexpected or any(k.startswith(FROZEN_PREFIX) for k in missing):
-            raise ValueError(f"{path} has no classifier and its state_dict does not match the frozen "
-                             f"{config['backbone']} layers; retrain it with Training.ipynb.")
+    try:
+        if has_classifier(ckpt):
+            model.load_state_dict(ckpt["state_dict"])
+        else:
+            missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+            if unexpected or any(k.startswith(FROZEN_PREFIX) for k in missing):
+                raise RuntimeError(f"unexpected {unexpected[:3]}, missing frozen layers "
+                                   f"{[k for k in missing if k.startswith(FROZEN_PREFIX)][:3]}")
+    except RuntimeError as err:
+        raise ValueError(f"Checkpoint {path}: its state_dict does not fit a {config['backbone']} model "
+                         f"({str(err).splitlines()[0]}). It is damaged or was edited; train again.") from err
     return model.eval(), ckpt
 
 
@@ -420,6 +521,38 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_seed(v: Any) -> bool:
+    return _is_int(v) and 0 <= v < 2**32
+
+
+def check_output_dir(folder: Any, name: str) -> None:
+    """Raise a ValueError naming `name` unless `folder` is a writable folder or can be created as
+    one; creates nothing (checks run before anything is written)."""
+    _check(isinstance(folder, (str, Path)) and str(folder) != "", name, folder, "a folder path")
+    probe = Path(folder)
+    while not probe.exists() and probe.parent != probe:  # the nearest part that exists
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{name}={str(folder)!r} cannot be used: {probe} is a file, not a folder. "
+                         f"Choose another {name}, or move the file.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}={str(folder)!r} cannot be written: permission denied on {probe}. "
+                         f"Choose a folder this user can write to.")
+
+
+def check_evaluation_parameters(
+    *, batch_size: int, n_samples: int, heatmap_thres: float, results_dir: str | None = None
+) -> None:
+    """Check Evaluation.ipynb's numeric parameters (and that results_dir can be written) before
+    anything is loaded; a bad one raises a ValueError naming it."""
+    _check(_is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "a positive integer")
+    _check(_is_int(n_samples) and n_samples >= 0, "n_samples", n_samples, "0 or a positive integer")
+    _check(_is_number(heatmap_thres) and 0 <= heatmap_thres <= 1, "heatmap_thres", heatmap_thres,
+           "a number in [0, 1]")
+    if results_dir is not None:
+        check_output_dir(results_dir, "results_dir")
 
 
 def training_config(
@@ -454,7 +587,7 @@ def training_config(
     _check(target_train_accuracy is None or (_is_number(target_train_accuracy) and 0 < target_train_accuracy <= 1),
            "target_train_accuracy", target_train_accuracy, "None or a number in (0, 1]")
     _check(_is_number(test_size) and 0 < test_size < 1, "test_size", test_size, "a fraction in (0, 1)")
-    _check(_is_int(seed), "seed", seed, "an integer")
+    _check(_is_seed(seed), "seed", seed, SEED_RANGE)
     _check(_is_number(heatmap_thres) and 0 <= heatmap_thres <= 1, "heatmap_thres", heatmap_thres, "a number in [0, 1]")
     _check(_is_int(n_cv_folds) and (n_cv_folds == 0 or n_cv_folds >= 2), "n_cv_folds", n_cv_folds,
            "0 (skip) or an integer of at least 2")
@@ -465,6 +598,15 @@ def training_config(
     _check(patch_memory_method in MEMORY_METHODS, "patch_memory_method", patch_memory_method,
            f"one of {MEMORY_METHODS}")
     resolve_device(device)
+    check_output_dir(weights_dir, "weights_dir")
+    check_output_dir(results_dir, "results_dir")
+    run = run_name(subset_name, backbone)
+    if (Path(weights_dir) / f"{run}.pt").is_dir():
+        raise ValueError(f"weights_dir={str(weights_dir)!r}: {Path(weights_dir) / f'{run}.pt'} is a folder, "
+                         f"where the checkpoint would be written: move it away.")
+    if (Path(results_dir) / run).exists() and not (Path(results_dir) / run).is_dir():
+        raise ValueError(f"results_dir={str(results_dir)!r}: {Path(results_dir) / run} is a file, where the "
+                         f"run's results folder would be: move it away.")
     _check(backbone_weights is None or isinstance(backbone_weights, (str, Path)), "backbone_weights",
            backbone_weights, "None or the path of a backbone weights file")
     weights_info, (mean, std) = None, normalisation(backbone, pretrained)

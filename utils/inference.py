@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import postprocess
 from .constants import ANOMALY, CLASS_NAMES, IMAGE_EXTENSIONS
-from .dataloader import image_to_tensor, read_image
+from .dataloader import image_to_tensor, open_image, read_image, shown_size
 from .helper import atomic_write_bytes, predict
 from .model import CAMClassifier, checkpoint_normalisation
 
@@ -237,8 +237,7 @@ def decode(path: Path, name: str, size: int) -> Decoded:
     """Decode one file with training's conversion; any failure becomes `error` (never raised)."""
     try:
         tensor = read_image(path, size)
-        with Image.open(path) as img:
-            display = np.asarray(img.convert("RGB"))
+        display = np.asarray(open_image(path))  # as a viewer shows it, like the tensor
     except Exception as err:  # one bad file is reported in its row; the run goes on
         return Decoded(path, name, error=f"{type(err).__name__}: {err}")
     return Decoded(path, name, tensor, display)
@@ -275,9 +274,8 @@ def prediction_row(path: str, result: dict[str, Any] | None, width: int | None =
 
 
 def original_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image file, read from its header only."""
-    with Image.open(path) as img:
-        return img.size
+    """(width, height) of an image file as a viewer shows it (EXIF orientation), from its header only."""
+    return shown_size(path)[0]
 
 
 def predictions_csv(rows: Sequence[dict[str, Any]]) -> str:
