@@ -20,6 +20,7 @@ from PIL import Image
 from . import postprocess
 from .constants import ANOMALY, CLASS_NAMES, IMAGE_EXTENSIONS
 from .dataloader import image_to_tensor, read_image
+from .explain import EXPLANATIONS
 from .helper import atomic_write_bytes, predict
 from .model import CAMClassifier, checkpoint_normalisation
 
@@ -46,8 +47,8 @@ class BoxRule:
 
 
 def available_localizers(checkpoint: dict[str, Any]) -> tuple[str, ...]:
-    """The localisers a checkpoint supports: "cam" always, the patch maps when it holds a patch memory."""
-    names = ["cam"]
+    """The localisers a checkpoint supports: "cam" and the explanations always, the patch maps when it holds a patch memory."""
+    names = ["cam", *EXPLANATIONS, "explain"]  # the classifier's own maps need nothing else
     if checkpoint.get("patch_memory") is not None:
         names += list(PATCH_LOCALIZERS)
     return tuple(n for n in postprocess.LOCALIZERS if n in names)
@@ -112,7 +113,8 @@ def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: 
     for, else "").
     """
     p = np.asarray(pred["p_anomaly"], np.float32)
-    maps = postprocess.localizer_maps(pred["cam"], p, pred.get("patch_map"))
+    maps = postprocess.localizer_maps(pred["cam"], p, pred.get("patch_map"),
+                                      explanations={k: pred[k] for k in EXPLANATIONS if k in pred})
     scores = postprocess.localizer_image_scores(maps, p, pred.get("patch_score"))
     chosen = maps[localizer]
     shown = postprocess.minmax_normalise(chosen)
@@ -148,7 +150,7 @@ def score_batch(
     mean, std = checkpoint_normalisation(checkpoint["config"])
     memory = checkpoint.get("patch_memory") if localizer in PATCH_LOCALIZERS else None
     pred = predict(model, images, mean, std, batch_size=batch_size, device=device, precision=precision,
-                   patch_memory=memory, progress=False)
+                   patch_memory=memory, explain=localizer in (*EXPLANATIONS, "explain"), progress=False)
     return results_from_predictions(pred, localizer, rule)
 
 

@@ -7,6 +7,8 @@ from PIL import Image
 from scipy import ndimage
 from torchvision.ops import masks_to_boxes
 
+from .explain import EXPLAIN, EXPLANATIONS
+
 # 8-connectivity: diagonal neighbours belong to the same region, as in MVTec AD's region definition.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 BOX_MODES = ("components", "single")
@@ -164,30 +166,37 @@ def probability_scaled(maps, probs) -> np.ndarray:
     return normalised * probs[:, None, None]
 
 
-LOCALIZERS = ("cam", "patch_knn", "cam_knn")
+PATCH_LOCALIZERS = ("patch_knn", "cam_knn")  # these need the checkpoint's patch memory
+LOCALIZERS = ("cam", *PATCH_LOCALIZERS, *EXPLANATIONS, "explain")
 
 
-def localizer_maps(cam, p_anomaly, patch_map=None) -> dict[str, np.ndarray]:
+def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = None) -> dict[str, np.ndarray]:
     """Pixel-scoring maps (N, H, W) per localiser, each comparable across images.
 
     "cam": the per-image min-max CAM scaled by the image's Anomaly probability (the raw CAM's
     scale differs between images; see the README for the measurement behind this choice);
     "patch_knn": the nearest-neighbour distance to good training patches (its scale is fixed by
     the memory); "cam_knn": their product, the patch distance kept where the classifier looks.
+    `explanations` ({name: raw (N, H, W)} of `utils.explain`) are scaled as the CAM is, and
+    "explain" is the one named by `explain.EXPLAIN`.
     """
     maps = {"cam": probability_scaled(cam, p_anomaly)}
     if patch_map is not None:
         patch_map = to_numpy(patch_map).astype(np.float32)
         maps["patch_knn"] = patch_map
         maps["cam_knn"] = patch_map * minmax_normalise(cam)
+    for name, m in (explanations or {}).items():
+        maps[name] = probability_scaled(m, p_anomaly)
+    if EXPLAIN in maps:
+        maps["explain"] = maps[EXPLAIN]
     return maps
 
 
 def localizer_image_scores(maps: dict[str, np.ndarray], p_anomaly, patch_score=None) -> dict[str, np.ndarray]:
     """Image-level score (N,) per localiser of `localizer_maps`: the classifier's Anomaly
-    probability for "cam", the patch map's maximum (at feature resolution) for "patch_knn", the
-    map's maximum for "cam_knn"."""
-    scores = {"cam": to_numpy(p_anomaly)}
+    probability for "cam" and the explanations, the patch map's maximum (at feature resolution)
+    for "patch_knn", the map's maximum for "cam_knn"."""
+    scores = {name: to_numpy(p_anomaly) for name in maps if name not in PATCH_LOCALIZERS}
     if "patch_knn" in maps:
         scores["patch_knn"] = to_numpy(patch_score)
         scores["cam_knn"] = maps["cam_knn"].reshape(len(maps["cam_knn"]), -1).max(axis=1)
