@@ -49,7 +49,7 @@ def parse_variant(name: str) -> tuple[str, bool]:
 
 
 def run_folds(cache: dict, flipped: torch.Tensor | None, backbone: str, pooling: str, vgg16_weights: str | None,
-              n_folds: int, seed: int, max_folds: int) -> dict[str, np.ndarray]:
+              n_folds: int, seed: int, max_folds: int, save_models: Path | None = None) -> dict[str, np.ndarray]:
     """Out-of-fold p_anomaly (N,), raw low-resolution maps {name: (N, h, w)} of one variant and
     "scored" (N,) bool: the images held out by the first `max_folds` folds (all when it is n_folds)."""
     labels = cache["labels"]
@@ -71,6 +71,10 @@ def run_folds(cache: dict, flipped: torch.Tensor | None, backbone: str, pooling:
                            device=torch.device("cpu"), precision="fp32", features=cache["frozen"][tr],
                            flipped_features=None if flipped is None else flipped[tr], progress=False, **RECIPE)
         net.eval()
+        if save_models is not None:  # the trained layers, for the deletion test (explain_deletion.py)
+            trained = {k: v for k, v in net.state_dict().items() if not k.startswith("frozen.")}
+            helper.atomic_write_bytes(Path(f"{save_models}_fold{fold}.pt"),
+                                      lambda f: torch.save({"state_dict": trained, "test": te, "train": tr}, f))
         for start in range(0, len(te), 20):
             idx = te[start:start + 20]
             scores, ex = explain.explanation_maps(net, cache["tap"][idx], cache["tap_index"])
@@ -159,7 +163,7 @@ def main() -> None:
                     oof = dict(np.load(oof_file))
                 else:
                     oof = run_folds(cache, flipped, backbone, pooling, args.vgg16_weights, args.folds, args.seed,
-                                    max_folds)
+                                    max_folds, oof_file.with_suffix(""))
                     np.savez(oof_file, **oof)
                 result = measure(oof, cache, args.heatmap_thres)
                 result.update(subset=subset, backbone=backbone, variant=variant, folds=args.folds, seed=args.seed,
