@@ -14,7 +14,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models import MobileNet_V2_Weights, VGG16_Weights, WeightsEnum
 
-from .constants import ANOMALY, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, SIZE_MULTIPLE
+from .constants import ANOMALY, CLASS_NAMES, GOOD, IMAGENET_MEAN, IMAGENET_STD, SIZE_MULTIPLE
 from .download import sha256_of
 
 # The small file format of `backbone_weights`: the backbone's convolutional state dict plus the
@@ -261,18 +261,19 @@ class CAMClassifier(nn.Module):
         """Scores (B, 2) of the last feature maps (B, C, h, w) under the model's `pooling`.
 
         "avg" is the published head, dense(GAP(maps)). The others apply the dense layer at every
-        position (the two classes' CAMs, (B, 2, h, w)) and pool those: "max" takes each class's
-        largest position, "topk" the mean of its top `TOPK_FRACTION` positions. Averaging the
-        per-position scores would equal "avg" exactly, since the dense layer is linear.
+        position (the two classes' CAMs, (B, 2, h, w)) and average both classes' scores over the
+        positions where the margin Anomaly - Good is largest: "max" the single most anomalous
+        position, "topk" the top `TOPK_FRACTION` of them (multiple-instance pooling: an image is
+        as anomalous as its most anomalous parts). Averaging over all positions would equal "avg"
+        exactly, since the dense layer is linear.
         """
         maps = self.pool(maps)
         if self.pooling == "avg":
             return self.fc(F.adaptive_avg_pool2d(maps, 1).flatten(1))
         cams = torch.einsum("bchw,kc->bkhw", maps, self.fc.weight).flatten(2) + self.fc.bias[None, :, None]
-        if self.pooling == "max":
-            return cams.max(dim=2).values
-        k = max(1, math.ceil(TOPK_FRACTION * cams.shape[2]))
-        return cams.topk(k, dim=2).values.mean(dim=2)
+        k = 1 if self.pooling == "max" else max(1, math.ceil(TOPK_FRACTION * cams.shape[2]))
+        top = (cams[:, ANOMALY] - cams[:, GOOD]).topk(k, dim=1).indices  # (B, k) most anomalous positions
+        return cams.gather(2, top[:, None].expand(-1, cams.shape[1], -1)).mean(dim=2)
 
     def cam(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Anomaly CAM of (B, C, h, w) maps, upsampled bilinearly to `size` -> (B, H, W) float32."""
