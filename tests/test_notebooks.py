@@ -86,11 +86,11 @@ def _csv_rows(path):
 
 def test_predict_py_equals_evaluation_on_the_test_split(executed, tmp_path):
     """predict.py on the held-out files gives what Evaluation computed for them: the same decoding,
-    normalisation, batching, maps and boxes (Evaluation ran with localizer cam_knn, batch 10)."""
+    normalisation, batching, maps and boxes (Evaluation ran with localizer explain, batch 10)."""
     checkpoint = executed / "weights" / "synthetic_vgg16.pt"
     paths = [str(executed / "data" / p) for p in torch.load(checkpoint, weights_only=True)["test_files"]]
     status = predict.main(["--checkpoint", str(checkpoint), "--images", *paths, "--out", str(tmp_path),
-                           "--localizer", "cam_knn", "--batch-size", "10"])
+                           "--localizer", "explain", "--batch-size", "10"])
     assert status == 0
     ours = _csv_rows(tmp_path / "predictions.csv")
     evaluation = _csv_rows(executed / "results" / "synthetic_vgg16" / "predictions.csv")
