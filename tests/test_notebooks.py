@@ -51,7 +51,8 @@ def test_training_writes_checkpoint_and_log(executed):
     assert all(p.startswith("synthetic/") for p in ckpt["test_files"])
     # box thresholds for every map, calibrated on good training images, in the checkpoint
     cal = ckpt["calibration"]
-    assert set(cal["thresholds"]) == {"cam", "patch_knn", "cam_knn"} and cal["min_area"] >= 1
+    assert set(cal["thresholds"]) == {"cam", "patch_knn", "cam_knn", "gradcam", "layercam", "gradcam_s8",
+                                      "layercam_s8", "explain"} and cal["min_area"] >= 1
     assert cal["thresholds"]["patch_knn"] > 0  # leave-one-image-out: a good image never scores 0
     log = json.loads((executed / "results" / "synthetic_vgg16" / "training.json").read_text())
     assert len(log["loss"]) == len(log["accuracy"]) == log["epochs_run"] <= 3

@@ -299,14 +299,15 @@ def calibrate_boxes(
     if len(good_images) == 0:
         raise ValueError("calibration needs good training images, and the training split has none")
     out = predict(model, good_images, mean, std, batch_size=batch_size, device=device,
-                  precision=precision, desc="Calibration images", progress=progress)
+                  precision=precision, explain=True, desc="Calibration images", progress=progress)
     patch_map = None
     if patch_memory is not None:
         size = tuple(good_images.shape[-2:])
         grid = (size[0] // 8, size[1] // 8)  # the stride-8 tap of both backbones
         held_out = leave_one_image_out_maps(good_patches, patch_memory, grid)  # (N, h, w)
         patch_map = upsample_maps(held_out, size).numpy()  # as patch_anomaly_maps upsamples
-    maps = localizer_maps(out["cam"], out["p_anomaly"], patch_map)
+    maps = localizer_maps(out["cam"], out["p_anomaly"], patch_map,
+                          explanations={name: out[name] for name in explain_lib.EXPLANATIONS})
     return calibrate(maps, quantile=quantile, min_area=min_area)
 
 
