@@ -33,9 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folders (searched recursively for image files), glob patterns (quote them; "
                              "** is recursive) or image files")
     parser.add_argument("--out", required=True, help="folder for predictions.csv, predictions.json and overlays/")
-    parser.add_argument("--localizer", default="cam",
-                        help="map for the image score, the boxes and the overlay: cam (default), patch_knn or "
-                             "cam_knn (these two need a checkpoint with a patch memory)")
+    parser.add_argument("--localizer", default=None,
+                        help="map for the image score, the boxes and the overlay: cam (the default with a "
+                             "classifier), patch_knn (the default of a patch-memory-only checkpoint), cam_knn, "
+                             "or an explanation (explain, gradcam, layercam, gradcam_s8, layercam_s8)")
     parser.add_argument("--box-threshold", default=inference.DEFAULT_BOX_THRESHOLD,
                         choices=inference.BOX_THRESHOLDS,
                         help="calibrated: the checkpoint's threshold for the map; minmax: the published "
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model, checkpoint = helper.load_checkpoint(args.checkpoint)
+        if args.localizer is None:  # without a classifier the patch map is the only map
+            args.localizer = "cam" if helper.has_classifier(checkpoint) else "patch_knn"
         inference.check_localizer(args.localizer, checkpoint, where=args.checkpoint)
         rule = inference.box_rule(checkpoint, args.localizer, args.box_threshold, args.heatmap_thres, args.box_mode)
         files = inference.find_images(args.images)

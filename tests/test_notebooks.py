@@ -37,7 +37,7 @@ def executed(tmp_path_factory):
     pm.execute_notebook(ROOT / "Training.ipynb", tmp / "Training.ipynb", cwd=str(ROOT),
                         parameters={**TRAIN_PARAMS, **dirs}, progress_bar=False)
     pm.execute_notebook(ROOT / "Evaluation.ipynb", tmp / "Evaluation.ipynb", cwd=str(ROOT),
-                        parameters={"subset_name": "synthetic", "localizer": "cam_knn", "n_samples": 4,
+                        parameters={"subset_name": "synthetic", "localizer": "explain", "n_samples": 4,
                                     **dirs},
                         progress_bar=False)
     return tmp
@@ -51,7 +51,8 @@ def test_training_writes_checkpoint_and_log(executed):
     assert all(p.startswith("synthetic/") for p in ckpt["test_files"])
     # box thresholds for every map, calibrated on good training images, in the checkpoint
     cal = ckpt["calibration"]
-    assert set(cal["thresholds"]) == {"cam", "patch_knn", "cam_knn"} and cal["min_area"] >= 1
+    assert set(cal["thresholds"]) == {"cam", "patch_knn", "cam_knn", "gradcam", "layercam", "gradcam_s8",
+                                      "layercam_s8", "explain"} and cal["min_area"] >= 1
     assert cal["thresholds"]["patch_knn"] > 0  # leave-one-image-out: a good image never scores 0
     log = json.loads((executed / "results" / "synthetic_vgg16" / "training.json").read_text())
     assert len(log["loss"]) == len(log["accuracy"]) == log["epochs_run"] <= 3
@@ -67,12 +68,14 @@ def test_evaluation_writes_contract_metrics_and_beats_chance(executed):
     # Chance is 0.5 for both; the synthetic defects are easy, the margin is wide.
     assert m["balanced_accuracy"] >= 0.75
     assert m["image_auroc"] >= 0.9
-    assert set(m["localizers"]) == {"cam", "patch_knn", "cam_knn"}
-    assert m["localizer"] == "cam_knn" and m["pixel_auroc"] == m["localizers"]["cam_knn"]["pixel_auroc"]
+    assert set(m["localizers"]) == {"cam", "patch_knn", "cam_knn", "gradcam", "layercam", "gradcam_s8",
+                                    "layercam_s8", "explain"}
+    assert m["localizer"] == "explain" and m["pixel_auroc"] == m["localizers"]["explain"]["pixel_auroc"]
     assert m["box_threshold"] == "calibrated" and m["calibration"]["thresholds"] == ckpt["calibration"]["thresholds"]
     for name, loc in m["localizers"].items():
-        assert loc["pixel_auroc"] > 0.5, name  # hotter inside the drawn defects than outside
         assert {"box_iou", "box_recall", "box_precision", "good_images_with_boxes"} <= set(loc), name
+    for name in ("cam", "patch_knn", "cam_knn"):
+        assert m["localizers"][name]["pixel_auroc"] > 0.5, name  # hotter inside the drawn defects than outside
     for png in ("predictions.png", "confusion_matrix.png", "roc_curve.png"):
         assert (out / png).stat().st_size > 0
 
@@ -84,11 +87,11 @@ def _csv_rows(path):
 
 def test_predict_py_equals_evaluation_on_the_test_split(executed, tmp_path):
     """predict.py on the held-out files gives what Evaluation computed for them: the same decoding,
-    normalisation, batching, maps and boxes (Evaluation ran with localizer cam_knn, batch 10)."""
+    normalisation, batching, maps and boxes (Evaluation ran with localizer explain, batch 10)."""
     checkpoint = executed / "weights" / "synthetic_vgg16.pt"
     paths = [str(executed / "data" / p) for p in torch.load(checkpoint, weights_only=True)["test_files"]]
     status = predict.main(["--checkpoint", str(checkpoint), "--images", *paths, "--out", str(tmp_path),
-                           "--localizer", "cam_knn", "--batch-size", "10"])
+                           "--localizer", "explain", "--batch-size", "10"])
     assert status == 0
     ours = _csv_rows(tmp_path / "predictions.csv")
     evaluation = _csv_rows(executed / "results" / "synthetic_vgg16" / "predictions.csv")
@@ -145,6 +148,30 @@ def test_official_split_evaluation_measures_the_patch_map(official):
     assert patch["box_iou"] is not None and m["pixel_auroc"] == patch["pixel_auroc"]
     assert (out / "predictions.png").stat().st_size > 0 and (out / "roc_curve.png").stat().st_size > 0
     assert not (out / "confusion_matrix.png").exists()
+
+
+def test_predict_py_labels_by_calibrated_boxes_without_a_classifier(official, tmp_path):
+    """A patch-memory-only checkpoint: predict.py defaults to the patch map and labels an image
+    Anomaly exactly when its calibrated map has a box; most defects are found, few good images flagged."""
+    ckpt = official / "weights" / "synthetic_vgg16.pt"
+    test_dir = official / "data" / "synthetic" / "test"
+    out = tmp_path / "pred"
+    result = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(ckpt),
+                             "--images", str(test_dir), "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = _csv_rows(out / "predictions.csv")
+    assert len(rows) == 80 and all(r["error"] == "" and r["p_anomaly"] == "" for r in rows)
+    assert all((r["label"] == "Anomaly") == (int(r["n_boxes"]) > 0) for r in rows)
+    defective = [r for r in rows if "/good/" not in r["path"]]
+    good = [r for r in rows if "/good/" in r["path"]]
+    assert sum(r["label"] == "Anomaly" for r in defective) >= 0.5 * len(defective)
+    assert sum(r["label"] == "Anomaly" for r in good) <= 0.5 * len(good)
+    assert json.loads((out / "predictions.json").read_text())["settings"]["localizer"] == "patch_knn"
+    refused = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(ckpt),
+                              "--images", str(test_dir), "--out", str(tmp_path / "cam"), "--localizer", "cam"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "needs the classifier" in refused.stderr
 
 
 def test_nbval_rerun_reproduces(executed):

@@ -297,4 +297,7 @@ def test_localizer_checks():
     with pytest.raises(ValueError, match="needs the patch memory"):
         check_localizer("patch_knn", has_classifier=True, has_memory=False)
     with pytest.raises(ValueError, match="must be one of"):
-        check_localizer("gradcam", has_classifier=True, has_memory=True)
+        check_localizer("gradcam++", has_classifier=True, has_memory=True)
+    check_localizer("gradcam", has_classifier=True, has_memory=False)  # an explanation needs no memory
+    with pytest.raises(ValueError, match="needs the classifier"):
+        check_localizer("explain", has_classifier=False, has_memory=True)

@@ -19,10 +19,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import explain as explain_lib
 from .constants import CLASS_NAMES
 from .dataloader import SPLITS, batch_order, kfold_splits, normalise, positions
 from .metrics import classification_metrics
-from .model import BackboneWeights, CAMClassifier, check_input_size, get_spec, load_backbone_weights, normalisation
+from .model import POOLINGS, BackboneWeights, CAMClassifier, check_input_size, get_spec, load_backbone_weights, normalisation
 from .patchknn import (MEMORY_METHODS, build_memory, flatten_patches, leave_one_image_out_maps, memory_nbytes,
                        patch_anomaly_maps, patch_embeddings)
 from .postprocess import calibrate, localizer_maps, upsample_maps
@@ -165,6 +166,7 @@ def train_model(
     cache: bool = True,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     features: torch.Tensor | None = None,
+    flipped_features: torch.Tensor | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[int, float, float], None] | None = None,
 ) -> dict[str, Any]:
@@ -174,7 +176,9 @@ def train_model(
     (or `features` from `frozen_pass` are reused) and each step trains only the fine-tuned
     layers on the cached activations; this is the same computation as the plain loop since
     the frozen part is deterministic in eval mode. An `augment` function changes the images
-    every step, so it switches the cache off (stale features would be wrong).
+    every step, so it switches the cache off (stale features would be wrong). `flipped_features`,
+    the cache of the horizontally flipped images (same order), is flip augmentation that keeps the
+    cache: each step takes every image's flipped features with probability 1/2.
     Returns the history: per-epoch loss and accuracy, whether early stopping fired, seconds.
     """
     use_cache = cache and augment is None
@@ -198,7 +202,11 @@ def train_model(
         for idx in tqdm(batches, desc=f"Epoch {epoch + 1}/{epochs}", leave=False, disable=not progress):
             with autocast(device, precision):
                 if use_cache:
-                    x = features[idx].to(device, non_blocking=True)
+                    x = features[idx]
+                    if flipped_features is not None:
+                        flip = torch.rand(len(idx), generator=generator) < 0.5
+                        x = torch.where(flip[:, None, None, None], flipped_features[idx], x)
+                    x = x.to(device, non_blocking=True)
                     if precision != "fp32":
                         x = x.contiguous(memory_format=torch.channels_last)
                     scores, _ = model.head(x)
@@ -236,22 +244,28 @@ def predict(
     precision: str,
     patch_memory: torch.Tensor | None = None,
     classifier: bool = True,
+    explain: bool = False,
     desc: str = "Predicting",
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Score (N, 3, H, W) uint8 images in one pass through the network.
 
-    Returns "p_anomaly" (N,), "cam" (N, H, W) raw CAM heatmaps (not normalised) and, with a
-    `patch_memory` (M, D), "patch_map" (N, H, W) nearest-neighbour distances and "patch_score" (N,).
+    Returns "p_anomaly" (N,), "cam" (N, H, W) raw CAM heatmaps (not normalised), with a
+    `patch_memory` (M, D) "patch_map" (N, H, W) nearest-neighbour distances and "patch_score" (N,),
+    and with `explain` one raw (N, H, W) map per name of `explain_lib.EXPLANATIONS` (gradients of
+    the decision from the stride-8 tap up; the frozen layers below it run once, without them).
     With classifier=False (a model trained without one) only the frozen layers run: no
-    "p_anomaly" or "cam", so a patch_memory is required.
+    "p_anomaly", "cam" or explanations, so a patch_memory is required.
     """
     if not classifier and patch_memory is None:
         raise ValueError("predict(classifier=False) needs a patch_memory: without a classifier it is the only map")
     model.eval()
     size = tuple(images.shape[-2:])
     check_input_size(size[1], size[0])
+    tap8 = model.spec.taps[0]
     taps = model.spec.taps if patch_memory is not None else ()
+    if explain:
+        taps = tuple(sorted(set(taps) | {tap8}))
     memory = patch_memory.to(device) if patch_memory is not None else None
     out: dict[str, list] = {"p_anomaly": [], "cam": [], "patch_map": [], "patch_score": []}
     for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=not progress):
@@ -260,6 +274,11 @@ def predict(
             frozen, tapped = model.frozen_features(x, taps)
             if classifier:
                 scores, maps = model.head(frozen)
+                if explain:
+                    _, explanations = explain_lib.explanation_maps(model, tapped[taps.index(tap8)], tap8)
+                    for name, m in explanations.items():
+                        out.setdefault(name, []).append(explain_lib.upsample(m, size).cpu())
+            tapped = [t for i, t in zip(taps, tapped) if i in model.spec.taps]  # the patch memory's
         if classifier:
             out["p_anomaly"].append(scores.float().softmax(dim=1)[:, 1].cpu())
             out["cam"].append(model.cam(maps, size).cpu())
@@ -303,14 +322,15 @@ def calibrate_boxes(
     out = {"cam": None, "p_anomaly": None}
     if classifier:
         out = predict(model, good_images, mean, std, batch_size=batch_size, device=device,
-                      precision=precision, desc="Calibration images", progress=progress)
+                      precision=precision, explain=True, desc="Calibration images", progress=progress)
     patch_map = None
     if patch_memory is not None:
         size = tuple(good_images.shape[-2:])
         grid = (size[0] // 8, size[1] // 8)  # the stride-8 tap of both backbones
         held_out = leave_one_image_out_maps(good_patches, patch_memory, grid)  # (N, h, w)
         patch_map = upsample_maps(held_out, size).numpy()  # as patch_anomaly_maps upsamples
-    maps = localizer_maps(out["cam"], out["p_anomaly"], patch_map)
+    maps = localizer_maps(out["cam"], out["p_anomaly"], patch_map,
+                          explanations={name: out[name] for name in explain_lib.EXPLANATIONS} if classifier else None)
     return calibrate(maps, quantile=quantile, min_area=min_area)
 
 
@@ -490,7 +510,7 @@ def load_checkpoint(
             f"for; evaluate at the training size."
         )
     get_spec(config["backbone"])
-    model = CAMClassifier(config["backbone"], pretrained=False)
+    model = CAMClassifier(config["backbone"], pretrained=False, pooling=config.get("pooling", "avg"))
     try:
         if has_classifier(ckpt):
             model.load_state_dict(ckpt["state_dict"])
@@ -561,7 +581,7 @@ def training_config(
     target_train_accuracy: float | None, test_size: float, seed: int, heatmap_thres: float,
     n_cv_folds: int, weights_dir: str, results_dir: str, device: str, precision: str = "auto",
     cache_features: bool = True, patch_memory_size: int = 10000, patch_memory_method: str = "coreset",
-    backbone_weights: str | None = None,
+    backbone_weights: str | None = None, pooling: str = "avg",
     split: str = "pooled",
 ) -> dict[str, Any]:
     """Check the Training.ipynb parameters and return them as the run's configuration.
@@ -607,6 +627,7 @@ def training_config(
     if (Path(results_dir) / run).exists() and not (Path(results_dir) / run).is_dir():
         raise ValueError(f"results_dir={str(results_dir)!r}: {Path(results_dir) / run} is a file, where the "
                          f"run's results folder would be: move it away.")
+    _check(pooling in POOLINGS, "pooling", pooling, f"one of {POOLINGS} ('avg' is the published head)")
     _check(backbone_weights is None or isinstance(backbone_weights, (str, Path)), "backbone_weights",
            backbone_weights, "None or the path of a backbone weights file")
     weights_info, (mean, std) = None, normalisation(backbone, pretrained)
@@ -625,7 +646,7 @@ def training_config(
         "n_cv_folds": int(n_cv_folds), "weights_dir": str(weights_dir), "results_dir": str(results_dir),
         "device": device, "precision": precision, "cache_features": cache_features,
         "patch_memory_size": int(patch_memory_size), "patch_memory_method": patch_memory_method,
-        "backbone_weights": weights_info, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+        "pooling": pooling, "backbone_weights": weights_info, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
         "split": split,
     }
 
@@ -691,6 +712,7 @@ def cross_validate(
     device: torch.device,
     precision: str,
     weights: BackboneWeights | None = None,
+    pooling: str = "avg",
     on_fold_end: Callable[[int, dict], None] | None = None,
     **train_kwargs: Any,
 ) -> list[dict[str, Any]]:
@@ -701,7 +723,8 @@ def cross_validate(
     mean, std = (weights.mean, weights.std) if weights is not None else normalisation(backbone, pretrained)
     results = []
     for fold, (fold_train, fold_test) in enumerate(kfold_splits(samples, n_folds, seed)):
-        net = prepare_model(CAMClassifier(backbone, pretrained=pretrained, weights=weights), device, precision)
+        net = prepare_model(CAMClassifier(backbone, pretrained=pretrained, weights=weights, pooling=pooling),
+                            device, precision)
         x_train, x_test = images[positions(samples, fold_train)], images[positions(samples, fold_test)]
         y_test = np.array([s.label for s in fold_test])
         train_model(net, x_train, torch.tensor([s.label for s in fold_train]), mean=mean, std=std,

@@ -20,7 +20,8 @@ from PIL import Image
 from . import postprocess
 from .constants import ANOMALY, CLASS_NAMES, IMAGE_EXTENSIONS
 from .dataloader import image_to_tensor, open_image, read_image, shown_size
-from .helper import atomic_write_bytes, predict
+from .explain import EXPLANATIONS
+from .helper import atomic_write_bytes, has_classifier, predict
 from .model import CAMClassifier, checkpoint_normalisation
 
 BOX_THRESHOLDS = ("calibrated", "minmax")
@@ -46,23 +47,18 @@ class BoxRule:
 
 
 def available_localizers(checkpoint: dict[str, Any]) -> tuple[str, ...]:
-    """The localisers a checkpoint supports: "cam" always, the patch maps when it holds a patch memory."""
-    names = ["cam"]
-    if checkpoint.get("patch_memory") is not None:
-        names += list(PATCH_LOCALIZERS)
-    return tuple(n for n in postprocess.LOCALIZERS if n in names)
+    """The localisers a checkpoint supports: the classifier's maps ("cam", the explanations) when it
+    has a classifier, "patch_knn" when it holds a patch memory, "cam_knn" when it has both."""
+    classifier, memory = has_classifier(checkpoint), checkpoint.get("patch_memory") is not None
+    return tuple(n for n in postprocess.LOCALIZERS
+                 if (classifier or n not in postprocess.CLASSIFIER_LOCALIZERS)
+                 and (memory or n not in postprocess.MEMORY_LOCALIZERS))
 
 
 def check_localizer(localizer: str, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
-    """Raise a ValueError naming `localizer` and what `where` supports, when it cannot be computed."""
-    if localizer not in postprocess.LOCALIZERS:
-        raise ValueError(f"localizer={localizer!r} is not known; use one of {postprocess.LOCALIZERS}.")
-    supported = available_localizers(checkpoint)
-    if localizer not in supported:
-        raise ValueError(
-            f"localizer={localizer!r} needs the patch memory, but {where} has none (it supports "
-            f"{', '.join(supported)}): train with patch_memory_size > 0 or pick one of those."
-        )
+    """Raise a ValueError naming `localizer` and what `where` lacks for it, when it cannot be computed."""
+    postprocess.check_localizer(localizer, has_classifier(checkpoint), checkpoint.get("patch_memory") is not None,
+                                where)
 
 
 def box_rule(
@@ -110,18 +106,27 @@ def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: 
     the S x S input, "box_scores" (K,) float32 (each box's maximum, in the units of the rule's
     map), "localizer", "box_threshold" (the rule used) and "box_note" (why it is not the one asked
     for, else "").
+
+    Without a classifier ("p_anomaly" absent from `pred`: a patch-memory-only checkpoint) the
+    label is the calibrated map's decision, Anomaly when the image has a box, and "p_anomaly" is None.
     """
-    p = np.asarray(pred["p_anomaly"], np.float32)
-    maps = postprocess.localizer_maps(pred["cam"], p, pred.get("patch_map"))
+    p = None if "p_anomaly" not in pred else np.asarray(pred["p_anomaly"], np.float32)
+    if p is None and rule.name != "calibrated":
+        raise ValueError("without a classifier an image is labelled by its calibrated boxes, but the box rule "
+                         f"is {rule.name!r}: use a checkpoint with a calibration and box_threshold='calibrated'")
+    maps = postprocess.localizer_maps(pred.get("cam"), p, pred.get("patch_map"),
+                                      explanations={k: pred[k] for k in EXPLANATIONS if k in pred})
     scores = postprocess.localizer_image_scores(maps, p, pred.get("patch_score"))
     chosen = maps[localizer]
     shown = postprocess.minmax_normalise(chosen)
     results = []
-    for i in range(len(p)):
-        anomalous = bool(p[i] >= 0.5)
+    for i in range(len(chosen)):
+        anomalous = p is None or bool(p[i] >= 0.5)
         boxes, box_scores = _boxes(chosen[i], anomalous, rule)
+        if p is None:
+            anomalous = len(boxes) > 0
         results.append({
-            "label": CLASS_NAMES[ANOMALY if anomalous else 0], "p_anomaly": float(p[i]),
+            "label": CLASS_NAMES[ANOMALY if anomalous else 0], "p_anomaly": None if p is None else float(p[i]),
             "image_score": float(scores[localizer][i]), "map": chosen[i], "heatmap": shown[i],
             "boxes": boxes, "box_scores": box_scores, "localizer": localizer, "box_threshold": rule.name, "box_note": rule.note,
         })
@@ -148,7 +153,8 @@ def score_batch(
     mean, std = checkpoint_normalisation(checkpoint["config"])
     memory = checkpoint.get("patch_memory") if localizer in PATCH_LOCALIZERS else None
     pred = predict(model, images, mean, std, batch_size=batch_size, device=device, precision=precision,
-                   patch_memory=memory, progress=False)
+                   patch_memory=memory, classifier=has_classifier(checkpoint),
+                   explain=localizer in (*EXPLANATIONS, "explain"), progress=False)
     return results_from_predictions(pred, localizer, rule)
 
 

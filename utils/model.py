@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -13,13 +14,20 @@ from torch import nn
 from torchvision import models
 from torchvision.models import MobileNet_V2_Weights, VGG16_Weights, WeightsEnum
 
-from .constants import ANOMALY, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, SIZE_MULTIPLE
+from .constants import ANOMALY, CLASS_NAMES, GOOD, IMAGENET_MEAN, IMAGENET_STD, SIZE_MULTIPLE
 from .download import sha256_of
 
 # The small file format of `backbone_weights`: the backbone's convolutional state dict plus the
 # input normalisation those weights expect and where they came from (plain tensors and strings,
 # so torch.load(weights_only=True) reads it).
 BACKBONE_WEIGHTS_FORMAT = "cam-defect-detector/backbone-weights/1"
+
+
+# How the head pools the last feature map: "avg" is the published global average pooling;
+# "max" and "topk" pool per-position class scores (multiple-instance learning), so the decision
+# rests on the most anomalous positions and the CAM's maximum is the evidence it used.
+POOLINGS = ("avg", "max", "topk")
+TOPK_FRACTION = 0.1  # "topk": the mean of the top 10 % of positions (20 of 196 at 224 px)
 
 
 @dataclass(frozen=True)
@@ -206,10 +214,12 @@ class CAMClassifier(nn.Module):
     """
 
     def __init__(
-        self, backbone: str = "vgg16", pretrained: bool = True, weights: BackboneWeights | None = None
+        self, backbone: str = "vgg16", pretrained: bool = True, weights: BackboneWeights | None = None,
+        pooling: str = "avg",
     ) -> None:
         super().__init__()
         spec = get_spec(backbone)
+        self.pooling = check_pooling(pooling)
         self.backbone_name = backbone
         self.spec = spec
         features = build_backbone(backbone, pretrained, weights)
@@ -245,8 +255,25 @@ class CAMClassifier(nn.Module):
     def head(self, frozen_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fine-tuned layers and dense head: -> scores (B, 2) and last feature maps (B, C, h, w)."""
         maps = self.trainable(frozen_out)  # (B, 512, 14, 14) conv5_3 for VGG16 at 224 px
-        pooled = F.adaptive_avg_pool2d(self.pool(maps), 1).flatten(1)  # (B, C)
-        return self.fc(pooled), maps
+        return self.head_from_maps(maps), maps
+
+    def head_from_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """Scores (B, 2) of the last feature maps (B, C, h, w) under the model's `pooling`.
+
+        "avg" is the published head, dense(GAP(maps)). The others apply the dense layer at every
+        position (the two classes' CAMs, (B, 2, h, w)) and average both classes' scores over the
+        positions where the margin Anomaly - Good is largest: "max" the single most anomalous
+        position, "topk" the top `TOPK_FRACTION` of them (multiple-instance pooling: an image is
+        as anomalous as its most anomalous parts). Averaging over all positions would equal "avg"
+        exactly, since the dense layer is linear.
+        """
+        maps = self.pool(maps)
+        if self.pooling == "avg":
+            return self.fc(F.adaptive_avg_pool2d(maps, 1).flatten(1))
+        cams = torch.einsum("bchw,kc->bkhw", maps, self.fc.weight).flatten(2) + self.fc.bias[None, :, None]
+        k = 1 if self.pooling == "max" else max(1, math.ceil(TOPK_FRACTION * cams.shape[2]))
+        top = (cams[:, ANOMALY] - cams[:, GOOD]).topk(k, dim=1).indices  # (B, k) most anomalous positions
+        return cams.gather(2, top[:, None].expand(-1, cams.shape[1], -1)).mean(dim=2)
 
     def cam(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Anomaly CAM of (B, C, h, w) maps, upsampled bilinearly to `size` -> (B, H, W) float32."""
@@ -259,6 +286,14 @@ class CAMClassifier(nn.Module):
         if self.training:
             return scores
         return scores.float().softmax(dim=1), self.cam(maps, tuple(x.shape[-2:]))
+
+
+def check_pooling(pooling: str) -> str:
+    """`pooling` if it is one of `POOLINGS`, else a ValueError listing them."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} must be one of {POOLINGS}: 'avg' is the published "
+                         f"global average; 'max' and 'topk' pool the per-position class scores.")
+    return pooling
 
 
 def check_input_size(width: int, height: int) -> None:

@@ -7,6 +7,8 @@ from PIL import Image
 from scipy import ndimage
 from torchvision.ops import masks_to_boxes
 
+from .explain import EXPLAIN, EXPLANATIONS
+
 # 8-connectivity: diagonal neighbours belong to the same region, as in MVTec AD's region definition.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 BOX_MODES = ("components", "single")
@@ -164,9 +166,10 @@ def probability_scaled(maps, probs) -> np.ndarray:
     return normalised * probs[:, None, None]
 
 
-LOCALIZERS = ("cam", "patch_knn", "cam_knn")
-CLASSIFIER_LOCALIZERS = ("cam", "cam_knn")  # need the trained classifier's CAM
-MEMORY_LOCALIZERS = ("patch_knn", "cam_knn")  # need the patch memory
+PATCH_LOCALIZERS = ("patch_knn", "cam_knn")  # these need the checkpoint's patch memory
+LOCALIZERS = ("cam", *PATCH_LOCALIZERS, *EXPLANATIONS, "explain")
+CLASSIFIER_LOCALIZERS = ("cam", "cam_knn", *EXPLANATIONS, "explain")  # need the trained classifier
+MEMORY_LOCALIZERS = PATCH_LOCALIZERS
 
 
 def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, checkpoint: str = "the checkpoint") -> None:
@@ -184,7 +187,7 @@ def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, chec
                          f"train with patch_memory_size > 0.")
 
 
-def localizer_maps(cam, p_anomaly, patch_map=None) -> dict[str, np.ndarray]:
+def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = None) -> dict[str, np.ndarray]:
     """Pixel-scoring maps (N, H, W) per localiser, each comparable across images.
 
     cam and p_anomaly are None for a model without a classifier: then only "patch_knn" exists.
@@ -193,6 +196,8 @@ def localizer_maps(cam, p_anomaly, patch_map=None) -> dict[str, np.ndarray]:
     scale differs between images; see the README for the measurement behind this choice);
     "patch_knn": the nearest-neighbour distance to good training patches (its scale is fixed by
     the memory); "cam_knn": their product, the patch distance kept where the classifier looks.
+    `explanations` ({name: raw (N, H, W)} of `utils.explain`) are scaled as the CAM is, and
+    "explain" is the one named by `explain.EXPLAIN`.
     """
     if cam is None and patch_map is None:
         raise ValueError("localizer_maps needs a CAM, a patch map or both; got neither")
@@ -202,14 +207,18 @@ def localizer_maps(cam, p_anomaly, patch_map=None) -> dict[str, np.ndarray]:
         maps["patch_knn"] = patch_map
         if cam is not None:
             maps["cam_knn"] = patch_map * minmax_normalise(cam)
+    for name, m in (explanations or {}).items():
+        maps[name] = probability_scaled(m, p_anomaly)
+    if EXPLAIN in maps:
+        maps["explain"] = maps[EXPLAIN]
     return maps
 
 
 def localizer_image_scores(maps: dict[str, np.ndarray], p_anomaly, patch_score=None) -> dict[str, np.ndarray]:
     """Image-level score (N,) per localiser of `localizer_maps`: the classifier's Anomaly
-    probability for "cam", the patch map's maximum (at feature resolution) for "patch_knn", the
-    map's maximum for "cam_knn"."""
-    scores = {} if "cam" not in maps else {"cam": to_numpy(p_anomaly)}
+    probability for "cam" and the explanations, the patch map's maximum (at feature resolution)
+    for "patch_knn", the map's maximum for "cam_knn"."""
+    scores = {name: to_numpy(p_anomaly) for name in maps if name not in PATCH_LOCALIZERS}
     if "patch_knn" in maps:
         scores["patch_knn"] = to_numpy(patch_score)
     if "cam_knn" in maps:

@@ -1,0 +1,103 @@
+"""Grad-CAM and LayerCAM against hand-computed cases; the heads' pooling; explanations through predict."""
+
+import numpy as np
+import pytest
+import torch
+
+from utils import explain, helper, postprocess
+from utils.model import CAMClassifier, class_activation_map
+
+
+def test_grad_cam_by_hand():
+    # two channels on a 1x2 grid; channel weights are the mean gradients: (1+3)/2 = 2 and (-2+0)/2 = -1
+    a = torch.tensor([[[[1.0, 2.0]], [[4.0, 1.0]]]])  # (1, 2, 1, 2)
+    g = torch.tensor([[[[1.0, 3.0]], [[-2.0, 0.0]]]])
+    # 2*[1, 2] - 1*[4, 1] = [-2, 3] -> ReLU -> [0, 3]
+    assert explain.grad_cam(a, g).tolist() == [[[0.0, 3.0]]]
+
+
+def test_layer_cam_by_hand():
+    a = torch.tensor([[[[1.0, 2.0]], [[4.0, 1.0]]]])
+    g = torch.tensor([[[[1.0, 3.0]], [[-2.0, 0.5]]]])
+    # position 0: 1*1 + 0*4 = 1 (negative gradient dropped); position 1: 3*2 + 0.5*1 = 6.5
+    assert explain.layer_cam(a, g).tolist() == [[[1.0, 6.5]]]
+
+
+def test_margin_gradients_of_a_linear_score():
+    # scores = [sum(A * W_good), sum(A * W_anomaly)]: dMargin/dA = W_anomaly - W_good, per image
+    w = torch.randn(2, 3, 2, 2)
+    a = torch.randn(4, 3, 2, 2)
+    scores, _, grads = explain.margin_gradients(lambda x: (torch.einsum("bchw,kchw->bk", x, w),), a)
+    assert torch.allclose(grads, (w[1] - w[0]).expand_as(a))
+    assert scores.shape == (4, 2) and not a.requires_grad
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    torch.manual_seed(0)
+    return CAMClassifier("mobilenet_v2", pretrained=False).eval()
+
+
+def test_last_layer_grad_cam_of_the_published_head_is_the_margin_cam(mobilenet):
+    # With global average pooling the margin is (w_a - w_g) . GAP(A) + b, so dMargin/dA_c =
+    # (w_a - w_g)_c / (h w) everywhere, and Grad-CAM = ReLU(CAM of w_a - w_g) / (h w).
+    x = torch.randn(2, 3, 64, 64)
+    frozen, (tapped,) = mobilenet.frozen_features(x, (6,))
+    _, maps = mobilenet.head(frozen)
+    _, ex = explain.explanation_maps(mobilenet, tapped, 6)
+    w = mobilenet.fc.weight
+    expected = torch.relu(class_activation_map(maps, w[1] - w[0])) / (maps.shape[2] * maps.shape[3])
+    assert torch.allclose(ex["gradcam"], expected.detach(), atol=1e-6, rtol=1e-4)
+    assert ex["gradcam_s8"].shape == ex["layercam_s8"].shape == tapped.shape[:1] + tapped.shape[2:]  # stride 8
+
+
+def test_stride8_maps_follow_the_evidence():
+    # A network whose margin is the sum of one channel at the tap: LayerCAM at the tap is that
+    # channel's (positive) activation, so its maximum sits where the activation is largest.
+    torch.manual_seed(0)
+    net = CAMClassifier("vgg16", pretrained=False).eval()
+    tapped = torch.zeros(1, 512, 8, 8)
+    tapped[0, 7, 5, 2] = 3.0
+    net.trainable = torch.nn.Identity()  # pool4 -> head directly
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.weight[1, 7] = 1.0
+    _, ex = explain.explanation_maps(net, tapped, 22)
+    m = ex["layercam_s8"][0]
+    assert m.shape == (8, 8) and divmod(int(m.argmax()), 8) == (5, 2) and m.sum() > 0
+
+
+def test_pooling_heads_by_hand():
+    net = CAMClassifier("mobilenet_v2", pretrained=False)
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.bias.copy_(torch.tensor([0.5, -1.0]))
+        net.fc.weight[1, 0] = 2.0  # Anomaly score at a position = 2 * channel 0 - 1
+    maps = torch.zeros(1, 1280, 10, 10)
+    maps[0, 0, 3, 4] = 5.0  # one hot position: anomaly score 9 there, -1 elsewhere
+    net.pooling = "max"
+    assert net.head_from_maps(maps).tolist() == [[0.5, 9.0]]
+    net.pooling = "topk"  # top 10 of 100 positions: (9 + 9 * -1) / 10 = 0
+    assert net.head_from_maps(maps)[0, 1].item() == pytest.approx(0.0)
+    net.pooling = "avg"  # the published head: (9 + 99 * -1) / 100 = -0.9
+    assert net.head_from_maps(maps)[0, 1].item() == pytest.approx(-0.9)
+    with pytest.raises(ValueError, match="pooling='mean'"):
+        CAMClassifier("mobilenet_v2", pretrained=False, pooling="mean")
+
+
+def test_predict_returns_explanations_and_localizers_offer_them(mobilenet):
+    images = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
+    out = helper.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, batch_size=2, device=torch.device("cpu"),
+                         precision="fp32", explain=True, progress=False)
+    plain = helper.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, batch_size=2, device=torch.device("cpu"),
+                           precision="fp32", progress=False)
+    np.testing.assert_allclose(out["p_anomaly"], plain["p_anomaly"], rtol=1e-5)
+    assert all(out[name].shape == (3, 64, 64) for name in explain.EXPLANATIONS)
+    maps = postprocess.localizer_maps(out["cam"], out["p_anomaly"],
+                                      explanations={k: out[k] for k in explain.EXPLANATIONS})
+    assert set(maps) == {"cam", *explain.EXPLANATIONS, "explain"}
+    np.testing.assert_array_equal(maps["explain"], maps[explain.EXPLAIN])
+    # comparable across images: each map's maximum is its image's Anomaly probability
+    np.testing.assert_allclose(maps["explain"].reshape(3, -1).max(1), out["p_anomaly"], rtol=1e-5)
+    scores = postprocess.localizer_image_scores(maps, out["p_anomaly"])
+    assert set(scores) == set(maps)
