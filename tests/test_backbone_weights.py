@@ -12,7 +12,7 @@ import papermill as pm
 import pytest
 import torch
 
-from utils import helper, offline_weights
+from utils import helper, inference, offline_weights
 from utils.model import (
     BACKBONE_WEIGHTS_FORMAT,
     CAMClassifier,
@@ -155,7 +155,8 @@ def test_score_image_uses_the_checkpoint_normalisation(weights_file: Path, monke
         seen.append((tuple(mean), tuple(std)))
         return real_predict(model, images, mean, std, **kwargs)
 
-    monkeypatch.setattr(helper, "predict", spy)
+    # score_image scores through utils.inference, which holds its own reference to predict
+    monkeypatch.setattr(inference, "predict", spy)
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     helper.score_image(image, net, config)
     assert seen == [(tuple(FILE_MEAN), tuple(FILE_STD))]

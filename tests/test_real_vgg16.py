@@ -27,9 +27,12 @@ WEIGHTS_ENV = "VGG16_OXFORD_WEIGHTS"
 RECIPE = dict(epochs=10, lr=1e-4, class_weight=[1.0, 3.0], target_train_accuracy=0.98, batch_size=10)
 SEED, TEST_SIZE, IMAGE_SIZE = 42, 0.2, 224
 PUBLISHED_PILL_ACCURACY = 0.828
-# Measured with this recipe and these weights on the 448 px copy (fp32, CPU): see the README's
-# "The published table, reproduced" for the runs; the threshold sits below the lowest of them.
-PILL_ACCURACY_MIN = 0.90
+# Measured with this recipe and these weights on the 448 px copy (fp32, CPU; README "The published
+# results, reproduced"): Training.ipynb 0.920, and training seeds 42 / 0 / 1 on the same split
+# (benchmarks/published_recipe.py) 0.954 / 0.862 / 0.977, image AUROC 0.970-0.973 in all four.
+# The thresholds sit below the lowest of them, still above the published 82.8 %.
+PILL_ACCURACY_MIN = 0.85
+PILL_IMAGE_AUROC_MIN = 0.95
 # The CAM is hotter inside the defects than outside, but far from the patch map (README).
 PILL_CAM_PIXEL_AUROC_MIN = 0.75
 
@@ -114,6 +117,7 @@ def test_published_recipe_on_real_pill(vgg16_oxford, pill_dir: Path) -> None:
     y = np.array([s.label for s in test])
     m = classification_metrics(y, (out["p_anomaly"] >= 0.5).astype(int), out["p_anomaly"])
     assert m["accuracy"] >= PILL_ACCURACY_MIN > PUBLISHED_PILL_ACCURACY, m
+    assert m["image_auroc"] >= PILL_IMAGE_AUROC_MIN, m
     masks = load_masks(pill_dir, test, IMAGE_SIZE).numpy()
     cam = localizer_maps(out["cam"], out["p_anomaly"])["cam"]
     defective = y == 1
