@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from utils import helper, inference, offline_weights
+from utils.download import sha256_of
 from utils.model import (
     BACKBONE_WEIGHTS_FORMAT,
     CAMClassifier,
@@ -55,7 +56,7 @@ def weights_file(tmp_path: Path, mobilenet_state) -> Path:
 def test_model_takes_the_file_weights(weights_file: Path, mobilenet_state) -> None:
     weights = load_backbone_weights(weights_file, "mobilenet_v2")
     assert weights.mean == tuple(FILE_MEAN) and weights.std == tuple(FILE_STD)
-    assert weights.sha256 == helper_sha256(weights_file) and weights.describe()["name"] == "mine.pth"
+    assert weights.sha256 == sha256_of(weights_file) and weights.describe()["name"] == "mine.pth"
     net = CAMClassifier("mobilenet_v2", weights=weights)
     loaded = {**{f"{k}": v for k, v in net.frozen.state_dict().items()},
               **{f"{k}": v for k, v in net.trainable.state_dict().items()}}
@@ -63,11 +64,6 @@ def test_model_takes_the_file_weights(weights_file: Path, mobilenet_state) -> No
     assert set(loaded) == set(mobilenet_state)
     for key, value in mobilenet_state.items():
         assert torch.equal(loaded[key], value), key
-
-
-def helper_sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _expect_error(path: Path, *fragments: str, backbone: str = "mobilenet_v2") -> None:
@@ -122,7 +118,7 @@ def _config(**overrides):
 
 def test_config_records_file_and_its_normalisation(weights_file: Path) -> None:
     config = _config(backbone_weights=str(weights_file))
-    assert config["backbone_weights"]["sha256"] == helper_sha256(weights_file)
+    assert config["backbone_weights"]["sha256"] == sha256_of(weights_file)
     assert config["backbone_weights"]["name"] == "mine.pth"
     assert config["mean"] == FILE_MEAN and config["std"] == FILE_STD
     assert checkpoint_normalisation(config) == (tuple(FILE_MEAN), tuple(FILE_STD))
@@ -170,7 +166,7 @@ def test_training_notebook_with_a_weights_file(tmp_path: Path, weights_file: Pat
     pm.execute_notebook(ROOT / "Training.ipynb", tmp_path / "Training.ipynb", cwd=str(ROOT),
                         parameters=params, progress_bar=False)
     ckpt = torch.load(tmp_path / "weights" / "synthetic_mobilenet_v2.pt", weights_only=True)
-    assert ckpt["config"]["backbone_weights"]["sha256"] == helper_sha256(weights_file)
+    assert ckpt["config"]["backbone_weights"]["sha256"] == sha256_of(weights_file)
     assert ckpt["config"]["mean"] == FILE_MEAN and ckpt["config"]["std"] == FILE_STD
     # the frozen layers are the file's, untouched by training
     frozen_key = next(k for k in ckpt["state_dict"] if k.startswith("frozen."))
