@@ -5,6 +5,8 @@ flag), so each peak-memory figure belongs to that way alone. Run from the reposi
 
     python benchmarks/benchmark.py            # 50 images, 10 epochs, about 10 minutes on 2 CPU cores
     python benchmarks/benchmark.py --quick    # smoke run: 10 images, 2 epochs
+    python benchmarks/benchmark.py --subset pill --n-images 300 --ways train_plain_split,notebook
+                                              # the whole Training.ipynb against the plain loop
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torchvision import transforms  # noqa: E402
 
 from utils import helper  # noqa: E402
 from utils.constants import IMAGENET_MEAN, IMAGENET_STD, SYNTHETIC_SUBSET  # noqa: E402
-from utils.dataloader import Sample, index_subset, load_images  # noqa: E402
+from utils.dataloader import Sample, index_subset, load_images, split_subset  # noqa: E402
 from utils.model import CAMClassifier  # noqa: E402
 from utils.synthetic import generate_synthetic_subset  # noqa: E402
 
@@ -41,6 +43,8 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "mvtec_anomaly_detecti
 CLASS_WEIGHT = (1.0, 3.0)  # Good, Anomaly, as published
 LR = 1e-4
 TRAINING_TARGET = 10.0  # images/s of the repository's training over the plain loop, 10-epoch run
+NOTEBOOK_TARGET = 10.0  # the whole Training.ipynb (default memory) over the plain loop on its training split
+NOTEBOOK_TEST_SIZE = 0.2  # Training.ipynb's default test_size
 INFERENCE_TARGET = 4.0  # VGG16 224 px inference with heatmaps, fast path over fp32
 
 # name -> (section, label shown in the table)
@@ -48,15 +52,20 @@ WAYS: dict[str, tuple[str, str]] = {
     "train_plain": ("training", "plain loop (PNG decode every step, full VGG16 fp32)"),
     "train_repo": ("training", "repository (decode once + cached frozen pass, auto precision)"),
     "train_repo_fp32": ("training", "repository fp32 (decode once + cached frozen pass)"),
+    "train_plain_split": ("notebook", "plain loop on the notebook's training split (training only)"),
+    "notebook": ("notebook", "whole Training.ipynb via papermill (peak RSS: papermill, not its kernel)"),
     "infer_vgg16_fp32": ("inference", "VGG16 fp32"),
     "infer_vgg16_fast": ("inference", "VGG16 fast path (auto precision, channels-last)"),
     "infer_mobilenet_v2_fp32": ("inference", "MobileNetV2 fp32"),
     "infer_mobilenet_v2_fast": ("inference", "MobileNetV2 fast path (auto precision, channels-last)"),
 }
+# The default run: the notebook ways take a quarter of an hour on ~300 images, so they are asked for by name.
+DEFAULT_WAYS = [w for w, (section, _) in WAYS.items() if section != "notebook"]
 # (numerator way, denominator way, target or None)
 RATIOS = (
     ("train_repo", "train_plain", TRAINING_TARGET),
     ("train_repo_fp32", "train_plain", None),
+    ("notebook", "train_plain_split", NOTEBOOK_TARGET),
     ("infer_vgg16_fast", "infer_vgg16_fp32", INFERENCE_TARGET),
     ("infer_mobilenet_v2_fast", "infer_mobilenet_v2_fp32", None),
 )
@@ -86,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.set_num_threads in each child; 0 keeps torch's default (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="seed of weights and batch order (default: %(default)s)")
-    p.add_argument("--ways", default=",".join(WAYS),
-                   help="comma-separated ways to measure (default: all: %(default)s)")
+    p.add_argument("--ways", default=",".join(DEFAULT_WAYS),
+                   help=f"comma-separated ways to measure (default: %(default)s; also: "
+                        f"{','.join(w for w in WAYS if w not in DEFAULT_WAYS)})")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 10 images and 2 epochs (overrides --n-images and --epochs)")
     p.add_argument("--out", default="results/benchmark.json",
@@ -266,6 +276,48 @@ def train_repo(args, device, data_dir, samples, precision: str) -> dict[str, Any
     }
 
 
+# ---------------------------------------------------------------- the whole Training.ipynb
+
+
+def notebook_train_split(samples: list[Sample], args) -> list[Sample]:
+    """The training images Training.ipynb draws from these samples: its pooled split, test_size 0.2, --seed."""
+    train, _ = split_subset(samples, "pooled", test_size=NOTEBOOK_TEST_SIZE, seed=args.seed)
+    return train
+
+
+def mirror_samples(data_dir: Path, samples: list[Sample], out: Path) -> None:
+    """A data folder under `out` that holds exactly `samples` (images and masks, as symlinks), so a
+    notebook run on it sees those images and no others."""
+    for rel in [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path]:
+        link = out / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to((data_dir / rel).resolve())
+
+
+def run_training_notebook(args, data_dir: Path, samples: list[Sample]) -> dict[str, Any]:
+    """Wall seconds of Training.ipynb as a user runs it with papermill (kernel start included) on these
+    images: VGG16 (random weights), --epochs with early stopping off, the default patch memory."""
+    import papermill as pm  # only this way needs it
+
+    subset = samples[0].path.split("/")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        mirror_samples(data_dir, samples, work / "data")
+        parameters = dict(data_dir=str(work / "data"), subset_name=subset, download=False, backbone="vgg16",
+                          pretrained=False, image_size=args.image_size, batch_size=args.batch_size,
+                          epochs=args.epochs, target_train_accuracy=None, test_size=NOTEBOOK_TEST_SIZE,
+                          seed=args.seed, weights_dir=str(work / "weights"), results_dir=str(work / "results"),
+                          device=args.device, precision="auto")
+        start = time.perf_counter()
+        pm.execute_notebook(str(REPO_ROOT / "Training.ipynb"), str(work / "Training.out.ipynb"),
+                            parameters=parameters, cwd=str(REPO_ROOT), progress_bar=False, log_output=False)
+        seconds = time.perf_counter() - start
+        training = json.loads(next((work / "results").rglob("training.json")).read_text())
+    return {"seconds": seconds, "precision": helper.resolve_precision("auto", helper.resolve_device(args.device)),
+            "training_json": {k: training.get(k) for k in ("seconds", "patch_memory", "n_train", "n_test",
+                                                           "epochs_run", "precision")}}
+
+
 # ---------------------------------------------------------------- inference with heatmaps
 
 
@@ -301,13 +353,17 @@ def run_way(way: str, args: argparse.Namespace) -> dict[str, Any]:
         "train_plain": lambda: train_plain(args, device, data_dir, samples),
         "train_repo": lambda: train_repo(args, device, data_dir, samples, "auto"),
         "train_repo_fp32": lambda: train_repo(args, device, data_dir, samples, "fp32"),
+        "train_plain_split": lambda: train_plain(args, device, data_dir, notebook_train_split(samples, args)),
+        "notebook": lambda: run_training_notebook(args, data_dir, samples),
         "infer_vgg16_fp32": lambda: infer(args, device, data_dir, samples, "vgg16", "fp32"),
         "infer_vgg16_fast": lambda: infer(args, device, data_dir, samples, "vgg16", "auto"),
         "infer_mobilenet_v2_fp32": lambda: infer(args, device, data_dir, samples, "mobilenet_v2", "fp32"),
         "infer_mobilenet_v2_fast": lambda: infer(args, device, data_dir, samples, "mobilenet_v2", "auto"),
     }
     result = runners[way]()
-    seen = len(samples) * (args.epochs if WAYS[way][0] == "training" else 1)
+    # notebook ways count the training split's images x epochs, so their ratio is one of wall seconds
+    n_seen = len(notebook_train_split(samples, args)) if WAYS[way][0] == "notebook" else len(samples)
+    seen = n_seen * (args.epochs if WAYS[way][0] in ("training", "notebook") else 1)
     result.update({
         "way": way, "section": WAYS[way][0], "label": WAYS[way][1], "images_seen": seen,
         "images_per_s": seen / result["seconds"], "threads": torch.get_num_threads(),
