@@ -65,16 +65,24 @@ def run_folds(cache: dict, flipped: torch.Tensor | None, backbone: str, pooling:
         tr = torch.tensor([index[s.path] for s in train])
         te = torch.tensor([index[s.path] for s in test])
         net = build_model(backbone, vgg16_weights, pooling)
-        torch.manual_seed(seed + fold)  # the dense layer's init
-        net.fc.reset_parameters()
-        helper.train_model(net, torch.empty(0), labels[tr], mean=cache["mean"], std=cache["std"], seed=seed + fold,
-                           device=torch.device("cpu"), precision="fp32", features=cache["frozen"][tr],
-                           flipped_features=None if flipped is None else flipped[tr], progress=False, **RECIPE)
+        saved = Path(f"{save_models}_fold{fold}.pt") if save_models is not None else None
+        if saved is not None and saved.is_file():  # trained by an earlier run: only the maps are computed again
+            kept = torch.load(saved, weights_only=True)
+            if not (torch.equal(kept["test"], te) and torch.equal(kept["train"], tr)):
+                raise ValueError(f"{saved} was trained on another split: remove it to train again")
+            net.load_state_dict(kept["state_dict"], strict=False)
+        else:
+            torch.manual_seed(seed + fold)  # the dense layer's init
+            net.fc.reset_parameters()
+            helper.train_model(net, torch.empty(0), labels[tr], mean=cache["mean"], std=cache["std"], seed=seed + fold,
+                               device=torch.device("cpu"), precision="fp32", features=cache["frozen"][tr],
+                               flipped_features=None if flipped is None else flipped[tr], progress=False, **RECIPE)
         net.eval()
-        if save_models is not None:  # the trained layers, for the deletion test (explain_deletion.py)
+        if saved is not None and not saved.is_file():  # the trained layers: maps again later, the deletion test
             trained = {k: v for k, v in net.state_dict().items() if not k.startswith("frozen.")}
-            helper.atomic_write_bytes(Path(f"{save_models}_fold{fold}.pt"),
-                                      lambda f: torch.save({"state_dict": trained, "test": te, "train": tr}, f))
+            helper.atomic_write_bytes(saved, lambda f: torch.save({"state_dict": trained, "test": te, "train": tr}, f))
+        # the "gradref" baseline, as Training.ipynb sets it: the fold's good training images' mean frozen output
+        net.explain_reference = explain.reference_features(cache["frozen"][tr], labels[tr])
         for start in range(0, len(te), 20):
             idx = te[start:start + 20]
             scores, ex = explain.explanation_maps(net, cache["tap"][idx], cache["tap_index"])
@@ -159,9 +167,8 @@ def main() -> None:
                 part = "" if max_folds == args.folds else f"_{max_folds}of{args.folds}"
                 oof_file = Path(args.cache) / f"oof_{subset}_{backbone}_{variant}{part}.npz"
                 start = time.perf_counter()
-                if oof_file.exists():
-                    oof = dict(np.load(oof_file))
-                else:
+                oof = dict(np.load(oof_file)) if oof_file.exists() else {}
+                if any(f"map_{name}" not in oof for name in MAPS):  # new, or made before a map was added
                     oof = run_folds(cache, flipped, backbone, pooling, args.vgg16_weights, args.folds, args.seed,
                                     max_folds, oof_file.with_suffix(""))
                     np.savez(oof_file, **oof)

@@ -87,10 +87,16 @@ def test_pooling_heads_by_hand():
 
 def test_predict_returns_explanations_and_localizers_offer_them(mobilenet):
     images = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
-    out = helper.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, batch_size=2, device=torch.device("cpu"),
-                         precision="fp32", explain=True, progress=False)
-    plain = helper.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, batch_size=2, device=torch.device("cpu"),
-                           precision="fp32", progress=False)
+    kwargs = dict(batch_size=2, device=torch.device("cpu"), precision="fp32", progress=False)
+    without = helper.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, explain=True, **kwargs)
+    assert "gradref" not in without  # no reference: the map that needs it is left out, the others stay
+    assert all(name in without for name in explain.EXPLANATIONS if name not in explain.REFERENCE_EXPLANATIONS)
+    mobilenet.explain_reference = torch.rand(96, 4, 4)  # the frozen output at 64 px: (96, 4, 4)
+    try:
+        out = helper.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, explain=True, **kwargs)
+    finally:
+        mobilenet.explain_reference = None
+    plain = helper.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, **kwargs)
     np.testing.assert_allclose(out["p_anomaly"], plain["p_anomaly"], rtol=1e-5)
     assert all(out[name].shape == (3, 64, 64) for name in explain.EXPLANATIONS)
     maps = postprocess.localizer_maps(out["cam"], out["p_anomaly"],
@@ -101,3 +107,49 @@ def test_predict_returns_explanations_and_localizers_offer_them(mobilenet):
     np.testing.assert_allclose(maps["explain"].reshape(3, -1).max(1), out["p_anomaly"], rtol=1e-5)
     scores = postprocess.localizer_image_scores(maps, out["p_anomaly"])
     assert set(scores) == set(maps)
+
+
+def test_reference_attribution_by_hand():
+    a = torch.tensor([[[[1.0, 2.0]], [[4.0, 1.0]]]])  # (1, 2, 1, 2)
+    g = torch.tensor([[[[1.0, 3.0]], [[-2.0, 0.5]]]])
+    r = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])  # (2, 1, 2): the reference per channel and position
+    # position 0: 1*(1-1) + -2*(4-1) = -6 -> 0; position 1: 3*(2-0) + 0.5*(1-1) = 6
+    assert explain.reference_attribution(a, g, r).tolist() == [[[0.0, 6.0]]]
+    # LayerCAM keeps position 0's normal activation that the reference cancels: 1*1 + 0 = 1
+    assert explain.layer_cam(a, g)[0, 0, 0].item() == 1.0
+    with pytest.raises(ValueError, match="another image size"):
+        explain.reference_attribution(a, g, torch.zeros(2, 2, 2))
+
+
+def test_reference_features_are_the_good_images_mean():
+    f = torch.arange(12.0).view(3, 1, 2, 2)
+    labels = torch.tensor([0, 1, 0])
+    assert explain.reference_features(f, labels).tolist() == [[[4.0, 5.0], [6.0, 7.0]]]  # (f0 + f2) / 2
+    with pytest.raises(ValueError, match="no"):
+        explain.reference_features(f, torch.ones(3, dtype=torch.long))
+
+
+def test_gradref_estimates_the_margin_lost_by_restoring_the_reference():
+    # gradref at a position is the first-order drop of the decision margin when that position's
+    # frozen features are replaced by the reference's: check it against the real drop for a
+    # reference close to the features, position by position (VGG16: conv4_3 tap -> pool4 -> conv5 head).
+    torch.manual_seed(1)
+    net = CAMClassifier("vgg16", pretrained=False).eval()
+    tapped = torch.relu(torch.randn(1, 512, 8, 8))  # conv4_3 output of a 64 px image
+    frozen = net.frozen[23:](tapped)  # (1, 512, 4, 4)
+    reference = (frozen[0] - 0.01 * torch.rand_like(frozen[0])).detach()
+    net.explain_reference = reference
+    _, ex = explain.explanation_maps(net, tapped, 22)
+    with torch.no_grad():
+        margin = explain.decision_margin(net.head(frozen)[0])[0]
+        drops = torch.zeros(frozen.shape[2:])
+        for i in range(frozen.shape[2]):
+            for j in range(frozen.shape[3]):
+                restored = frozen.clone()
+                restored[0, :, i, j] = reference[:, i, j]
+                drops[i, j] = margin - explain.decision_margin(net.head(restored)[0])[0]
+    expected = torch.relu(drops)
+    assert ex["gradref"].shape == (1, *frozen.shape[2:])
+    assert expected.max() > 0
+    assert torch.allclose(ex["gradref"][0], expected, atol=0.05 * expected.max().item())
+    assert int(ex["gradref"][0].argmax()) == int(expected.argmax())

@@ -63,6 +63,34 @@ def test_localizer_needs_what_the_checkpoint_holds():
         inference.check_localizer("heat", CHECKPOINT)
 
 
+def test_gradref_needs_the_checkpoints_explanation_reference():
+    # a checkpoint from before the reference existed offers every other map, and asking for
+    # "gradref" names what is missing and what to use instead
+    assert "gradref" not in inference.available_localizers(CHECKPOINT)
+    assert "layercam_s8" in inference.available_localizers(CHECKPOINT)
+    with pytest.raises(ValueError, match="gradref.*explanation reference.*old.pt.*train again"):
+        inference.check_localizer("gradref", CHECKPOINT, where="old.pt")
+    with_reference = {**CHECKPOINT, "explain_reference": torch.zeros(512, 4, 4)}
+    inference.check_localizer("gradref", with_reference)
+    assert "gradref" in inference.available_localizers(with_reference)
+
+
+def test_checkpoint_round_trip_keeps_the_explanation_reference(tmp_path, make_model):
+    from utils import helper
+    net = make_model("mobilenet_v2")
+    reference = torch.rand(96, 4, 4)
+    config = {"backbone": "mobilenet_v2", "pretrained": False, "image_size": 64, "subset_name": "s"}
+    config.update({k: None for k in helper.CONFIG_KEYS if k not in config})
+    helper.save_checkpoint(tmp_path / "m.pt", net, config, [], extra={"explain_reference": reference})
+    loaded, ckpt = helper.load_checkpoint(tmp_path / "m.pt")
+    assert torch.equal(loaded.explain_reference, reference)
+    helper.save_checkpoint(tmp_path / "old.pt", net, config, [])  # written before the reference existed
+    assert helper.load_checkpoint(tmp_path / "old.pt")[0].explain_reference is None
+    helper.save_checkpoint(tmp_path / "bad.pt", net, config, [], extra={"explain_reference": torch.full((96,), float("nan"))})
+    with pytest.raises(ValueError, match="bad.pt.*explain_reference"):
+        helper.load_checkpoint(tmp_path / "bad.pt")
+
+
 def test_minmax_boxes_only_on_anomaly_decisions():
     cam = np.zeros((2, 8, 8), np.float32)
     cam[:, 2:4, 5:7] = 1.0  # the same hot square in both images

@@ -52,7 +52,7 @@ def test_training_writes_checkpoint_and_log(executed):
     # box thresholds for every map, calibrated on good training images, in the checkpoint
     cal = ckpt["calibration"]
     assert set(cal["thresholds"]) == {"cam", "patch_knn", "cam_knn", "gradcam", "layercam", "gradcam_s8",
-                                      "layercam_s8", "explain"} and cal["min_area"] >= 1
+                                      "layercam_s8", "gradref", "explain"} and cal["min_area"] >= 1
     assert cal["thresholds"]["patch_knn"] > 0  # leave-one-image-out: a good image never scores 0
     log = json.loads((executed / "results" / "synthetic_vgg16" / "training.json").read_text())
     assert len(log["loss"]) == len(log["accuracy"]) == log["epochs_run"] <= 3
@@ -69,7 +69,7 @@ def test_evaluation_writes_contract_metrics_and_beats_chance(executed):
     assert m["balanced_accuracy"] >= 0.75
     assert m["image_auroc"] >= 0.9
     assert set(m["localizers"]) == {"cam", "patch_knn", "cam_knn", "gradcam", "layercam", "gradcam_s8",
-                                    "layercam_s8", "explain"}
+                                    "layercam_s8", "gradref", "explain"}
     assert m["localizer"] == "explain" and m["pixel_auroc"] == m["localizers"]["explain"]["pixel_auroc"]
     assert m["box_threshold"] == "calibrated" and m["calibration"]["thresholds"] == ckpt["calibration"]["thresholds"]
     for name, loc in m["localizers"].items():

@@ -330,7 +330,8 @@ def calibrate_boxes(
         held_out = leave_one_image_out_maps(good_patches, patch_memory, grid)  # (N, h, w)
         patch_map = upsample_maps(held_out, size).numpy()  # as patch_anomaly_maps upsamples
     maps = localizer_maps(out["cam"], out["p_anomaly"], patch_map,
-                          explanations={name: out[name] for name in explain_lib.EXPLANATIONS} if classifier else None)
+                          explanations={name: out[name] for name in explain_lib.EXPLANATIONS if name in out}
+                          if classifier else None)
     return calibrate(maps, quantile=quantile, min_area=min_area)
 
 
@@ -522,6 +523,12 @@ def load_checkpoint(
     except RuntimeError as err:
         raise ValueError(f"Checkpoint {path}: its state_dict does not fit a {config['backbone']} model "
                          f"({str(err).splitlines()[0]}). It is damaged or was edited; train again.") from err
+    reference = ckpt.get("explain_reference")
+    if reference is not None:
+        if not isinstance(reference, torch.Tensor) or reference.dim() != 3 or not torch.isfinite(reference).all():
+            raise ValueError(f"Checkpoint {path}: its explain_reference is not a finite (C, h, w) tensor. "
+                             f"It is damaged or was edited; train again.")
+        model.explain_reference = reference.float()
     return model.eval(), ckpt
 
 

@@ -50,15 +50,17 @@ def available_localizers(checkpoint: dict[str, Any]) -> tuple[str, ...]:
     """The localisers a checkpoint supports: the classifier's maps ("cam", the explanations) when it
     has a classifier, "patch_knn" when it holds a patch memory, "cam_knn" when it has both."""
     classifier, memory = has_classifier(checkpoint), checkpoint.get("patch_memory") is not None
+    reference = checkpoint.get("explain_reference") is not None
     return tuple(n for n in postprocess.LOCALIZERS
                  if (classifier or n not in postprocess.CLASSIFIER_LOCALIZERS)
-                 and (memory or n not in postprocess.MEMORY_LOCALIZERS))
+                 and (memory or n not in postprocess.MEMORY_LOCALIZERS)
+                 and (reference or n not in postprocess.REFERENCE_LOCALIZERS))
 
 
 def check_localizer(localizer: str, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
     """Raise a ValueError naming `localizer` and what `where` lacks for it, when it cannot be computed."""
     postprocess.check_localizer(localizer, has_classifier(checkpoint), checkpoint.get("patch_memory") is not None,
-                                where)
+                                where, has_reference=checkpoint.get("explain_reference") is not None)
 
 
 def box_rule(

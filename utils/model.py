@@ -228,6 +228,10 @@ class CAMClassifier(nn.Module):
         self.pool = nn.MaxPool2d(2) if spec.head_maxpool else nn.Identity()
         self.fc = nn.Linear(spec.channels, len(CLASS_NAMES))
         self.frozen.requires_grad_(False)
+        # (C, h, w) mean frozen output of the good training images, the baseline of the "gradref"
+        # explanation (`utils.explain`); set by Training.ipynb and load_checkpoint, None before.
+        # A plain attribute, not a buffer: state_dicts stay those of the published network.
+        self.explain_reference: torch.Tensor | None = None
 
     def train(self, mode: bool = True) -> "CAMClassifier":
         """Switch mode, keeping every BatchNorm on its ImageNet statistics.

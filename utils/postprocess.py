@@ -7,7 +7,7 @@ from PIL import Image
 from scipy import ndimage
 from torchvision.ops import masks_to_boxes
 
-from .explain import EXPLAIN, EXPLANATIONS
+from .explain import EXPLAIN, EXPLANATIONS, REFERENCE_EXPLANATIONS
 
 # 8-connectivity: diagonal neighbours belong to the same region, as in MVTec AD's region definition.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -170,9 +170,12 @@ PATCH_LOCALIZERS = ("patch_knn", "cam_knn")  # these need the checkpoint's patch
 LOCALIZERS = ("cam", *PATCH_LOCALIZERS, *EXPLANATIONS, "explain")
 CLASSIFIER_LOCALIZERS = ("cam", "cam_knn", *EXPLANATIONS, "explain")  # need the trained classifier
 MEMORY_LOCALIZERS = PATCH_LOCALIZERS
+# need the checkpoint's explanation reference (checkpoints of Training.ipynb with a classifier have it)
+REFERENCE_LOCALIZERS = (*REFERENCE_EXPLANATIONS, *(("explain",) if EXPLAIN in REFERENCE_EXPLANATIONS else ()))
 
 
-def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, checkpoint: str = "the checkpoint") -> None:
+def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, checkpoint: str = "the checkpoint",
+                    has_reference: bool = True) -> None:
     """Raise a ValueError naming what is missing when `localizer` cannot be computed from a checkpoint."""
     if localizer not in LOCALIZERS:
         raise ValueError(f"localizer={localizer!r} must be one of {LOCALIZERS}.")
@@ -185,6 +188,10 @@ def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, chec
     if localizer in MEMORY_LOCALIZERS and not has_memory:
         raise ValueError(f"localizer={localizer!r} needs the patch memory, but {checkpoint} has none: "
                          f"train with patch_memory_size > 0.")
+    if localizer in REFERENCE_LOCALIZERS and not has_reference:
+        raise ValueError(f"localizer={localizer!r} needs the explanation reference (the good training images' "
+                         f"mean features), but {checkpoint} predates it: train again with Training.ipynb, or "
+                         f"use localizer='layercam_s8'.")
 
 
 def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = None) -> dict[str, np.ndarray]:
