@@ -133,6 +133,28 @@ def markdown_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def compact_tables(report: dict) -> str:
+    """The README's two tables: per (subset, backbone, head) the classification and each map's
+    pointing game; then each map's pixel AUROC / AUPRO."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    names = [n for n in MAPS if any(n in r["maps"] for r in report.values())]
+    head = "| subset | backbone | head | folds | accuracy | image AUROC | " + " | ".join(names) + " |"
+    rows = ["**Pointing game** (share of defective images whose map maximum lies in the defect)", "",
+            head, "|" + "---|" * (6 + len(names))]
+    rows2 = ["", "**Pixel AUROC / AUPRO**", "", "| subset | backbone | head | folds | " + " | ".join(names) + " |",
+             "|" + "---|" * (4 + len(names))]
+    for r in report.values():
+        c = r["classification"]
+        folds = f"{r['folds_scored']}/{r['folds']}" if r.get("folds_scored", r["folds"]) != r["folds"] else str(r["folds"])
+        key = f"| {r['subset']} | {r['backbone']} | {r['variant']} | {folds} |"
+        rows.append(f"{key} {c['accuracy']:.3f} | {c['image_auroc']:.3f} | "
+                    + " | ".join(fmt(r["maps"].get(n, {}).get("pointing_game")) for n in names) + " |")
+        rows2.append(f"{key} " + " | ".join(
+            f"{fmt(r['maps'][n]['pixel_auroc'])} / {fmt(r['maps'][n]['aupro'])}" if n in r["maps"] else "-"
+            for n in names) + " |")
+    return "\n".join(rows + rows2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subsets", nargs="+", default=["toothbrush", "pill"])
@@ -147,9 +169,11 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/i12")
     parser.add_argument("--out", default="results/explain_study.json")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
+    parser.add_argument("--compact", action="store_true", help="with --table: the README's two compact tables")
     args = parser.parse_args()
     if args.table:
-        print(markdown_table(json.loads(Path(args.out).read_text())))
+        report = json.loads(Path(args.out).read_text())
+        print(compact_tables(report) if args.compact else markdown_table(report))
         return
     torch.set_grad_enabled(True)
     out_path = Path(args.out)
