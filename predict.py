@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--localizer", default=None,
                         help="map for the image score, the boxes and the overlay: cam (the default with a "
                              "classifier), patch_knn (the default of a patch-memory-only checkpoint), cam_knn, "
-                             "or an explanation (explain, gradcam, layercam, gradcam_s8, layercam_s8)")
+                             "or an explanation (explain, gradcam, layercam, gradcam_s8, layercam_s8, gradref)")
     parser.add_argument("--box-threshold", default=inference.DEFAULT_BOX_THRESHOLD,
                         choices=inference.BOX_THRESHOLDS,
                         help="calibrated: the checkpoint's threshold for the map; minmax: the published "
