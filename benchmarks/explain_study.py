@@ -114,6 +114,11 @@ def measure(oof: dict[str, np.ndarray], cache: dict, heatmap_thres: float) -> di
         m = metrics.localisation_metrics(scaled, masks, boxes, p, y)
         m["pointing_per_type"] = {t: metrics.pointing_game(scaled[types == t], masks[types == t])
                                   for t in sorted(set(types[y == 1].tolist()))}
+        # on the defective images the classifier detects: an explanation of a "Good" decision
+        # has no reason to show the defect
+        detected = (y == 1) & (p >= 0.5)
+        m["pointing_game_detected"] = metrics.pointing_game(scaled[detected], masks[detected])
+        m["n_detected"] = int(detected.sum())
         out["maps"][name] = m
     return out
 
