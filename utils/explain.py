@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -66,22 +64,6 @@ def reference_features(frozen_out: torch.Tensor, labels: torch.Tensor) -> torch.
     if len(good) == 0:
         raise ValueError("the explanation reference needs good training images, and there are none")
     return good.float().mean(dim=0)
-
-
-def margin_gradients(
-    forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], activations: torch.Tensor
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
-    """Gradient of the decision margin with respect to `activations` (B, C, h, w).
-
-    `forward` maps the activations to (scores (B, 2), *other outputs); returns the detached scores,
-    the other outputs (detached) and dMargin/dA (B, C, h, w) float32. Every image's margin depends
-    on its own activations only (eval mode), so one backward pass of the summed margin gives them all.
-    """
-    with torch.enable_grad():
-        a = activations.detach().requires_grad_(True)
-        scores, *rest = forward(a)
-        (grads,) = torch.autograd.grad(decision_margin(scores).sum(), a)
-    return scores.detach(), tuple(r.detach() for r in rest), grads.float()
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -30,7 +30,6 @@ PREDICTION_COLUMNS = ("path", "label", "p_anomaly", "image_score", "n_boxes", "b
 # Checkpoints carry calibrated thresholds (Training.ipynb); one without them falls back to "minmax"
 # with a note, see `box_rule`.
 DEFAULT_BOX_THRESHOLD = "calibrated"
-PATCH_LOCALIZERS = ("patch_knn", "cam_knn")
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,7 @@ def score_batch(
     check_localizer(localizer, checkpoint)
     rule = box_rule(checkpoint, localizer, box_threshold, heatmap_thres, box_mode)
     mean, std = checkpoint_normalisation(checkpoint["config"])
-    memory = checkpoint.get("patch_memory") if localizer in PATCH_LOCALIZERS else None
+    memory = checkpoint.get("patch_memory") if localizer in postprocess.MEMORY_LOCALIZERS else None
     pred = predict(model, images, mean, std, batch_size=batch_size, device=device, precision=precision,
                    patch_memory=memory, classifier=has_classifier(checkpoint),
                    explain=localizer in (*EXPLANATIONS, "explain"), progress=False)

@@ -166,10 +166,9 @@ def probability_scaled(maps, probs) -> np.ndarray:
     return normalised * probs[:, None, None]
 
 
-PATCH_LOCALIZERS = ("patch_knn", "cam_knn")  # these need the checkpoint's patch memory
-LOCALIZERS = ("cam", *PATCH_LOCALIZERS, *EXPLANATIONS, "explain")
+MEMORY_LOCALIZERS = ("patch_knn", "cam_knn")  # these need the checkpoint's patch memory
+LOCALIZERS = ("cam", *MEMORY_LOCALIZERS, *EXPLANATIONS, "explain")
 CLASSIFIER_LOCALIZERS = ("cam", "cam_knn", *EXPLANATIONS, "explain")  # need the trained classifier
-MEMORY_LOCALIZERS = PATCH_LOCALIZERS
 # need the checkpoint's explanation reference (checkpoints of Training.ipynb with a classifier have it)
 REFERENCE_LOCALIZERS = (*REFERENCE_EXPLANATIONS, *(("explain",) if EXPLAIN in REFERENCE_EXPLANATIONS else ()))
 
@@ -225,7 +224,7 @@ def localizer_image_scores(maps: dict[str, np.ndarray], p_anomaly, patch_score=N
     """Image-level score (N,) per localiser of `localizer_maps`: the classifier's Anomaly
     probability for "cam" and the explanations, the patch map's maximum (at feature resolution)
     for "patch_knn", the map's maximum for "cam_knn"."""
-    scores = {name: to_numpy(p_anomaly) for name in maps if name not in PATCH_LOCALIZERS}
+    scores = {name: to_numpy(p_anomaly) for name in maps if name not in MEMORY_LOCALIZERS}
     if "patch_knn" in maps:
         scores["patch_knn"] = to_numpy(patch_score)
     if "cam_knn" in maps:
