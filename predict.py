@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from utils import helper, inference, plots
+from utils import checkpoint as checkpoints
+from utils import inference, parameters, plots, runtime
 from utils.download import sha256_of
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="minmax rule: one box per hot region, or one box around all (published)")
     parser.add_argument("--batch-size", type=int, default=10, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: %(default)s)")
-    parser.add_argument("--precision", default="auto", choices=helper.PRECISIONS,
+    parser.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
                         help="autocast precision, as in the notebooks (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -107,16 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0 all scored, 1 some files failed, 2 unusable input)."""
     args = parse_args(argv)
     try:
-        model, checkpoint = helper.load_checkpoint(args.checkpoint)
+        parameters.check_output_dir(args.out, "--out")
+        model, checkpoint = checkpoints.load_checkpoint(args.checkpoint)
         if args.localizer is None:  # without a classifier the patch map is the only map
-            args.localizer = "cam" if helper.has_classifier(checkpoint) else "patch_knn"
+            args.localizer = "cam" if checkpoints.has_classifier(checkpoint) else "patch_knn"
         inference.check_localizer(args.localizer, checkpoint, where=args.checkpoint)
         rule = inference.box_rule(checkpoint, args.localizer, args.box_threshold, args.heatmap_thres, args.box_mode)
         files = inference.find_images(args.images)
-        device = helper.resolve_device(args.device)
-        precision = helper.resolve_precision(args.precision, device)
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
-        # e.g. a missing file, another repository's checkpoint, a state_dict of another shape
+        device = runtime.resolve_device(args.device)
+        precision = runtime.resolve_precision(args.precision, device)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        # e.g. a missing file or a folder, another repository's checkpoint, a state_dict of another shape
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not files:
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rule.note:
         print(f"note: {rule.note}", file=sys.stderr)
-    model = helper.prepare_model(model, device, precision)
+    model = runtime.prepare_model(model, device, precision)
     out = Path(args.out)
     rows = score_files(files, model, checkpoint, args, device, precision, out)
     report = {
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "predictions": rows,
     }
     inference.save_predictions_csv(out / "predictions.csv", rows)
-    helper.save_json(out / "predictions.json", report)
+    checkpoints.save_json(out / "predictions.json", report)
     print(f"{report['n_images']} images: {report['n_anomaly']} Anomaly, {report['n_failed']} failed; "
           f"wrote {out / 'predictions.csv'}, {out / 'predictions.json'} and {out / 'overlays'}/")
     for row in rows:

@@ -22,7 +22,8 @@ from typing import Any
 
 import papermill as pm
 
-from utils.helper import atomic_write_bytes, run_name
+from utils.checkpoint import atomic_write_bytes
+from utils.parameters import run_name
 
 ROOT = Path(__file__).resolve().parent
 

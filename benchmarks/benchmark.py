@@ -33,6 +33,9 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
+from utils import runtime  # noqa: E402
+from utils import inference  # noqa: E402
+from utils.checkpoint import save_json  # noqa: E402
 from utils import helper  # noqa: E402
 from utils.constants import IMAGENET_MEAN, IMAGENET_STD, SYNTHETIC_SUBSET  # noqa: E402
 from utils.dataloader import Sample, index_subset, load_images, split_subset  # noqa: E402
@@ -148,8 +151,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "cpu_bf16": helper.cpu_supports_bf16(),
-        "auto_precision": helper.resolve_precision("auto", device),
+        "cpu_bf16": runtime.cpu_supports_bf16(),
+        "auto_precision": runtime.resolve_precision("auto", device),
         "device": str(device),
         "python": platform.python_version(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -251,8 +254,8 @@ def train_repo(args, device, data_dir, samples, precision: str) -> dict[str, Any
     measure the cache; train_model(features=...) then runs exactly its cache=True path.
     """
     torch.manual_seed(args.seed)
-    precision = helper.resolve_precision(precision, device)
-    model = helper.prepare_model(CAMClassifier("vgg16", pretrained=False), device, precision)
+    precision = runtime.resolve_precision(precision, device)
+    model = runtime.prepare_model(CAMClassifier("vgg16", pretrained=False), device, precision)
     labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
     start = time.perf_counter()
     images = load_images(data_dir, samples, args.image_size)  # (N, 3, S, S) uint8
@@ -313,7 +316,7 @@ def run_training_notebook(args, data_dir: Path, samples: list[Sample]) -> dict[s
                             parameters=parameters, cwd=str(REPO_ROOT), progress_bar=False, log_output=False)
         seconds = time.perf_counter() - start
         training = json.loads(next((work / "results").rglob("training.json")).read_text())
-    return {"seconds": seconds, "precision": helper.resolve_precision("auto", helper.resolve_device(args.device)),
+    return {"seconds": seconds, "precision": runtime.resolve_precision("auto", runtime.resolve_device(args.device)),
             "training_json": {k: training.get(k) for k in ("seconds", "patch_memory", "n_train", "n_test",
                                                            "epochs_run", "precision")}}
 
@@ -322,18 +325,18 @@ def run_training_notebook(args, data_dir: Path, samples: list[Sample]) -> dict[s
 
 
 def infer(args, device, data_dir, samples, backbone: str, precision: str) -> dict[str, Any]:
-    """helper.predict (scores + CAM heatmaps) on pre-decoded uint8 images: one warm-up batch, then the
+    """inference.predict (scores + CAM heatmaps) on pre-decoded uint8 images: one warm-up batch, then the
     median of --repeats timed passes over all images."""
     torch.manual_seed(args.seed)
-    precision = helper.resolve_precision(precision, device)
-    model = helper.prepare_model(CAMClassifier(backbone, pretrained=False), device, precision)
+    precision = runtime.resolve_precision(precision, device)
+    model = runtime.prepare_model(CAMClassifier(backbone, pretrained=False), device, precision)
     images = load_images(data_dir, samples, args.image_size)  # (N, 3, S, S) uint8, not timed
     kwargs = dict(batch_size=args.batch_size, device=device, precision=precision)
-    helper.predict(model, images[: args.batch_size], IMAGENET_MEAN, IMAGENET_STD, **kwargs)  # warm-up
+    inference.predict(model, images[: args.batch_size], IMAGENET_MEAN, IMAGENET_STD, **kwargs)  # warm-up
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        out = helper.predict(model, images, IMAGENET_MEAN, IMAGENET_STD, **kwargs)
+        out = inference.predict(model, images, IMAGENET_MEAN, IMAGENET_STD, **kwargs)
         times.append(time.perf_counter() - start)
         assert out["cam"].shape == (len(samples), args.image_size, args.image_size)
     seconds = sorted(times)[len(times) // 2]  # the median pass: robust to a busy machine
@@ -346,7 +349,7 @@ def run_way(way: str, args: argparse.Namespace) -> dict[str, Any]:
     rss_start = max_rss_mib()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = helper.resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     data_dir = Path(args.data_dir)
     samples = select_samples(data_dir, args.subset, args.n_images)
     runners: dict[str, Callable[[], dict[str, Any]]] = {
@@ -459,10 +462,10 @@ def main() -> None:
     if args.only:
         if not args.child_out:
             raise SystemExit("--only is internal and needs --child-out.")
-        helper.save_json(args.child_out, run_way(args.only, args))
+        save_json(args.child_out, run_way(args.only, args))
         return
 
-    device = helper.resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     command = shlex.join([sys.executable, *sys.argv])
     machine = machine_info(device)
     data_dir, subset, synthetic = resolve_data(args)
@@ -494,7 +497,7 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("only", "child_out")}
     settings.update({"data_dir": str(data_dir), "subset": subset, "synthetic": synthetic,
                      "files": [s.path for s in samples]})
-    helper.save_json(args.out, {"command": command, "machine": machine, "settings": settings,
+    save_json(args.out, {"command": command, "machine": machine, "settings": settings,
                                 "results": results, "ratios": ratios(results)})
     print(f"wrote {args.out}")
 

@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils import runtime  # noqa: E402
+from utils.checkpoint import save_json  # noqa: E402
 from utils import dataloader, helper, metrics, patchknn, postprocess  # noqa: E402
 from utils import model as model_lib  # noqa: E402
 
@@ -41,7 +43,7 @@ def head_outputs(net, features: torch.Tensor, device, precision) -> tuple[np.nda
     probs, cams = [], []
     for start in range(0, len(features), 10):
         x = features[start:start + 10].to(device)
-        with helper.autocast(device, precision):
+        with runtime.autocast(device, precision):
             scores, maps = net.head(x)
         probs.append(scores.float().softmax(dim=1)[:, 1].cpu())
         cams.append(model_lib.class_activation_map(maps.float(), net.fc.weight[1].float()).cpu())
@@ -50,8 +52,8 @@ def head_outputs(net, features: torch.Tensor, device, precision) -> tuple[np.nda
 
 def collect(args, cache: Path) -> dict[str, np.ndarray]:
     """Out-of-fold and calibration maps at feature resolution for all folds (see the module doc)."""
-    device = helper.resolve_device("auto")
-    precision = helper.resolve_precision("auto", device)
+    device = runtime.resolve_device("auto")
+    precision = runtime.resolve_precision("auto", device)
     samples = dataloader.index_subset(args.data_dir, args.subset)
     images = dataloader.load_images(args.data_dir, samples, args.image_size)
     labels = torch.tensor([s.label for s in samples])
@@ -62,7 +64,7 @@ def collect(args, cache: Path) -> dict[str, np.ndarray]:
     else:
         net = model_lib.CAMClassifier(args.backbone, pretrained=True)
         mean, std = model_lib.normalisation(args.backbone, True)
-    net = helper.prepare_model(net, device, precision)
+    net = runtime.prepare_model(net, device, precision)
     init = {k: v.clone() for k, v in net.state_dict().items()}
     start = time.perf_counter()
     features, patches = helper.frozen_pass(net, images, mean, std, batch_size=10, device=device,
@@ -74,7 +76,7 @@ def collect(args, cache: Path) -> dict[str, np.ndarray]:
                                             "cal_idx", "cal_fold", "cal_p", "cal_cam", "cal_patch")}
     for fold, (train, test) in enumerate(dataloader.kfold_splits(samples, args.folds, args.seed)):
         t0 = time.perf_counter()
-        helper.set_seed(args.seed + fold)
+        runtime.set_seed(args.seed + fold)
         net.load_state_dict(init)
         train_pos = dataloader.positions(samples, train)
         test_pos = dataloader.positions(samples, test)
@@ -189,7 +191,7 @@ def analyse(args, c: dict[str, np.ndarray], weights: str) -> None:
     if args.diagnose:
         region_diagnostics(maps, masks, labels)
     if args.out:
-        helper.save_json(args.out, {"args": vars(args), "weights": weights,
+        save_json(args.out, {"args": vars(args), "weights": weights,
                                     "rows": [{"map": n, "rule": r, **v} for (n, r), v in rows.items()]})
 
 

@@ -26,14 +26,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils import runtime  # noqa: E402
+from utils import inference  # noqa: E402
+from utils.checkpoint import save_json  # noqa: E402
 from utils import dataloader, helper, metrics, postprocess  # noqa: E402
 from utils import model as model_lib  # noqa: E402
 
 
 def fold_maps(args, samples, train, test, images, index, device, precision, fold):
     """Train on `train`, return the held-out maps and Anomaly probabilities of `test`."""
-    helper.set_seed(args.seed + fold)
-    net = helper.prepare_model(model_lib.CAMClassifier(args.backbone, pretrained=True), device, precision)
+    runtime.set_seed(args.seed + fold)
+    net = runtime.prepare_model(model_lib.CAMClassifier(args.backbone, pretrained=True), device, precision)
     mean, std = model_lib.normalisation(args.backbone, True)
     x_train = images[[index[s.path] for s in train]]
     y_train = torch.tensor([s.label for s in train])
@@ -47,7 +50,7 @@ def fold_maps(args, samples, train, test, images, index, device, precision, fold
     print(f"fold {fold + 1}: memory {info['size']} of {info['n_patches']} patches ({info['method']}, "
           f"{info['seconds']:.2f} s)", flush=True)
     x_test = images[[index[s.path] for s in test]]
-    return helper.predict(net, x_test, mean, std, batch_size=10, device=device, precision=precision,
+    return inference.predict(net, x_test, mean, std, batch_size=10, device=device, precision=precision,
                           patch_memory=memory)
 
 
@@ -65,8 +68,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="optional JSON file for the numbers")
     args = parser.parse_args()
 
-    device = helper.resolve_device("auto")
-    precision = helper.resolve_precision("auto", device)
+    device = runtime.resolve_device("auto")
+    precision = runtime.resolve_precision("auto", device)
     samples = dataloader.index_subset(args.data_dir, args.subset)
     images = dataloader.load_images(args.data_dir, samples, args.image_size)
     masks = dataloader.load_masks(args.data_dir, samples, args.image_size)
@@ -99,7 +102,7 @@ def main() -> None:
         print(f"{name:<14}{rows[name]['pixel_auroc']:>12.3f}{rows[name]['aupro']:>8.3f}"
               f"{rows[name]['pointing_game']:>10.3f}")
     if args.out:
-        helper.save_json(args.out, {"args": vars(args), "maps": rows})
+        save_json(args.out, {"args": vars(args), "maps": rows})
 
 
 if __name__ == "__main__":

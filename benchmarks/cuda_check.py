@@ -18,13 +18,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils import runtime  # noqa: E402
+from utils import inference  # noqa: E402
+from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils import dataloader, helper, metrics, postprocess  # noqa: E402
 from utils import model as model_lib  # noqa: E402
 
 
 def run(precision: str, device: torch.device, data_dir: Path, args) -> dict:
     """Train and evaluate once; return the metrics and timings."""
-    helper.set_seed(args.seed)
+    runtime.set_seed(args.seed)
     samples = dataloader.index_subset(data_dir, "synthetic")
     train, test = dataloader.split_samples(samples, 0.2, args.seed)
     x_train = dataloader.load_images(data_dir, train, args.image_size)
@@ -32,8 +35,8 @@ def run(precision: str, device: torch.device, data_dir: Path, args) -> dict:
     masks = dataloader.load_masks(data_dir, test, args.image_size)
     y_train = torch.tensor([s.label for s in train])
     y_test = np.array([s.label for s in test])
-    amp = helper.resolve_precision(precision, device)
-    net = helper.prepare_model(model_lib.CAMClassifier(args.backbone, pretrained=False), device, amp)
+    amp = runtime.resolve_precision(precision, device)
+    net = runtime.prepare_model(model_lib.CAMClassifier(args.backbone, pretrained=False), device, amp)
     mean, std = model_lib.normalisation(args.backbone, False)
     start = time.perf_counter()
     features, good = helper.frozen_pass(net, x_train, mean, std, batch_size=10, device=device,
@@ -45,14 +48,14 @@ def run(precision: str, device: torch.device, data_dir: Path, args) -> dict:
     memory, info = helper.build_patch_memory(good.to(device), size=2000, method="coreset", seed=args.seed)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    pred = helper.predict(net, x_test, mean, std, batch_size=10, device=device, precision=amp,
+    pred = inference.predict(net, x_test, mean, std, batch_size=10, device=device, precision=amp,
                           patch_memory=memory)
     infer_s = time.perf_counter() - start
     ckpt = Path(args.work_dir) / f"check_{amp}.pt"
-    helper.save_checkpoint(ckpt, net, {"backbone": args.backbone, "image_size": args.image_size,
+    save_checkpoint(ckpt, net, {"backbone": args.backbone, "image_size": args.image_size,
                                        "pretrained": False}, [s.path for s in test])
-    reloaded, _ = helper.load_checkpoint(ckpt)
-    again = helper.predict(helper.prepare_model(reloaded, device, amp), x_test, mean, std, batch_size=10,
+    reloaded, _ = load_checkpoint(ckpt)
+    again = inference.predict(runtime.prepare_model(reloaded, device, amp), x_test, mean, std, batch_size=10,
                            device=device, precision=amp)
     maps = postprocess.localizer_maps(pred["cam"], pred["p_anomaly"], pred["patch_map"])
     p = pred["p_anomaly"]
@@ -74,7 +77,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="training epochs")
     parser.add_argument("--seed", type=int, default=42, help="seed")
     args = parser.parse_args()
-    device = helper.resolve_device("auto")
+    device = runtime.resolve_device("auto")
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     data_dir = Path(args.work_dir) / "data"

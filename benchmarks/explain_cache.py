@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.checkpoint import atomic_write_bytes  # noqa: E402
 from utils import dataloader, helper  # noqa: E402
 from utils import model as model_lib  # noqa: E402
 
@@ -87,7 +88,7 @@ def main() -> None:
                                "labels": torch.tensor([s.label for s in samples]),
                                "types": [s.defect_type for s in samples], "paths": [s.path for s in samples],
                                "masks": masks, "mean": list(mean), "std": list(std)}
-                helper.atomic_write_bytes(path, lambda f: torch.save(content, f))
+                atomic_write_bytes(path, lambda f: torch.save(content, f))
                 print(f"{path}: {len(samples)} images, {time.perf_counter() - start:.0f} s", flush=True)
 
 

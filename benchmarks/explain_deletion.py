@@ -25,6 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from utils import inference  # noqa: E402
+from utils.checkpoint import save_json  # noqa: E402
 from utils import dataloader, helper  # noqa: E402
 from utils.constants import ANOMALY  # noqa: E402
 from explain_cache import DEFAULT_DATA, build_model, cache_path  # noqa: E402
@@ -33,7 +35,7 @@ from explain_cache import DEFAULT_DATA, build_model, cache_path  # noqa: E402
 @torch.no_grad()
 def p_anomaly(net, images: torch.Tensor, mean, std) -> np.ndarray:
     """Anomaly probability (N,) of (N, 3, H, W) uint8 images."""
-    return helper.predict(net, images, mean, std, batch_size=10, device=torch.device("cpu"), precision="fp32",
+    return inference.predict(net, images, mean, std, batch_size=10, device=torch.device("cpu"), precision="fp32",
                           progress=False)["p_anomaly"]
 
 
@@ -88,7 +90,7 @@ def main() -> None:
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {}
     report[f"{args.subset}/{args.backbone}/{args.variant}/folds{'-'.join(map(str, args.folds))}"] = summary
-    helper.save_json(out, report)
+    save_json(out, report)
     print(json.dumps(summary, indent=1))
 
 

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.checkpoint import atomic_write_bytes, save_json  # noqa: E402
 from utils import explain, helper, metrics, postprocess  # noqa: E402
 from utils import model as model_lib  # noqa: E402
 from utils.constants import ANOMALY  # noqa: E402
@@ -80,7 +81,7 @@ def run_folds(cache: dict, flipped: torch.Tensor | None, backbone: str, pooling:
         net.eval()
         if saved is not None and not saved.is_file():  # the trained layers: maps again later, the deletion test
             trained = {k: v for k, v in net.state_dict().items() if not k.startswith("frozen.")}
-            helper.atomic_write_bytes(saved, lambda f: torch.save({"state_dict": trained, "test": te, "train": tr}, f))
+            atomic_write_bytes(saved, lambda f: torch.save({"state_dict": trained, "test": te, "train": tr}, f))
         # the "gradref" baseline, as Training.ipynb sets it: the fold's good training images' mean frozen output
         net.explain_reference = explain.reference_features(cache["frozen"][tr], labels[tr])
         for start in range(0, len(te), 20):
@@ -208,7 +209,7 @@ def main() -> None:
                               weights="Oxford ImageNet (backbone_weights file)" if backbone == "vgg16"
                               else "torchvision ImageNet")
                 report[f"{subset}/{backbone}/{variant}{part}"] = result
-                helper.save_json(out_path, report)
+                save_json(out_path, report)
                 c = result["classification"]
                 print(f"{subset:<11}{backbone:<13}{variant:<10} acc {c['accuracy']:.3f} AUROC {c['image_auroc']:.3f} | "
                       + "  ".join(f"{k} {v['pointing_game']:.2f}/{v['pixel_auroc']:.2f}/{v['aupro']:.2f}"

@@ -29,6 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 
+from utils import runtime  # noqa: E402
+from utils.checkpoint import atomic_write_bytes, save_json  # noqa: E402
 from utils import helper, metrics, patchknn  # noqa: E402
 from utils.constants import GOOD, MVTEC_DIR_ENV  # noqa: E402
 from utils.dataloader import index_subset, load_images, load_masks  # noqa: E402
@@ -86,8 +88,8 @@ def extract(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     train = [s for s in samples if s.path.split("/")[1] == "train" and s.label == GOOD][: args.n_train]
     test = [s for s in samples if s.path.split("/")[1] == "test"][:: args.test_every]
     device = torch.device("cpu")
-    precision = helper.resolve_precision("auto", device)
-    net = helper.prepare_model(CAMClassifier(args.backbone, pretrained=args.pretrained), device, precision)
+    precision = runtime.resolve_precision("auto", device)
+    net = runtime.prepare_model(CAMClassifier(args.backbone, pretrained=args.pretrained), device, precision)
     mean, std = normalisation(args.backbone, args.pretrained)
     out = {}
     for name, part in (("train", train), ("test", test)):
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = extract(args)
         if cache is not None:
-            helper.atomic_write_bytes(cache, lambda f: torch.save(data, f))
+            atomic_write_bytes(cache, lambda f: torch.save(data, f))
     patches, test = data["train"], data["test"]
     masks, labels = data["masks"].numpy(), data["labels"].numpy()
     n, dim = patches.shape
@@ -177,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         row.update(map_metrics(patches[index], test, masks, labels, args.image_size, args.sigma))
         rows[name] = row
         print(f"  {name}: {seconds:.2f} s, pixel AUROC {row['pixel_auroc']:.4f}, AUPRO {row['aupro']:.4f}", flush=True)
-        helper.save_json(args.out, report)  # after every way: a long run interrupted keeps what it measured
+        save_json(args.out, report)  # after every way: a long run interrupted keeps what it measured
     report["machine_after"] = machine()
     print_table(report, args)
-    helper.save_json(args.out, report)
+    save_json(args.out, report)
     print("wrote", args.out)
     return 0
 

@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils import runtime  # noqa: E402
+from utils.checkpoint import save_json  # noqa: E402
 from utils import dataloader, helper, metrics  # noqa: E402
 from utils import model as model_lib  # noqa: E402
 
@@ -32,8 +34,8 @@ RECIPE = dict(epochs=10, lr=1e-4, class_weight=[1.0, 3.0], target_train_accuracy
 
 def train_and_score(weights, backbone, features, labels, train_idx, test_idx, seed, device, precision):
     """Train the published recipe on cached features of `train_idx`; Anomaly probabilities of `test_idx`."""
-    helper.set_seed(seed)
-    net = helper.prepare_model(model_lib.CAMClassifier(backbone, weights=weights, pretrained=weights is None),
+    runtime.set_seed(seed)
+    net = runtime.prepare_model(model_lib.CAMClassifier(backbone, weights=weights, pretrained=weights is None),
                                device, precision)
     history = helper.train_model(net, None, torch.as_tensor(labels[train_idx]), mean=None, std=None, seed=seed,
                                  device=device, precision=precision, features=features[train_idx],
@@ -43,7 +45,7 @@ def train_and_score(weights, backbone, features, labels, train_idx, test_idx, se
     with torch.no_grad():
         for start in range(0, len(test_idx), 10):
             x = features[test_idx[start:start + 10]].to(device)
-            with helper.autocast(device, precision):
+            with runtime.autocast(device, precision):
                 scores, _ = net.head(x)
             probs.append(scores.float().softmax(dim=1)[:, 1].cpu())
     return torch.cat(probs).numpy(), history["epochs_run"]
@@ -63,14 +65,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = torch.device("cpu")
-    precision = helper.resolve_precision("auto", device)
+    precision = runtime.resolve_precision("auto", device)
     weights = model_lib.load_backbone_weights(args.backbone_weights, args.backbone) if args.backbone_weights else None
     mean, std = (weights.mean, weights.std) if weights else model_lib.normalisation(args.backbone, True)
     samples = dataloader.index_subset(args.data_dir, args.subset)
     labels = np.array([s.label for s in samples])
     start = time.perf_counter()
     images = dataloader.load_images(args.data_dir, samples, 224)
-    net = helper.prepare_model(model_lib.CAMClassifier(args.backbone, weights=weights, pretrained=True), device,
+    net = runtime.prepare_model(model_lib.CAMClassifier(args.backbone, weights=weights, pretrained=True), device,
                                precision)
     features, _ = helper.frozen_pass(net, images, mean, std, batch_size=10, device=device, precision=precision)
     del net, images
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
               "backbone_weights": weights.describe() if weights else None, "recipe": RECIPE,
               "seconds": time.perf_counter() - start, "runs": runs}
     if args.out:
-        helper.save_json(args.out, report)
+        save_json(args.out, report)
     return report
 
 

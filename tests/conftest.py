@@ -18,6 +18,7 @@ if str(REPO_ROOT) not in sys.path:  # so `import utils` works whatever folder py
     sys.path.insert(0, str(REPO_ROOT))
 
 from utils.constants import MVTEC_DIR_ENV  # noqa: E402
+from utils.dataloader import index_subset, load_images, load_masks  # noqa: E402
 from utils.model import CAMClassifier  # noqa: E402
 
 # The tests run tiny tensors: one intra-op thread avoids OpenMP stalls when the 2 cores are shared.
@@ -36,6 +37,26 @@ def real_mvtec_dir() -> Path:
         source = f"${MVTEC_DIR_ENV}" if configured else f"the default location (set ${MVTEC_DIR_ENV} to override)"
         pytest.skip(f"real MVTec AD folder {root} not found ({source}); these tests need real images")
     return root
+
+
+@pytest.fixture(scope="session")
+def real_subset(real_mvtec_dir: Path) -> Callable[[str, int], tuple]:
+    """`real_subset(name, size)`: a real category decoded once per test run, whichever tests ask for
+    it: (samples, images (N, 3, size, size) uint8, masks (N, size, size) bool or None, labels (N,)).
+    Skips when the category is absent."""
+    decoded: dict[tuple[str, int], tuple] = {}
+
+    def get(name: str, size: int) -> tuple:
+        if not (real_mvtec_dir / name).is_dir():
+            pytest.skip(f"{real_mvtec_dir / name} not found: these tests need the real MVTec AD {name} images")
+        if (name, size) not in decoded:
+            samples = index_subset(real_mvtec_dir, name)
+            decoded[(name, size)] = (samples, load_images(real_mvtec_dir, samples, size),
+                                     load_masks(real_mvtec_dir, samples, size),
+                                     torch.tensor([s.label for s in samples]))
+        return decoded[(name, size)]
+
+    return get
 
 
 def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:

@@ -12,7 +12,8 @@ import papermill as pm
 import pytest
 import torch
 
-from utils import helper, inference, offline_weights
+from utils import parameters
+from utils import inference, offline_weights
 from utils.download import sha256_of
 from utils.model import (
     BACKBONE_WEIGHTS_FORMAT,
@@ -113,7 +114,7 @@ def _config(**overrides):
                   target_train_accuracy=None, test_size=0.2, seed=0, heatmap_thres=0.7, n_cv_folds=0,
                   weights_dir="w", results_dir="r", device="cpu")
     params.update(overrides)
-    return helper.training_config(**params)
+    return parameters.training_config(**params)
 
 
 def test_config_records_file_and_its_normalisation(weights_file: Path) -> None:
@@ -145,7 +146,7 @@ def test_score_image_uses_the_checkpoint_normalisation(weights_file: Path, monke
     net = CAMClassifier("mobilenet_v2", weights=weights).eval()
     config = _config(backbone_weights=str(weights_file))
     seen = []
-    real_predict = helper.predict
+    real_predict = inference.predict
 
     def spy(model, images, mean, std, **kwargs):
         seen.append((tuple(mean), tuple(std)))
@@ -154,7 +155,7 @@ def test_score_image_uses_the_checkpoint_normalisation(weights_file: Path, monke
     # score_image scores through utils.inference, which holds its own reference to predict
     monkeypatch.setattr(inference, "predict", spy)
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    helper.score_image(image, net, config)
+    inference.score_image(image, net, {"config": config})
     assert seen == [(tuple(FILE_MEAN), tuple(FILE_STD))]
 
 
@@ -183,7 +184,7 @@ def test_training_notebook_with_a_weights_file(tmp_path: Path, weights_file: Pat
         pm.execute_notebook(ROOT / "Training.ipynb", tmp_path / "Bad.ipynb", cwd=str(ROOT),
                             parameters=params, progress_bar=False)
     assert str(bad) in info.value.evalue
-    assert "helper.training_config(" in info.value.source  # the first cell after the parameters
+    assert "parameters.training_config(" in info.value.source  # the first cell after the parameters
     assert not (tmp_path / "weights2").exists()
 
 

@@ -17,7 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import dataloader, download, helper
+from utils import runtime
+from utils import parameters
+from utils.checkpoint import CHECKPOINT_FORMAT, atomic_write_bytes, checkpoint_dict, load_checkpoint, save_run
+from utils import dataloader, download, inference
 from utils.constants import ANOMALY, GOOD
 from utils.dataloader import Sample
 
@@ -139,8 +142,8 @@ def test_score_image_applies_orientation(tmp_path: Path, make_model) -> None:
     model = make_model("mobilenet_v2").eval()
     config = {"backbone": "mobilenet_v2", "pretrained": False, "image_size": 64, "heatmap_thres": 0.7}
     shown = np.asarray(Image.open(path).transpose(Image.Transpose.ROTATE_270))  # what a viewer shows
-    from_file = helper.score_image(path, model, config)
-    from_pixels = helper.score_image(shown, model, config)
+    from_file = inference.score_image(path, model, {"config": config})
+    from_pixels = inference.score_image(shown, model, {"config": config})
     np.testing.assert_allclose(from_file["heatmap"], from_pixels["heatmap"], atol=1e-6)
 
 
@@ -285,24 +288,24 @@ def test_unwritable_output_folder_is_refused_by_training_config(tmp_path: Path, 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ValueError, match=f"{name}=.*a_file"):
-        helper.training_config(**{**_TRAIN_DEFAULTS, name: str(blocker / "out")})
+        parameters.training_config(**{**_TRAIN_DEFAULTS, name: str(blocker / "out")})
     with pytest.raises(ValueError, match=f"{name}=.*a_file"):
-        helper.training_config(**{**_TRAIN_DEFAULTS, name: str(blocker)})
+        parameters.training_config(**{**_TRAIN_DEFAULTS, name: str(blocker)})
     assert blocker.read_text() == "" and not (tmp_path / "weights").exists()
 
 
 def test_failed_save_keeps_checkpoint_and_log_in_agreement(tmp_path: Path, make_model) -> None:
     model = make_model("mobilenet_v2")
-    config = helper.training_config(**{**_TRAIN_DEFAULTS, "backbone": "mobilenet_v2"})
+    config = parameters.training_config(**{**_TRAIN_DEFAULTS, "backbone": "mobilenet_v2"})
     ckpt, log = tmp_path / "w" / "run.pt", tmp_path / "r" / "training.json"
-    helper.save_run(ckpt, model, config, ["a.png"], {"n_train": 1}, log, {"run": 1})
+    save_run(ckpt, checkpoint_dict(model, config, ["a.png"], {"n_train": 1}), log, {"run": 1})
     before = ckpt.read_bytes(), log.read_bytes()
     with pytest.raises(TypeError):  # the log cannot be written: nothing is replaced
-        helper.save_run(ckpt, model, config, ["b.png"], {"n_train": 2}, log, {"run": 2, "bad": object()})
+        save_run(ckpt, checkpoint_dict(model, config, ["b.png"], {"n_train": 2}), log, {"run": 2, "bad": object()})
     assert (ckpt.read_bytes(), log.read_bytes()) == before
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["run.pt"]
     assert sorted(p.name for p in log.parent.iterdir()) == ["training.json"]
-    helper.save_run(ckpt, model, config, ["b.png"], {"n_train": 2}, log, {"run": 2})
+    save_run(ckpt, checkpoint_dict(model, config, ["b.png"], {"n_train": 2}), log, {"run": 2})
     assert torch.load(ckpt, weights_only=True)["test_files"] == ["b.png"]
     assert json.loads(log.read_text()) == {"run": 2}
 
@@ -317,7 +320,7 @@ def test_stale_temporary_files_of_the_atomic_writer_are_removed(tmp_path: Path) 
     other = tmp_path / ".notes.txt.tmp"  # not the writer's pattern for this file
     other.write_bytes(b"")
     os.utime(other, (old, old))
-    helper.atomic_write_bytes(tmp_path / "run.pt", lambda f: f.write(b"new"))
+    atomic_write_bytes(tmp_path / "run.pt", lambda f: f.write(b"new"))
     assert (tmp_path / "run.pt").read_bytes() == b"new"
     assert not stale.exists() and fresh.exists() and other.exists()
 
@@ -336,9 +339,9 @@ _TRAIN_DEFAULTS = dict(
 @pytest.mark.parametrize("seed", ["abc", -1, 2**32, 1.5])
 def test_bad_seed_is_named_before_use(seed) -> None:
     with pytest.raises(ValueError, match="seed="):
-        helper.set_seed(seed)
+        runtime.set_seed(seed)
     with pytest.raises(ValueError, match="seed="):
-        helper.training_config(**{**_TRAIN_DEFAULTS, "seed": seed})
+        parameters.training_config(**{**_TRAIN_DEFAULTS, "seed": seed})
 
 
 def test_decompression_bomb_names_the_file(tmp_path: Path, png, monkeypatch) -> None:
@@ -355,7 +358,7 @@ def test_decompression_bomb_names_the_file(tmp_path: Path, png, monkeypatch) -> 
 def test_evaluation_parameters_are_checked(name: str, value) -> None:
     params = {"batch_size": 10, "n_samples": 8, "heatmap_thres": 0.7, name: value}
     with pytest.raises(ValueError, match=f"{name}="):
-        helper.check_evaluation_parameters(**params)
+        parameters.check_evaluation_parameters(**params)
 
 
 def test_too_small_test_size_is_explained(tmp_path: Path, png) -> None:
@@ -370,17 +373,17 @@ def test_too_small_test_size_is_explained(tmp_path: Path, png) -> None:
 def test_empty_checkpoint_says_empty(tmp_path: Path) -> None:
     (tmp_path / "run.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="run.pt.*empty"):
-        helper.load_checkpoint(tmp_path / "run.pt")
+        load_checkpoint(tmp_path / "run.pt")
 
 
 def test_checkpoint_without_keys_names_them(tmp_path: Path) -> None:
-    torch.save({"format": helper.CHECKPOINT_FORMAT, "config": {"backbone": "vgg16"}}, tmp_path / "k.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "config": {"backbone": "vgg16"}}, tmp_path / "k.pt")
     with pytest.raises(ValueError, match="k.pt.*state_dict.*test_files"):
-        helper.load_checkpoint(tmp_path / "k.pt")
-    torch.save({"format": helper.CHECKPOINT_FORMAT, "config": {}, "state_dict": {}, "test_files": []},
+        load_checkpoint(tmp_path / "k.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "config": {}, "state_dict": {}, "test_files": []},
                tmp_path / "c.pt")
     with pytest.raises(ValueError, match="c.pt.*backbone"):
-        helper.load_checkpoint(tmp_path / "c.pt")
+        load_checkpoint(tmp_path / "c.pt")
 
 
 # --------------------------------------------------------------------------- 7. messages that say what is wrong
@@ -417,7 +420,7 @@ def test_permission_denied_is_reported_as_such(tmp_path: Path, png, monkeypatch)
 
 def test_weights_path_that_is_a_folder(tmp_path: Path) -> None:
     with pytest.raises((ValueError, IsADirectoryError), match="is a folder"):
-        helper.load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path)
 
 
 # --------------------------------------------------------------------------- 8. Evaluation reads only the checkpoint's images

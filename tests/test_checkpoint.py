@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from utils.constants import CLASS_NAMES
-from utils.helper import (
-    CHECKPOINT_FORMAT,
-    has_classifier,
-    load_checkpoint,
-    predict,
-    save_checkpoint,
-    trains_classifier,
-    training_config,
-)
+from utils.checkpoint import CHECKPOINT_FORMAT, has_classifier, load_checkpoint, save_checkpoint
+from utils.inference import predict
+from utils.parameters import trains_classifier, training_config
 
 # The Training.ipynb defaults from CONTRACT.md, shrunk to a tiny run.
 DEFAULTS = dict(

@@ -16,7 +16,6 @@ from utils.dataloader import (
     Sample,
     batch_order,
     check_both_classes,
-    has_anomalies,
     index_subset,
     kfold_splits,
     load_images,
@@ -352,7 +351,7 @@ def test_load_masks_zero_for_good_and_none_without_masks(widget: Path) -> None:
 def test_official_split_is_the_train_and_test_folders(widget: Path) -> None:
     train, test = split_subset(index_subset(widget, "widget"), "official", test_size=0.2, seed=0)
     assert train == WIDGET_SAMPLES[:2] and test == WIDGET_SAMPLES[2:]
-    assert not has_anomalies(train) and has_anomalies(test)
+    assert {s.label for s in train} == {GOOD} and ANOMALY in {s.label for s in test}
 
 
 def test_pooled_split_is_the_published_one(widget: Path) -> None:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils import explain, helper, postprocess
+from utils import inference
+from utils import explain, localizers, postprocess
 from utils.model import CAMClassifier, class_activation_map
 
 
@@ -79,24 +80,23 @@ def test_pooling_heads_by_hand():
 def test_predict_returns_explanations_and_localizers_offer_them(mobilenet):
     images = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
     kwargs = dict(batch_size=2, device=torch.device("cpu"), precision="fp32", progress=False)
-    without = helper.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, explain=True, **kwargs)
+    without = inference.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, explain=True, **kwargs)
     assert "gradref" not in without  # no reference: the map that needs it is left out, the others stay
     assert all(name in without for name in explain.EXPLANATIONS if name not in explain.REFERENCE_EXPLANATIONS)
     mobilenet.explain_reference = torch.rand(96, 4, 4)  # the frozen output at 64 px: (96, 4, 4)
     try:
-        out = helper.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, explain=True, **kwargs)
+        out = inference.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, explain=True, **kwargs)
     finally:
         mobilenet.explain_reference = None
-    plain = helper.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, **kwargs)
+    plain = inference.predict(mobilenet, images, (0.5,) * 3, (0.25,) * 3, **kwargs)
     np.testing.assert_allclose(out["p_anomaly"], plain["p_anomaly"], rtol=1e-5)
     assert all(out[name].shape == (3, 64, 64) for name in explain.EXPLANATIONS)
-    maps = postprocess.localizer_maps(out["cam"], out["p_anomaly"],
-                                      explanations={k: out[k] for k in explain.EXPLANATIONS})
+    maps = localizers.maps_of(out)
     assert set(maps) == {"cam", *explain.EXPLANATIONS, "explain"}
     np.testing.assert_array_equal(maps["explain"], maps[explain.EXPLAIN])
     # comparable across images: each map's maximum is its image's Anomaly probability
     np.testing.assert_allclose(maps["explain"].reshape(3, -1).max(1), out["p_anomaly"], rtol=1e-5)
-    scores = postprocess.localizer_image_scores(maps, out["p_anomaly"])
+    scores = localizers.localizer_image_scores(maps, out["p_anomaly"])
     assert set(scores) == set(maps)
 
 

@@ -1,89 +1,84 @@
-"""score_image (one image from any source, training's preprocessing) and cross_validate."""
+"""The fold pipeline (utils.helper): one frozen pass serves every fold, what a fold trains and scores, cross-validation."""
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from utils import dataloader, helper
-from utils.model import normalisation
-from utils.postprocess import calibrated_boxes, heatmap_to_boxes
+from utils import dataloader, helper, inference, parameters
+from utils.constants import GOOD
 from utils.synthetic import generate_synthetic_subset
 
 CPU = torch.device("cpu")
-CONFIG = {"backbone": "vgg16", "pretrained": False, "image_size": 64, "heatmap_thres": 0.7}
 
 
-@pytest.fixture
-def image_file(tmp_path):
-    rng = np.random.default_rng(0)
-    array = rng.integers(0, 255, (100, 80, 3), dtype=np.uint8)  # not square: resized like training
-    path = tmp_path / "part.png"
-    Image.fromarray(array).save(path)
-    return path, array
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory):
+    """17 synthetic images at 64 px: samples, decoded images (N, 3, 64, 64) uint8, labels (N,)."""
+    root = tmp_path_factory.mktemp("data")
+    generate_synthetic_subset(root / "synthetic", seed=0, n_train_good=6, n_test_good=2, n_per_defect=3, image_size=64)
+    samples = dataloader.index_subset(root, "synthetic")
+    return samples, dataloader.load_images(root, samples, 64), torch.tensor([s.label for s in samples])
 
 
-def _set_bias(model, good: float, anomaly: float):
-    with torch.no_grad():
-        model.fc.bias.copy_(torch.tensor([good, anomaly]))
-        model.fc.weight.mul_(1e-3)  # the bias decides the label; the CAM keeps its shape
-    return model
+def _config(tmp_path, **overrides):
+    return parameters.training_config(**{
+        "data_dir": str(tmp_path), "subset_name": "synthetic", "download": False, "backbone": "mobilenet_v2",
+        "pretrained": False, "image_size": 64, "batch_size": 5, "epochs": 2, "lr": 1e-3, "class_weight": [1, 3],
+        "target_train_accuracy": None, "test_size": 0.2, "seed": 0, "heatmap_thres": 0.7, "n_cv_folds": 0,
+        "weights_dir": str(tmp_path), "results_dir": str(tmp_path), "device": "cpu", "precision": "fp32",
+        "patch_memory_size": 200, "patch_memory_method": "random", **overrides})
 
 
-def test_path_pil_and_array_give_the_same_result(image_file, make_model):
-    path, array = image_file
-    model = _set_bias(make_model("vgg16"), -10.0, 10.0).eval()
-    results = [helper.score_image(x, model, CONFIG, box_threshold="minmax") for x in (path, Image.open(path), array)]
-    for r in results[1:]:
-        assert r["label"] == results[0]["label"] == "Anomaly"
-        np.testing.assert_array_equal(r["heatmap"], results[0]["heatmap"])
-        np.testing.assert_array_equal(r["boxes"], results[0]["boxes"])
-    # the same preprocessing as training's decode-once loader
-    decoded = dataloader.read_image(path, 64)[None]
-    mean, std = normalisation("vgg16", False)
-    cam = helper.predict(model, decoded, mean, std, batch_size=1, device=CPU, precision="fp32")["cam"][0]
-    expected = (cam - cam.min()) / (cam.max() - cam.min())
-    np.testing.assert_allclose(results[0]["heatmap"], expected, atol=1e-6)
-    # an Anomaly gets the boxes of its heatmap at the configuration's threshold
-    np.testing.assert_array_equal(results[0]["boxes"], heatmap_to_boxes(expected, 0.7)[0])
+def test_frozen_pass_keeps_the_taps_it_is_asked_for(subset, make_model):
+    _, images, _ = subset
+    net = make_model("mobilenet_v2")
+    keep = torch.tensor([i % 3 == 0 for i in range(len(images))])
+    frozen = helper.frozen_pass(net, images, (0.5,) * 3, (0.25,) * 3, batch_size=4, device=CPU, precision="fp32",
+                                tap_images=keep, progress=False)
+    assert frozen.features.shape == (17, 96, 4, 4) and frozen.tap.shape == (int(keep.sum()), 32, 8, 8)
+    full = helper.frozen_pass(net, images, (0.5,) * 3, (0.25,) * 3, batch_size=4, device=CPU, precision="fp32",
+                              progress=False)
+    idx = torch.tensor([9, 0, 3])
+    torch.testing.assert_close(frozen.tap_of(idx), full.tap_of(idx))
+    assert frozen.patches_of(idx).shape == (3 * 8 * 8, 32 + 96)
+    with pytest.raises(ValueError, match="no stride-8 tap"):
+        frozen.tap_of(torch.tensor([1]))
 
 
-def test_good_label_gets_no_box_and_grayscale_works(image_file, make_model):
-    _, array = image_file
-    model = _set_bias(make_model("vgg16"), 10.0, -10.0).eval()
-    result = helper.score_image(array[..., 0], model, CONFIG, box_threshold="minmax")  # (H, W) grayscale array
-    assert result["label"] == "Good" and result["p_anomaly"] < 0.01
-    assert result["boxes"].shape == (0, 4)
+def test_a_fold_scores_from_the_cache_what_predict_scores_from_the_images(subset, make_model, tmp_path):
+    samples, images, labels = subset
+    config = _config(tmp_path)
+    template = make_model("mobilenet_v2")
+    untouched = {k: v.clone() for k, v in template.state_dict().items()}
+    frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=5, device=CPU,
+                                precision="fp32", progress=False)
+    train, test = torch.arange(0, 17, 2), torch.arange(1, 17, 2)
+    fold = helper.run_fold(config, template, frozen, labels, train, test, device=CPU, precision="fp32",
+                           test_maps=True, progress=False)
+    assert all(torch.equal(v, template.state_dict()[k]) for k, v in untouched.items())  # the template stays untrained
+    assert fold.classifier and fold.history["epochs_run"] == 2
+    # the memory holds patches of the good training images only
+    n_good = int((labels[train] == GOOD).sum())
+    assert fold.memory_info["n_patches"] == n_good * 8 * 8 and len(fold.patch_memory) == 200
+    direct = inference.predict(fold.model, images[test], config["mean"], config["std"], batch_size=5, device=CPU,
+                               precision="fp32", patch_memory=fold.patch_memory, explain=True)
+    assert set(fold.test) == set(direct)
+    for key, value in direct.items():
+        np.testing.assert_allclose(fold.test[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+    assert set(fold.calibration["thresholds"]) >= {"cam", "patch_knn", "cam_knn", "gradref", "explain"}
+    assert fold.calibration["thresholds"]["patch_knn"] > 0  # leave-one-image-out: never a self-match
 
 
-def test_calibrated_boxes_of_score_image_follow_the_checkpoint_threshold(image_file, make_model):
-    path, _ = image_file
-    model = _set_bias(make_model("vgg16"), -10.0, 10.0).eval()  # p_anomaly ~ 1: the "cam" map is the heatmap
-    low = {"thresholds": {"cam": 0.5}, "min_area": 1}
-    result = helper.score_image(path, model, CONFIG, calibration=low)
-    heatmap = result["heatmap"] * result["p_anomaly"]
-    np.testing.assert_array_equal(result["boxes"], calibrated_boxes(heatmap, 0.5, 1)[0])
-    assert len(result["boxes"]) >= 1
-    # a threshold above the whole map (as calibrated on good parts hotter than this one): no box
-    high = {"thresholds": {"cam": 1.0}, "min_area": 1}
-    assert helper.score_image(path, model, CONFIG, calibration=high)["boxes"].shape == (0, 4)
-    # calibrated by default; without a calibration the published rule is used, and said so
-    fallback = helper.score_image(path, model, CONFIG)
-    assert fallback["box_threshold"] == "minmax" and "no calibrated threshold" in fallback["box_note"]
-
-
-def test_cross_validation_holds_out_every_image_once(tmp_path):
-    generate_synthetic_subset(tmp_path / "synthetic", seed=0, n_train_good=6, n_test_good=2,
-                              n_per_defect=3, image_size=64)
-    samples = dataloader.index_subset(tmp_path, "synthetic")
-    images = dataloader.load_images(tmp_path, samples, 64)
+def test_cross_validation_holds_out_every_image_once(subset, make_model, tmp_path):
+    samples, images, _ = subset
+    config = _config(tmp_path, epochs=1, patch_memory_size=0)
+    template = make_model("mobilenet_v2")
+    frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=5, device=CPU,
+                                precision="fp32", progress=False)
     seen = []
-    results = helper.cross_validate(
-        samples, images, n_folds=3, backbone="vgg16", pretrained=False, seed=0, device=CPU,
-        precision="fp32", on_fold_end=lambda fold, m: seen.append(fold), epochs=1, lr=1e-3,
-        class_weight=[1, 3], batch_size=5, target_train_accuracy=None,
-    )
-    assert seen == [1, 2, 3] and len(results) == 3
+    results = helper.cross_validate(config, samples, template, frozen, n_folds=3, device=CPU, precision="fp32",
+                                    on_fold_end=lambda fold, m, held_out, _: seen.append((fold, len(held_out))))
+    assert [f for f, _ in seen] == [1, 2, 3] and sum(n for _, n in seen) == 17 and len(results) == 3
     counted = sum(sum(r["confusion_matrix"].values()) for r in results)
     anomalies = sum(r["confusion_matrix"]["TP"] + r["confusion_matrix"]["FN"] for r in results)
     assert counted == len(samples) == 17 and anomalies == 9

@@ -1,12 +1,17 @@
-"""utils.inference on hand-made inputs: finding image files, box scaling, box rules, rows; the overlay picture."""
+"""utils.inference on hand-made inputs: finding image files, box scaling, box rules, rows, the overlay picture;
+score_image on one image from any source with training's preprocessing."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from utils import inference, plots
+from utils.checkpoint import CONFIG_KEYS, load_checkpoint, save_checkpoint
+from utils import dataloader, inference, plots
+from utils.model import normalisation
+from utils.postprocess import calibrated_boxes, heatmap_to_boxes
 
 CHECKPOINT = {"config": {"backbone": "vgg16", "pretrained": False, "image_size": 64, "heatmap_thres": 0.7}}
 
@@ -66,29 +71,26 @@ def test_localizer_needs_what_the_checkpoint_holds():
 def test_gradref_needs_the_checkpoints_explanation_reference():
     # a checkpoint from before the reference existed offers every other map, and asking for
     # "gradref" names what is missing and what to use instead
-    assert "gradref" not in inference.available_localizers(CHECKPOINT)
-    assert "layercam_s8" in inference.available_localizers(CHECKPOINT)
+    inference.check_localizer("layercam_s8", CHECKPOINT)
     with pytest.raises(ValueError, match="gradref.*explanation reference.*old.pt.*train again"):
         inference.check_localizer("gradref", CHECKPOINT, where="old.pt")
     with_reference = {**CHECKPOINT, "explain_reference": torch.zeros(512, 4, 4)}
     inference.check_localizer("gradref", with_reference)
-    assert "gradref" in inference.available_localizers(with_reference)
 
 
 def test_checkpoint_round_trip_keeps_the_explanation_reference(tmp_path, make_model):
-    from utils import helper
     net = make_model("mobilenet_v2")
     reference = torch.rand(96, 4, 4)
     config = {"backbone": "mobilenet_v2", "pretrained": False, "image_size": 64, "subset_name": "s"}
-    config.update({k: None for k in helper.CONFIG_KEYS if k not in config})
-    helper.save_checkpoint(tmp_path / "m.pt", net, config, [], extra={"explain_reference": reference})
-    loaded, ckpt = helper.load_checkpoint(tmp_path / "m.pt")
+    config.update({k: None for k in CONFIG_KEYS if k not in config})
+    save_checkpoint(tmp_path / "m.pt", net, config, [], extra={"explain_reference": reference})
+    loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
     assert torch.equal(loaded.explain_reference, reference)
-    helper.save_checkpoint(tmp_path / "old.pt", net, config, [])  # written before the reference existed
-    assert helper.load_checkpoint(tmp_path / "old.pt")[0].explain_reference is None
-    helper.save_checkpoint(tmp_path / "bad.pt", net, config, [], extra={"explain_reference": torch.full((96,), float("nan"))})
+    save_checkpoint(tmp_path / "old.pt", net, config, [])  # written before the reference existed
+    assert load_checkpoint(tmp_path / "old.pt")[0].explain_reference is None
+    save_checkpoint(tmp_path / "bad.pt", net, config, [], extra={"explain_reference": torch.full((96,), float("nan"))})
     with pytest.raises(ValueError, match="bad.pt.*explain_reference"):
-        helper.load_checkpoint(tmp_path / "bad.pt")
+        load_checkpoint(tmp_path / "bad.pt")
 
 
 def test_minmax_boxes_only_on_anomaly_decisions():
@@ -157,3 +159,68 @@ def test_calibrated_rule_uses_the_checkpoints_threshold_in_map_units(monkeypatch
     assert calls == [((8, 8), 0.3, 4), ((8, 8), 0.3, 4)]
     # a map without a calibrated threshold falls back to min-max, with a note
     assert inference.box_rule(checkpoint, "patch_knn", "calibrated").name == "minmax"
+
+
+# --- score_image ------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+CONFIG = CHECKPOINT["config"]
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 255, (100, 80, 3), dtype=np.uint8)  # not square: resized like training
+    path = tmp_path / "part.png"
+    Image.fromarray(array).save(path)
+    return path, array
+
+
+def _set_bias(model, good: float, anomaly: float):
+    with torch.no_grad():
+        model.fc.bias.copy_(torch.tensor([good, anomaly]))
+        model.fc.weight.mul_(1e-3)  # the bias decides the label; the CAM keeps its shape
+    return model
+
+
+def test_path_pil_and_array_give_the_same_result(image_file, make_model):
+    path, array = image_file
+    model = _set_bias(make_model("vgg16"), -10.0, 10.0).eval()
+    results = [inference.score_image(x, model, {"config": CONFIG}, box_threshold="minmax")
+               for x in (path, Image.open(path), array)]
+    for r in results[1:]:
+        assert r["label"] == results[0]["label"] == "Anomaly"
+        np.testing.assert_array_equal(r["heatmap"], results[0]["heatmap"])
+        np.testing.assert_array_equal(r["boxes"], results[0]["boxes"])
+    # the same preprocessing as training's decode-once loader
+    decoded = dataloader.read_image(path, 64)[None]
+    mean, std = normalisation("vgg16", False)
+    cam = inference.predict(model, decoded, mean, std, batch_size=1, device=CPU, precision="fp32")["cam"][0]
+    expected = (cam - cam.min()) / (cam.max() - cam.min())
+    np.testing.assert_allclose(results[0]["heatmap"], expected, atol=1e-6)
+    # an Anomaly gets the boxes of its heatmap at the configuration's threshold
+    np.testing.assert_array_equal(results[0]["boxes"], heatmap_to_boxes(expected, 0.7)[0])
+
+
+def test_good_label_gets_no_box_and_grayscale_works(image_file, make_model):
+    _, array = image_file
+    model = _set_bias(make_model("vgg16"), 10.0, -10.0).eval()
+    result = inference.score_image(array[..., 0], model, {"config": CONFIG}, box_threshold="minmax")  # (H, W) grayscale array
+    assert result["label"] == "Good" and result["p_anomaly"] < 0.01
+    assert result["boxes"].shape == (0, 4)
+
+
+def test_calibrated_boxes_of_score_image_follow_the_checkpoint_threshold(image_file, make_model):
+    path, _ = image_file
+    model = _set_bias(make_model("vgg16"), -10.0, 10.0).eval()  # p_anomaly ~ 1: the "cam" map is the heatmap
+    low = {"thresholds": {"cam": 0.5}, "min_area": 1}
+    result = inference.score_image(path, model, {"config": CONFIG, "calibration": low})
+    heatmap = result["heatmap"] * result["p_anomaly"]
+    np.testing.assert_array_equal(result["boxes"], calibrated_boxes(heatmap, 0.5, 1)[0])
+    assert len(result["boxes"]) >= 1
+    # a threshold above the whole map (as calibrated on good parts hotter than this one): no box
+    high = {"thresholds": {"cam": 1.0}, "min_area": 1}
+    assert inference.score_image(path, model, {"config": CONFIG, "calibration": high})["boxes"].shape == (0, 4)
+    # calibrated by default; without a calibration the published rule is used, and said so
+    fallback = inference.score_image(path, model, {"config": CONFIG})
+    assert fallback["box_threshold"] == "minmax" and "no calibrated threshold" in fallback["box_note"]

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.constants import ANOMALY, IMAGENET_MEAN, IMAGENET_STD
-from utils.helper import set_seed, train_model
+from utils.helper import train_model
+from utils.runtime import set_seed
 from utils.model import CAMClassifier, class_activation_map, get_spec
 
 # VGG16 `features` indices of its 13 convolutions; 0-22 (conv1_1 .. conv4_3) are frozen.

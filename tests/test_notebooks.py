@@ -174,6 +174,7 @@ def test_predict_py_labels_by_calibrated_boxes_without_a_classifier(official, tm
     assert refused.returncode == 2 and "needs the classifier" in refused.stderr
 
 
+@pytest.mark.slow  # re-executes both notebooks: run with `pytest -m slow`
 def test_nbval_rerun_reproduces(executed):
     """nbval re-executes the executed notebooks; cells marked NBVAL_CHECK_OUTPUT must match."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # nbval starts the kernel in the notebook's folder

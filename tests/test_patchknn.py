@@ -9,7 +9,6 @@ from utils.patchknn import (
     greedy_coreset,
     greedy_coreset_stepwise,
     leave_one_image_out_maps,
-    memory_sources,
     memory_nbytes,
     nearest_distances,
     patch_anomaly_maps,
@@ -83,7 +82,8 @@ def test_flatten_patches_order():
 
 @pytest.mark.parametrize("method,size", [("coreset", 32), ("random", 32), ("coreset", None)])
 def test_planted_odd_patch_is_the_peak(method, size):
-    memory = build_memory(flatten_patches(good_maps()), size, method=method, seed=1)
+    patches = flatten_patches(good_maps())
+    memory = patches[build_memory(patches, size, method=method, seed=1)]
     test = good_maps(n_images=2, seed=2)  # same constant vector, fresh noise
     test[1, :, 5, 2] += 10.0  # distance sqrt(16) * 10 = 40 from every good patch
     maps, scores = patch_anomaly_maps(test, memory)
@@ -101,7 +101,7 @@ def test_planted_odd_patch_is_the_peak(method, size):
 
 def test_image_in_memory_scores_zero():
     train = good_maps(n_images=3)
-    memory = build_memory(flatten_patches(train), None)
+    memory = flatten_patches(train)[build_memory(flatten_patches(train), None)]
     maps, scores = patch_anomaly_maps(train[1:2], memory)
     assert maps.max() < 1e-4 and scores.max() < 1e-4
 
@@ -196,15 +196,15 @@ def test_random_subsample():
 
 def test_build_memory_sizes_and_errors():
     patches = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
-    assert build_memory(patches, None).shape == (40, 6)
-    assert build_memory(patches, 10, "random").shape == (10, 6)
-    coreset = build_memory(patches, 10, "coreset")
-    assert coreset.shape == (10, 6)
-    # Memory rows are rows of the input (direct differences: the matrix-product cdist is inexact).
-    exact = torch.cdist(coreset, patches, compute_mode="donot_use_mm_for_euclid_dist")
-    assert exact.min(dim=1).values.max() == 0
-    assert build_memory(patches, 100, "coreset").shape == (40, 6)
-    assert memory_nbytes(coreset) == 10 * 6 * 4
+    assert build_memory(patches, None).tolist() == list(range(40))
+    assert len(set(build_memory(patches, 10, "random").tolist())) == 10
+    index = build_memory(patches, 10, "coreset")
+    assert index.shape == (10,) and len(set(index.tolist())) == 10 and int(index.max()) < 40
+    # the first row is drawn with the seed, each next one is the row farthest from those chosen
+    first = int(index[0])
+    assert int(index[1]) == int(torch.cdist(patches[first:first + 1], patches).argmax())
+    assert sorted(build_memory(patches, 100, "coreset").tolist()) == list(range(40))
+    assert memory_nbytes(patches[index]) == 10 * 6 * 4
     with pytest.raises(ValueError, match="method"):
         build_memory(patches, 10, "kmeans")
     for bad in (0, -3, 2.5):
@@ -214,30 +214,22 @@ def test_build_memory_sizes_and_errors():
         build_memory(patches[None], 10)
 
 
-def test_memory_sources_find_the_image_of_each_row():
-    patches = torch.arange(12.0).view(6, 2)  # images 0, 0, 1, 1, 2, 2
-    images = torch.tensor([0, 0, 1, 1, 2, 2])
-    memory = patches[[5, 0, 2]]
-    extra = torch.cat([memory, torch.tensor([[100.0, 100.0]])])  # a row copying no patch
-    assert memory_sources(extra, patches, images).tolist() == [2, 0, 1, -1]
-
-
 def test_leave_one_image_out_maps_by_hand():
     # three good "images" of a 1 x 2 grid in one dimension: image 0 at 0, 0; image 1 at 1, 1; image 2 at 3, 3
     patches = torch.tensor([[0.0], [0.0], [1.0], [1.0], [3.0], [3.0]])
     memory = patches  # every patch in memory: in-memory maps would all be 0
-    maps = leave_one_image_out_maps(patches, memory, (1, 2))
+    maps = leave_one_image_out_maps(patches, memory, torch.tensor([0, 0, 1, 1, 2, 2]), (1, 2))
     assert maps.shape == (3, 1, 2)
     # without its own rows each image's nearest neighbour is the nearest other image
     torch.testing.assert_close(maps, torch.tensor([[[1.0, 1.0]], [[1.0, 1.0]], [[2.0, 2.0]]]))
     assert patch_anomaly_maps(patches.view(3, 1, 2, 1).permute(0, 3, 1, 2), memory)[0].abs().max() == 0
 
 
-def test_leave_one_image_out_maps_rejects_a_foreign_memory_or_one_image():
+def test_leave_one_image_out_maps_rejects_one_image_or_a_wrong_grid():
     patches = torch.tensor([[0.0], [1.0]])
-    with pytest.raises(ValueError, match="no memory row"):
-        leave_one_image_out_maps(patches, torch.tensor([[5.0]]), (1, 1))
     with pytest.raises(ValueError, match="two good images"):
-        leave_one_image_out_maps(patches, patches, (1, 2))
+        leave_one_image_out_maps(patches, patches, torch.tensor([0, 0]), (1, 2))
     with pytest.raises(ValueError, match="whole number"):
-        leave_one_image_out_maps(patches, patches, (1, 3))
+        leave_one_image_out_maps(patches, patches, torch.tensor([0, 0]), (1, 3))
+    with pytest.raises(ValueError, match="memory_images has 1 entries for 2"):
+        leave_one_image_out_maps(patches, patches, torch.tensor([0]), (1, 1))

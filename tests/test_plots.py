@@ -15,7 +15,6 @@ from utils.plots import (  # noqa: E402
     plot_confusion_matrix,
     plot_prediction_grid,
     plot_roc_curves,
-    plot_training_curves,
     save_figure,
     select_grid_samples,
 )
@@ -148,18 +147,8 @@ def test_roc_one_class_gives_note():
     assert not fig.axes[0].lines
 
 
-def test_training_curves():
-    fig = plot_training_curves([0.9, 0.5, 0.3], [0.6, 0.8, 0.95])
-    loss_line, acc_line = fig.axes[0].lines[0], fig.axes[1].lines[0]
-    np.testing.assert_array_equal(loss_line.get_xdata(), [1, 2, 3])
-    np.testing.assert_array_equal(loss_line.get_ydata(), [0.9, 0.5, 0.3])
-    np.testing.assert_array_equal(acc_line.get_ydata(), [0.6, 0.8, 0.95])
-    with pytest.raises(ValueError, match="epoch"):
-        plot_training_curves([0.9], [0.6, 0.8])
-
-
 def test_save_figure_png_atomic(tmp_path):
-    fig = plot_training_curves([1.0, 0.5], [0.5, 0.9])
+    fig = plot_roc_curves([0, 1], {"cam": [0.2, 0.9]})
     path = tmp_path / "new" / "folder" / "curves.png"
     save_figure(fig, path)
     with Image.open(path) as im:
@@ -167,4 +156,4 @@ def test_save_figure_png_atomic(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["curves.png"]
     assert not plt.fignum_exists(fig.number)
     with pytest.raises(ValueError, match=".png"):
-        save_figure(plot_training_curves([1.0], [0.5]), tmp_path / "curves.jpg")
+        save_figure(plot_roc_curves([0, 1], {"cam": [0.2, 0.9]}), tmp_path / "curves.jpg")

@@ -4,21 +4,17 @@ import numpy as np
 import pytest
 import torch
 
+from utils.calibration import calibrate, calibration_threshold
+from utils.localizers import check_localizer, localizer_image_scores, localizer_maps
 from utils.postprocess import (
     boxes_for_maps,
     boxes_for_rule,
-    calibrate,
     calibrated_boxes,
-    calibration_threshold,
-    check_localizer,
     heatmap_to_boxes,
-    localizer_image_scores,
-    localizer_maps,
     mask_regions,
     minmax_normalise,
     probability_scaled,
     regions_to_boxes,
-    resize_mask_nearest,
     upsample_maps,
 )
 
@@ -138,15 +134,6 @@ def test_mask_regions_and_their_boxes():
     assert (labels[~mask] == 0).all()
     np.testing.assert_array_equal(regions_to_boxes(labels), [[0, 0, 2, 2], [3, 4, 6, 6]])
     assert regions_to_boxes(np.zeros((3, 3), dtype=np.int32)).shape == (0, 4)
-
-
-def test_resize_mask_nearest_keeps_binary_values():
-    mask = np.array([[1, 0], [0, 1]], dtype=np.uint8)
-    out = resize_mask_nearest(mask, (4, 6))  # (H, W) = (4, 6)
-    assert out.dtype == bool and out.shape == (4, 6)
-    expected = np.zeros((4, 6), dtype=bool)
-    expected[:2, :3] = expected[2:, 3:] = True
-    np.testing.assert_array_equal(out, expected)
 
 
 def test_probability_scaled_keeps_low_probability_images_cold():

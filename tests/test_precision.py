@@ -4,34 +4,34 @@ import numpy as np
 import pytest
 import torch
 
-from utils import dataloader, helper, metrics, postprocess
+from utils import dataloader, helper, inference, localizers, metrics, runtime
 from utils import model as model_lib
 
 CPU = torch.device("cpu")
 
 
 def _train_and_score(data_dir, precision):
-    helper.set_seed(0)
+    runtime.set_seed(0)
     samples = dataloader.index_subset(data_dir, "synthetic")
     train, test = dataloader.split_samples(samples, 0.25, seed=0)
     x_train = dataloader.load_images(data_dir, train, 64)
     x_test = dataloader.load_images(data_dir, test, 64)
     y_train = torch.tensor([s.label for s in train])
     y_test = np.array([s.label for s in test])
-    net = helper.prepare_model(model_lib.CAMClassifier("vgg16", pretrained=False), CPU, precision)
+    net = runtime.prepare_model(model_lib.CAMClassifier("vgg16", pretrained=False), CPU, precision)
     mean, std = model_lib.normalisation("vgg16", False)
     helper.train_model(net, x_train, y_train, mean=mean, std=std, epochs=4, lr=1e-3, class_weight=[1, 3],
                        batch_size=10, target_train_accuracy=None, seed=0, device=CPU, precision=precision,
                        progress=False)
-    pred = helper.predict(net, x_test, mean, std, batch_size=10, device=CPU, precision=precision, progress=False)
+    pred = inference.predict(net, x_test, mean, std, batch_size=10, device=CPU, precision=precision, progress=False)
     masks = dataloader.load_masks(data_dir, test, 64).numpy()
     p = pred["p_anomaly"]
     cls = metrics.classification_metrics(y_test, (p >= 0.5).astype(int), p)
-    cam = postprocess.localizer_maps(pred["cam"], p)["cam"]
+    cam = localizers.localizer_maps(pred["cam"], p)["cam"]
     return cls, metrics.pixel_auroc(cam, masks), p
 
 
-@pytest.mark.skipif(not helper.cpu_supports_bf16(), reason="this CPU has no fast bf16 (AVX512-BF16/AMX)")
+@pytest.mark.skipif(not runtime.cpu_supports_bf16(), reason="this CPU has no fast bf16 (AVX512-BF16/AMX)")
 def test_bf16_keeps_fp32_metrics(tmp_path):
     from utils.synthetic import generate_synthetic_subset
 

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 import predict
-from utils import dataloader, helper
+from utils import dataloader, helper, inference, parameters
+from utils.checkpoint import load_checkpoint
 from utils.constants import GOOD_FOLDER
 from utils.model import CAMClassifier, normalisation, weights_file
 from utils.synthetic import generate_synthetic_subset
@@ -30,29 +31,24 @@ SIZE = 128  # synthetic images are generated at 128 px and scored at 64 px: boxe
 
 def train_checkpoint(path: Path, data_dir: Path, subset: str, *, backbone: str, pretrained: bool,
                      image_size: int, lr: float, memory_size: int, seed: int = 0) -> list[dataloader.Sample]:
-    """Train like Training.ipynb (cached frozen pass, early stop at 0.98, random patch memory of the
-    good training images), save the checkpoint at `path`; returns the held-out test samples."""
-    samples = dataloader.index_subset(data_dir, subset)
-    train, test = dataloader.split_samples(samples, test_size=0.2, seed=seed)
-    images = dataloader.load_images(data_dir, train, image_size)
-    labels = torch.tensor([s.label for s in train])
-    torch.manual_seed(seed)
-    net = CAMClassifier(backbone, pretrained=pretrained)
-    mean, std = normalisation(backbone, pretrained)
-    features, good = helper.frozen_pass(net, images, mean, std, batch_size=10, device=CPU, precision="fp32",
-                                        patch_images=labels == 0, progress=False)
-    helper.train_model(net, images, labels, mean=mean, std=std, epochs=10, lr=lr, class_weight=[1, 3],
-                       batch_size=10, target_train_accuracy=0.98, seed=seed, device=CPU, precision="fp32",
-                       features=features, progress=False)
-    memory, _ = helper.build_patch_memory(good, memory_size, "random", seed)
-    config = helper.training_config(
+    """Train as Training.ipynb does (`helper.run_fold` on the published split, a random patch memory
+    of the good training images) and save the checkpoint at `path`; returns the held-out test samples."""
+    config = parameters.training_config(
         data_dir=str(data_dir), subset_name=subset, download=False, backbone=backbone, pretrained=pretrained,
         image_size=image_size, batch_size=10, epochs=10, lr=lr, class_weight=[1, 3], target_train_accuracy=0.98,
         test_size=0.2, seed=seed, heatmap_thres=0.7, n_cv_folds=0, weights_dir=str(path.parent),
         results_dir="results", device="cpu", precision="fp32", patch_memory_size=memory_size,
         patch_memory_method="random")
-    helper.save_checkpoint(path, net, config, [s.path for s in test],
-                           extra={"n_train": len(train), "patch_memory": memory})
+    samples = dataloader.index_subset(data_dir, subset)
+    train, test = dataloader.split_samples(samples, test_size=0.2, seed=seed)
+    images = dataloader.load_images(data_dir, samples, image_size)
+    labels = torch.tensor([s.label for s in samples])
+    template = helper.new_model(config, None, CPU, "fp32")
+    frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=10, device=CPU,
+                                precision="fp32", progress=False)
+    fold = helper.run_fold(config, template, frozen, labels, dataloader.positions(samples, train),
+                           dataloader.positions(samples, test), device=CPU, precision="fp32", progress=False)
+    torch.save(fold.checkpoint(config, [s.path for s in test], n_train=len(train)), path)
     return test
 
 
@@ -175,6 +171,21 @@ def test_unusable_checkpoint_stops_at_once(synthetic, tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
 
 
+def test_a_folder_as_checkpoint_or_an_unusable_out_stops_before_scoring(synthetic, tmp_path, capsys, monkeypatch):
+    checkpoint, data_dir = synthetic
+    images = str(data_dir / "synthetic" / "test" / "good")
+    assert predict.main(["--checkpoint", str(checkpoint.parent), "--images", images,
+                         "--out", str(tmp_path / "a")]) == 2
+    assert "is a folder, not a file" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    scored = []
+    monkeypatch.setattr(predict, "score_files", lambda *args: scored.append(args))
+    assert predict.main(["--checkpoint", str(checkpoint), "--images", images, "--out", str(blocker / "out")]) == 2
+    assert "--out=" in capsys.readouterr().err and not scored  # refused before any image is scored
+    assert not (tmp_path / "a").exists() and blocker.read_text() == ""
+
+
 def test_localizer_the_checkpoint_lacks_is_refused(synthetic, tmp_path, capsys):
     checkpoint, data_dir = synthetic
     ckpt = torch.load(checkpoint, weights_only=True)
@@ -220,7 +231,7 @@ def pill(real_mvtec_dir, tmp_path_factory):
 
 def test_real_pill_files_score_as_evaluation_does(pill, tmp_path):
     """On real 448 px PNGs: one row and a full-size overlay per file, and the numbers Evaluation's
-    way gives (all images decoded by load_images, one helper.predict pass) for the same files."""
+    way gives (all images decoded by load_images, one inference.predict pass) for the same files."""
     checkpoint, data_dir, test = pill
     out = tmp_path / "out"
     paths = [str(data_dir / s.path) for s in test]
@@ -231,9 +242,9 @@ def test_real_pill_files_score_as_evaluation_does(pill, tmp_path):
     assert [r["path"] for r in rows] == paths
     with Image.open(out / rows[0]["overlay"]) as overlay:
         assert overlay.size == (2 * 448, 448)
-    model, ckpt = helper.load_checkpoint(checkpoint)
+    model, ckpt = load_checkpoint(checkpoint)
     mean, std = normalisation("mobilenet_v2", True)
-    pred = helper.predict(model, dataloader.load_images(data_dir, test, 224), mean, std, batch_size=10,
+    pred = inference.predict(model, dataloader.load_images(data_dir, test, 224), mean, std, batch_size=10,
                           device=CPU, precision="fp32", patch_memory=ckpt["patch_memory"])
     np.testing.assert_allclose([float(r["p_anomaly"]) for r in rows], pred["p_anomaly"], atol=1e-5)
     np.testing.assert_allclose([float(r["image_score"]) for r in rows], pred["patch_score"], rtol=1e-5)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from utils import helper
-from utils.dataloader import has_anomalies, index_subset, load_images, load_masks, split_subset
+from utils import helper, inference, localizers, parameters
+from utils.checkpoint import load_checkpoint
+from utils.dataloader import index_subset, positions, split_subset
 from utils.metrics import localisation_metrics
-from utils.model import CAMClassifier, normalisation
 from utils.offline_weights import PIP_COMMAND, has_expected_hash, target_file
-from utils.postprocess import boxes_for_maps, localizer_image_scores, localizer_maps
+from utils.postprocess import boxes_for_maps
 
 SUBSET = "pill"
 BACKBONE = "mobilenet_v2"
@@ -42,41 +43,43 @@ def pill(real_mvtec_dir: Path) -> list:
 def test_both_splits_of_pill(pill):
     pooled_train, pooled_test = split_subset(pill, "pooled", test_size=0.2, seed=42)
     assert (len(pooled_train), len(pooled_test)) == (347, 87)  # the published split
-    assert has_anomalies(pooled_train)  # so the pooled split trains a classifier
+    assert any(s.label for s in pooled_train)  # so the pooled split trains a classifier
     train, test = split_subset(pill, "official", test_size=0.2, seed=42)
     assert (len(train), len(test)) == (267, 167)
-    assert not has_anomalies(train) and sum(s.label for s in test) == 141
+    assert not any(s.label for s in train) and sum(s.label for s in test) == 141
 
 
-def test_official_split_patch_memory_alone_localises_pill_defects(pill, real_mvtec_dir: Path, tmp_path: Path):
+def test_official_split_patch_memory_alone_localises_pill_defects(pill, real_subset, tmp_path: Path):
+    samples, images, masks, labels = real_subset(SUBSET, IMAGE_SIZE)
     train, test = split_subset(pill, "official", test_size=0.2, seed=42)
     train, test = train[:N_TRAIN], test[::TEST_EVERY]
-    config = helper.training_config(
-        data_dir=str(real_mvtec_dir), subset_name=SUBSET, download=False, backbone=BACKBONE, pretrained=True,
+    config = parameters.training_config(
+        data_dir=str(tmp_path), subset_name=SUBSET, download=False, backbone=BACKBONE, pretrained=True,
         image_size=IMAGE_SIZE, batch_size=10, epochs=10, lr=1e-4, class_weight=[1, 3],
         target_train_accuracy=0.98, test_size=0.2, seed=0, heatmap_thres=0.7, n_cv_folds=0,
         weights_dir=str(tmp_path), results_dir=str(tmp_path), device="cpu", precision="fp32",
         patch_memory_size=MEMORY, split="official",
     )
-    assert not helper.trains_classifier(config, sum(s.label for s in train))
-    net = CAMClassifier(BACKBONE, pretrained=True)
-    mean, std = normalisation(BACKBONE, True)
-    cpu = dict(batch_size=10, device=torch.device("cpu"), precision="fp32", progress=False)
-    _, patches = helper.frozen_pass(net, load_images(real_mvtec_dir, train, IMAGE_SIZE), mean, std,
-                                    patch_images=torch.ones(len(train), dtype=torch.bool), **cpu)
-    memory, info = helper.build_patch_memory(patches, MEMORY, "coreset", seed=0)
-    assert info["n_patches"] == N_TRAIN * (IMAGE_SIZE // 8) ** 2 and info["size"] == MEMORY
+    assert not parameters.trains_classifier(config, sum(s.label for s in train))
+    cpu = dict(device=torch.device("cpu"), precision="fp32", progress=False)
+    train_idx, test_idx = positions(samples, train), positions(samples, test)
+    template = helper.new_model(config, None, cpu["device"], "fp32")
+    used = torch.cat([train_idx, test_idx])  # the frozen layers run on these images only
+    frozen = helper.frozen_pass(template, images[used], config["mean"], config["std"], batch_size=10, **cpu)
+    fold = helper.run_fold(config, template, frozen, labels[used], torch.arange(len(train)),
+                           torch.arange(len(train), len(used)), test_maps=True, **cpu)
+    assert not fold.classifier and fold.memory_info["n_patches"] == N_TRAIN * (IMAGE_SIZE // 8) ** 2
+    assert fold.memory_info["size"] == MEMORY and set(fold.calibration["thresholds"]) == {"patch_knn"}
     path = tmp_path / "pill_mobilenet_v2.pt"
-    helper.save_checkpoint(path, net, config, [s.path for s in test], extra={"patch_memory": memory},
-                           classifier=False)
+    torch.save(fold.checkpoint(config, [s.path for s in test], n_train=len(train)), path)
 
-    loaded, ckpt = helper.load_checkpoint(path, backbone=BACKBONE)
-    pred = helper.predict(loaded, load_images(real_mvtec_dir, test, IMAGE_SIZE), mean, std,
-                          patch_memory=ckpt["patch_memory"], classifier=False, **cpu)
-    maps = localizer_maps(None, None, pred["patch_map"])
-    scores = localizer_image_scores(maps, None, pred["patch_score"])
-    labels = [s.label for s in test]
-    m = localisation_metrics(maps["patch_knn"], load_masks(real_mvtec_dir, test, IMAGE_SIZE),
-                             boxes_for_maps(maps["patch_knn"], 0.7), scores["patch_knn"], labels)
+    loaded, ckpt = load_checkpoint(path, backbone=BACKBONE)
+    pred = inference.predict(loaded, images[test_idx], config["mean"], config["std"], batch_size=10,
+                             patch_memory=ckpt["patch_memory"], classifier=False, **cpu)
+    np.testing.assert_allclose(pred["patch_map"], fold.test["patch_map"], rtol=1e-4, atol=1e-4)
+    maps = localizers.maps_of(pred)
+    scores = localizers.localizer_image_scores(maps, None, pred["patch_score"])
+    m = localisation_metrics(maps["patch_knn"], masks[test_idx], boxes_for_maps(maps["patch_knn"], 0.7),
+                             scores["patch_knn"], labels[test_idx])
     assert m["pixel_auroc"] >= PIXEL_AUROC_MIN and m["aupro"] >= AUPRO_MIN, m
     assert m["image_auroc"] >= IMAGE_AUROC_MIN, m

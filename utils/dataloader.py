@@ -297,11 +297,6 @@ def split_subset(
     return split_samples(samples, test_size=test_size, seed=seed)
 
 
-def has_anomalies(samples: Sequence[Sample]) -> bool:
-    """True when some sample is an Anomaly image (a classifier can train only then)."""
-    return any(s.label == ANOMALY for s in samples)
-
-
 def kfold_splits(
     samples: Sequence[Sample], n_folds: int, seed: int
 ) -> Iterator[tuple[list[Sample], list[Sample]]]:

@@ -66,11 +66,6 @@ def reference_features(frozen_out: torch.Tensor, labels: torch.Tensor) -> torch.
     return good.float().mean(dim=0)
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, h, w) -> (B, H, W) float32, bilinear with align_corners=False (as the CAM is)."""
-    return F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-
-
 def explanation_maps(model, tapped: torch.Tensor, tap_index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scores and the `EXPLANATIONS` of a CAMClassifier, computed from a frozen tap.
 

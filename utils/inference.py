@@ -16,15 +16,20 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+from . import explain as explain_lib
 from . import postprocess
+from .checkpoint import atomic_write_bytes, has_classifier
 from .constants import ANOMALY, CLASS_NAMES, IMAGE_EXTENSIONS
 from .dataloader import image_to_tensor, open_image, read_image, shown_size
 from .explain import EXPLANATIONS
-from .helper import atomic_write_bytes, has_classifier, predict
-from .model import CAMClassifier, checkpoint_normalisation
+from .localizers import MEMORY_LOCALIZERS, check_checkpoint_localizer, localizer_image_scores, maps_of
+from .model import CAMClassifier, checkpoint_normalisation, check_input_size
+from .patchknn import patch_anomaly_maps, patch_embeddings
+from .postprocess import BOX_THRESHOLDS, upsample_maps
+from .runtime import autocast, to_input, to_layout
 
-BOX_THRESHOLDS = ("calibrated", "minmax")
 PREDICTION_COLUMNS = ("path", "label", "p_anomaly", "image_score", "n_boxes", "boxes", "width", "height",
                       "overlay", "error")
 # Checkpoints carry calibrated thresholds (Training.ipynb); one without them falls back to "minmax"
@@ -45,21 +50,103 @@ class BoxRule:
     note: str = ""
 
 
-def available_localizers(checkpoint: dict[str, Any]) -> tuple[str, ...]:
-    """The localisers a checkpoint supports: the classifier's maps ("cam", the explanations) when it
-    has a classifier, "patch_knn" when it holds a patch memory, "cam_knn" when it has both."""
-    classifier, memory = has_classifier(checkpoint), checkpoint.get("patch_memory") is not None
-    reference = checkpoint.get("explain_reference") is not None
-    return tuple(n for n in postprocess.LOCALIZERS
-                 if (classifier or n not in postprocess.CLASSIFIER_LOCALIZERS)
-                 and (memory or n not in postprocess.MEMORY_LOCALIZERS)
-                 and (reference or n not in postprocess.REFERENCE_LOCALIZERS))
+@torch.no_grad()  # the explanations switch gradients on for themselves
+def _score_batch(model: CAMClassifier, frozen: torch.Tensor, tap8: torch.Tensor | None, size: tuple[int, int],
+                 memory: torch.Tensor | None, classifier: bool, explain: bool) -> dict[str, torch.Tensor]:
+    """Everything of one batch from its frozen output (B, C, h, w) and stride-8 tap (B, C8, h8, w8):
+    the Anomaly probability, the raw CAM and the explanations (with the classifier), the patch map
+    and its image score (with a memory). Runs inside the caller's autocast."""
+    out: dict[str, torch.Tensor] = {}
+    if classifier:
+        scores, maps = model.head(frozen)
+        out["p_anomaly"] = scores.float().softmax(dim=1)[:, ANOMALY]
+        out["cam"] = model.cam(maps, size)
+        if explain:
+            _, explanations = explain_lib.explanation_maps(model, tap8, model.spec.taps[0])
+            out.update({name: upsample_maps(m, size) for name, m in explanations.items()})
+    if memory is not None:
+        emb = patch_embeddings(tap8.float(), frozen.float())  # (B, D, h8, w8)
+        out["patch_map"], out["patch_score"] = patch_anomaly_maps(emb, memory, out_size=size)
+    return {k: v.detach().float().cpu() for k, v in out.items()}
 
 
-def check_localizer(localizer: str, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
-    """Raise a ValueError naming `localizer` and what `where` lacks for it, when it cannot be computed."""
-    postprocess.check_localizer(localizer, has_classifier(checkpoint), checkpoint.get("patch_memory") is not None,
-                                where, has_reference=checkpoint.get("explain_reference") is not None)
+def _check_predict(classifier: bool, patch_memory) -> None:
+    if not classifier and patch_memory is None:
+        raise ValueError("predict(classifier=False) needs a patch_memory: without a classifier it is the only map")
+
+
+def predict(
+    model: CAMClassifier,
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    patch_memory: torch.Tensor | None = None,
+    classifier: bool = True,
+    explain: bool = False,
+    desc: str = "Predicting",
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Score (N, 3, H, W) uint8 images in one pass through the network.
+
+    Returns "p_anomaly" (N,), "cam" (N, H, W) raw CAM heatmaps (not normalised), with a
+    `patch_memory` (M, D) "patch_map" (N, H, W) nearest-neighbour distances and "patch_score" (N,),
+    and with `explain` one raw (N, H, W) map per name of `explain.EXPLANATIONS` (gradients of the
+    decision from the stride-8 tap up). With classifier=False (a model trained without one) only
+    the frozen layers run: no "p_anomaly", "cam" or explanations, so a patch_memory is required.
+    """
+    _check_predict(classifier, patch_memory)
+    model.eval()
+    size = tuple(images.shape[-2:])
+    check_input_size(size[1], size[0])
+    tapped = patch_memory is not None or explain
+    memory = patch_memory.to(device) if patch_memory is not None else None
+    out: dict[str, list] = {}
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=not progress):
+        x = to_input(images[start:start + batch_size], mean, std, device, precision)
+        with autocast(device, precision), torch.no_grad():
+            frozen, taps = model.frozen_features(x, (model.spec.taps[0],) if tapped else ())
+        with autocast(device, precision):
+            batch = _score_batch(model, frozen, taps[0] if tapped else None, size, memory, classifier, explain)
+        for k, v in batch.items():
+            out.setdefault(k, []).append(v)
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def predict_frozen(
+    model: CAMClassifier,
+    features: torch.Tensor,
+    tap: torch.Tensor | None,
+    *,
+    size: tuple[int, int],
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    patch_memory: torch.Tensor | None = None,
+    classifier: bool = True,
+    explain: bool = False,
+) -> dict[str, np.ndarray]:
+    """`predict` of images whose frozen layers already ran (`helper.frozen_pass`): their frozen
+    outputs (N, C, h, w) and stride-8 taps (N, C8, h8, w8) (None when neither the patch memory nor
+    the explanations are asked for); `size` is the input size. The same keys and values as `predict`."""
+    _check_predict(classifier, patch_memory)
+    model.eval()
+    memory = patch_memory.to(device) if patch_memory is not None else None
+    out: dict[str, list] = {}
+    for start in range(0, len(features), batch_size):
+        frozen = to_layout(features[start:start + batch_size], device, precision)
+        tap8 = None if tap is None else to_layout(tap[start:start + batch_size], device, precision)
+        with autocast(device, precision):
+            batch = _score_batch(model, frozen, tap8, size, memory, classifier, explain)
+        for k, v in batch.items():
+            out.setdefault(k, []).append(v)
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+check_localizer = check_checkpoint_localizer  # what predict.py and Evaluation call
 
 
 def box_rule(
@@ -98,11 +185,11 @@ def _boxes(map_hw: np.ndarray, anomalous: bool, rule: BoxRule) -> tuple[np.ndarr
 
 
 def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: BoxRule) -> list[dict[str, Any]]:
-    """Per-image results from `helper.predict`'s output for N images.
+    """Per-image results from `predict`'s output for N images.
 
     Each: "label" ("Good"/"Anomaly", the classifier's argmax), "p_anomaly", "image_score" (the
-    localiser's image score, `postprocess.localizer_image_scores`), "map" (S, S) float32 in the
-    map's own units (`postprocess.localizer_maps`), "heatmap" (S, S) the map min-max normalised
+    localiser's image score, `localizers.localizer_image_scores`), "map" (S, S) float32 in the
+    map's own units (`localizers.localizer_maps`), "heatmap" (S, S) the map min-max normalised
     per image for display, "boxes" (K, 4) float32 x1, y1, x2, y2 (exclusive x2, y2) in pixels of
     the S x S input, "box_scores" (K,) float32 (each box's maximum, in the units of the rule's
     map), "localizer", "box_threshold" (the rule used) and "box_note" (why it is not the one asked
@@ -115,9 +202,8 @@ def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: 
     if p is None and rule.name != "calibrated":
         raise ValueError("without a classifier an image is labelled by its calibrated boxes, but the box rule "
                          f"is {rule.name!r}: use a checkpoint with a calibration and box_threshold='calibrated'")
-    maps = postprocess.localizer_maps(pred.get("cam"), p, pred.get("patch_map"),
-                                      explanations={k: pred[k] for k in EXPLANATIONS if k in pred})
-    scores = postprocess.localizer_image_scores(maps, p, pred.get("patch_score"))
+    maps = maps_of(pred)
+    scores = localizer_image_scores(maps, p, pred.get("patch_score"))
     chosen = maps[localizer]
     shown = postprocess.minmax_normalise(chosen)
     results = []
@@ -152,7 +238,7 @@ def score_batch(
     check_localizer(localizer, checkpoint)
     rule = box_rule(checkpoint, localizer, box_threshold, heatmap_thres, box_mode)
     mean, std = checkpoint_normalisation(checkpoint["config"])
-    memory = checkpoint.get("patch_memory") if localizer in postprocess.MEMORY_LOCALIZERS else None
+    memory = checkpoint.get("patch_memory") if localizer in MEMORY_LOCALIZERS else None
     pred = predict(model, images, mean, std, batch_size=batch_size, device=device, precision=precision,
                    patch_memory=memory, classifier=has_classifier(checkpoint),
                    explain=localizer in (*EXPLANATIONS, "explain"), progress=False)

@@ -16,6 +16,7 @@ from torchvision.models import MobileNet_V2_Weights, VGG16_Weights, WeightsEnum
 
 from .constants import ANOMALY, CLASS_NAMES, GOOD, IMAGENET_MEAN, IMAGENET_STD, SIZE_MULTIPLE
 from .download import sha256_of
+from .postprocess import upsample_maps
 
 # The small file format of `backbone_weights`: the backbone's convolutional state dict plus the
 # input normalisation those weights expect and where they came from (plain tensors and strings,
@@ -39,7 +40,9 @@ class BackboneSpec:
     features: Callable[[nn.Module], nn.Sequential]  # the convolutional part we keep
     channels: int  # channels of the last feature map, the CAM's input
     n_frozen: int  # leading modules of `features` that never train (cached by the fast path)
-    taps: tuple[int, int]  # (finer, coarser) frozen module outputs for the patch memory
+    # (stride 8, stride 16) frozen module outputs for the patch memory; the second is the last
+    # frozen module, so a frozen pass that keeps the first tap has both (`helper.Frozen`)
+    taps: tuple[int, int]
     head_maxpool: bool  # VGG16's published head max-pools 2x2 before the global average
     fine_tuned: str  # for the README and printouts
 
@@ -282,7 +285,7 @@ class CAMClassifier(nn.Module):
     def cam(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Anomaly CAM of (B, C, h, w) maps, upsampled bilinearly to `size` -> (B, H, W) float32."""
         cam = class_activation_map(maps.float(), self.fc.weight[ANOMALY].float())
-        return F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        return upsample_maps(cam, size)
 
     def forward(self, x: torch.Tensor):
         check_input_size(x.shape[-1], x.shape[-2])

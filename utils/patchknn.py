@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .postprocess import upsample_maps
+
 MEMORY_METHODS = ("random", "coreset")
 
 
@@ -202,21 +204,19 @@ def greedy_coreset(
     return torch.cat(chosen)
 
 
-def build_memory(
-    patches: torch.Tensor, size: int | None, method: str = "coreset", seed: int = 0
-) -> torch.Tensor:
-    """Memory bank (M, D) from good patches (N, D): all rows (size None), or `size` rows chosen by `method`."""
+def build_memory(patches: torch.Tensor, size: int | None, method: str = "coreset", seed: int = 0) -> torch.Tensor:
+    """Indices (M,) of the rows of good patches (N, D) that form the memory bank: all rows (size
+    None), or `size` rows chosen by `method`. The memory is `patches[index]`; the indices tell
+    which image each row came from."""
     _check_ndim("patches", patches, 2, "(N, D)")
     if method not in MEMORY_METHODS:
         raise ValueError(f"method must be one of {MEMORY_METHODS}, got {method!r}")
     if size is None:
-        return patches
+        return torch.arange(len(patches), device=patches.device)
     _check_positive("size", size)
     if method == "random":
-        index = random_subsample(patches, size, seed)
-    else:
-        index = greedy_coreset(patches, size, seed)
-    return patches[index]
+        return random_subsample(patches, size, seed)
+    return greedy_coreset(patches, size, seed)
 
 
 def nearest_distances(queries: torch.Tensor, memory: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
@@ -266,7 +266,7 @@ def patch_anomaly_maps(
     maps = nearest_distances(flatten_patches(emb), memory, chunk_size).view(b, h, w)
     scores = maps.flatten(1).amax(dim=1)
     if out_size is not None:
-        maps = F.interpolate(maps[:, None], size=tuple(out_size), mode="bilinear", align_corners=False)[:, 0]
+        maps = upsample_maps(maps, out_size)
     return maps, scores
 
 
@@ -275,52 +275,30 @@ def memory_nbytes(memory: torch.Tensor) -> int:
     return memory.nelement() * memory.element_size()
 
 
-def memory_sources(memory: torch.Tensor, patches: torch.Tensor, image_of_patch: torch.Tensor) -> torch.Tensor:
-    """For each memory row (M, D), the image (from image_of_patch (P,)) of a patch row (P, D) it copies; (M,) long.
-
-    Rows are matched by exact equality in the memory's dtype (a memory row is a copy of a patch,
-    whatever the method that chose it); -1 marks a row that copies no patch. A row equal to
-    patches of several images gets the last of them.
-    """
-    _check_ndim("memory", memory, 2, "(M, D)")
-    _check_ndim("patches", patches, 2, "(P, D)")
-    if len(image_of_patch) != len(patches):
-        raise ValueError(f"image_of_patch has {len(image_of_patch)} entries for {len(patches)} patches")
-    as_bytes = lambda t: [r.tobytes() for r in t.detach().cpu().contiguous().numpy()]  # noqa: E731
-    rows_of: dict[bytes, list[int]] = {}  # equal rows (a memory may hold duplicates) share one key
-    for j, key in enumerate(as_bytes(memory)):
-        rows_of.setdefault(key, []).append(j)
-    sources = torch.full((len(memory),), -1, dtype=torch.long)
-    owners = image_of_patch.detach().cpu().long().tolist()
-    for key, owner in zip(as_bytes(patches.to(memory.dtype)), owners):
-        for j in rows_of.get(key, ()):
-            sources[j] = owner
-    return sources
-
-
 def leave_one_image_out_maps(
-    patches: torch.Tensor, memory: torch.Tensor, grid: tuple[int, int], chunk_size: int = 4096
+    patches: torch.Tensor, memory: torch.Tensor, memory_images: torch.Tensor, grid: tuple[int, int],
+    chunk_size: int = 4096,
 ) -> torch.Tensor:
-    """Patch maps (N, h, w) of the N good images whose patches (N*h*w, D) built `memory` (M, D),
-    each scored against the memory without the rows taken from that image.
+    """Patch maps (N, h, w) of N good images (patches (N*h*w, D), image-major as `flatten_patches`
+    returns them), each scored against the memory (M, D) without the rows taken from that image;
+    memory_images (M,) is the image (0..N-1) each memory row came from, -1 for another source.
 
     A memory built from an image scores that image near 0; a new good image never is. Dropping its
     own rows gives each image the distance a good image outside the memory would get (slightly
     more, since nothing replaces the dropped rows: thresholds from these maps err on the side of
-    fewer boxes). Patches are image-major, as `flatten_patches` returns them.
+    fewer boxes).
     """
     _check_ndim("patches", patches, 2, "(N*h*w, D)")
     h, w = grid
     if len(patches) % (h * w):
         raise ValueError(f"{len(patches)} patches are not a whole number of {h}x{w} grids")
+    if len(memory_images) != len(memory):
+        raise ValueError(f"memory_images has {len(memory_images)} entries for {len(memory)} memory rows")
     n = len(patches) // (h * w)
-    image_of_patch = torch.arange(n).repeat_interleave(h * w)
-    sources = memory_sources(memory, patches, image_of_patch).to(memory.device)
-    if not (sources >= 0).any():
-        raise ValueError("no memory row is a copy of these patches: pass the patches the memory was built from")
+    memory_images = memory_images.to(memory.device)
     maps = torch.empty(n, h * w)
     for i in range(n):
-        keep = memory[sources != i]
+        keep = memory[memory_images != i]
         if len(keep) == 0:
             raise ValueError("the memory holds rows of one image only: a leave-one-out map needs two good images")
         maps[i] = nearest_distances(patches[i * h * w:(i + 1) * h * w], keep, chunk_size).cpu()

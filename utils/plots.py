@@ -1,4 +1,4 @@
-"""Figures: prediction grid with heatmaps and boxes, confusion matrix, ROC, training curves, per-image overlays."""
+"""Figures: prediction grid with heatmaps and boxes, confusion matrix, ROC, per-image overlays."""
 
 from pathlib import Path
 
@@ -6,12 +6,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from .constants import ANOMALY, CLASS_NAMES, GOOD, GOOD_FOLDER
-from .helper import atomic_write_bytes
+from .checkpoint import atomic_write_bytes
 from .postprocess import to_numpy
 
 MASK_COLOUR = "lime"  # ground-truth contour; not in the jet colour map's hot end, visible on most images
@@ -204,24 +203,6 @@ def plot_roc_curves(y_true, scores: dict[str, np.ndarray]) -> Figure:
             RocCurveDisplay.from_predictions(y_true, s, pos_label=ANOMALY, name=name, ax=ax,
                                              plot_chance_level=k == len(scores) - 1)
     ax.set_title("ROC, Anomaly positive", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_training_curves(loss: list[float], accuracy: list[float]) -> Figure:
-    """Per-epoch training loss and train accuracy (lists of equal length) side by side."""
-    if len(loss) != len(accuracy):
-        raise ValueError(f"loss has {len(loss)} epochs and accuracy {len(accuracy)}: need one value each per epoch")
-    epochs = np.arange(1, len(loss) + 1)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3))
-    ax_loss.plot(epochs, loss, marker="o")
-    ax_loss.set_ylabel("loss")
-    ax_acc.plot(epochs, accuracy, marker="o", color="tab:green")
-    ax_acc.set_ylabel("train accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

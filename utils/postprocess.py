@@ -3,11 +3,8 @@
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy import ndimage
 from torchvision.ops import masks_to_boxes
-
-from .explain import EXPLAIN, EXPLANATIONS, REFERENCE_EXPLANATIONS
 
 # 8-connectivity: diagonal neighbours belong to the same region, as in MVTec AD's region definition.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -140,20 +137,6 @@ def regions_to_boxes(labels) -> np.ndarray:
     return _boxes_from_masks(labels[None] == ids[:, None, None])
 
 
-def resize_mask_nearest(mask, size: tuple[int, int]) -> np.ndarray:
-    """Resize a bool/uint8 mask (H, W) to bool (size_h, size_w) with PIL Image.resize(NEAREST).
-
-    Nearest neighbour only: interpolating a mask would invent fractional labels at the edges.
-    """
-    mask = to_numpy(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must have shape (H, W), got {mask.shape}")
-    size_h, size_w = size
-    image = Image.fromarray((mask > 0).astype(np.uint8) * 255)
-    # PIL takes (width, height)
-    return np.asarray(image.resize((size_w, size_h), Image.Resampling.NEAREST)) > 0
-
-
 def probability_scaled(maps, probs) -> np.ndarray:
     """Per-image min-max normalised maps (N, H, W) times the Anomaly probability (N,) of each image.
 
@@ -164,72 +147,6 @@ def probability_scaled(maps, probs) -> np.ndarray:
     if len(probs) != len(normalised):
         raise ValueError(f"got {len(probs)} probabilities for {len(normalised)} maps: need one per map")
     return normalised * probs[:, None, None]
-
-
-MEMORY_LOCALIZERS = ("patch_knn", "cam_knn")  # these need the checkpoint's patch memory
-LOCALIZERS = ("cam", *MEMORY_LOCALIZERS, *EXPLANATIONS, "explain")
-CLASSIFIER_LOCALIZERS = ("cam", "cam_knn", *EXPLANATIONS, "explain")  # need the trained classifier
-# need the checkpoint's explanation reference (checkpoints of Training.ipynb with a classifier have it)
-REFERENCE_LOCALIZERS = (*REFERENCE_EXPLANATIONS, *(("explain",) if EXPLAIN in REFERENCE_EXPLANATIONS else ()))
-
-
-def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, checkpoint: str = "the checkpoint",
-                    has_reference: bool = True) -> None:
-    """Raise a ValueError naming what is missing when `localizer` cannot be computed from a checkpoint."""
-    if localizer not in LOCALIZERS:
-        raise ValueError(f"localizer={localizer!r} must be one of {LOCALIZERS}.")
-    if localizer in CLASSIFIER_LOCALIZERS and not has_classifier:
-        usable = [name for name in MEMORY_LOCALIZERS if name not in CLASSIFIER_LOCALIZERS]
-        raise ValueError(
-            f"localizer={localizer!r} needs the classifier, but {checkpoint} has none (its training split "
-            f"had no Anomaly images): use localizer={usable[0]!r}, or train on a split with Anomaly images."
-        )
-    if localizer in MEMORY_LOCALIZERS and not has_memory:
-        raise ValueError(f"localizer={localizer!r} needs the patch memory, but {checkpoint} has none: "
-                         f"train with patch_memory_size > 0.")
-    if localizer in REFERENCE_LOCALIZERS and not has_reference:
-        raise ValueError(f"localizer={localizer!r} needs the explanation reference (the good training images' "
-                         f"mean features), but {checkpoint} predates it: train again with Training.ipynb, or "
-                         f"use localizer='layercam_s8'.")
-
-
-def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = None) -> dict[str, np.ndarray]:
-    """Pixel-scoring maps (N, H, W) per localiser, each comparable across images.
-
-    cam and p_anomaly are None for a model without a classifier: then only "patch_knn" exists.
-
-    "cam": the per-image min-max CAM scaled by the image's Anomaly probability (the raw CAM's
-    scale differs between images; see the README for the measurement behind this choice);
-    "patch_knn": the nearest-neighbour distance to good training patches (its scale is fixed by
-    the memory); "cam_knn": their product, the patch distance kept where the classifier looks.
-    `explanations` ({name: raw (N, H, W)} of `utils.explain`) are scaled as the CAM is, and
-    "explain" is the one named by `explain.EXPLAIN`.
-    """
-    if cam is None and patch_map is None:
-        raise ValueError("localizer_maps needs a CAM, a patch map or both; got neither")
-    maps = {} if cam is None else {"cam": probability_scaled(cam, p_anomaly)}
-    if patch_map is not None:
-        patch_map = to_numpy(patch_map).astype(np.float32)
-        maps["patch_knn"] = patch_map
-        if cam is not None:
-            maps["cam_knn"] = patch_map * minmax_normalise(cam)
-    for name, m in (explanations or {}).items():
-        maps[name] = probability_scaled(m, p_anomaly)
-    if EXPLAIN in maps:
-        maps["explain"] = maps[EXPLAIN]
-    return maps
-
-
-def localizer_image_scores(maps: dict[str, np.ndarray], p_anomaly, patch_score=None) -> dict[str, np.ndarray]:
-    """Image-level score (N,) per localiser of `localizer_maps`: the classifier's Anomaly
-    probability for "cam" and the explanations, the patch map's maximum (at feature resolution)
-    for "patch_knn", the map's maximum for "cam_knn"."""
-    scores = {name: to_numpy(p_anomaly) for name in maps if name not in MEMORY_LOCALIZERS}
-    if "patch_knn" in maps:
-        scores["patch_knn"] = to_numpy(patch_score)
-    if "cam_knn" in maps:
-        scores["cam_knn"] = maps["cam_knn"].reshape(len(maps["cam_knn"]), -1).max(axis=1)
-    return scores
 
 
 def boxes_for_maps(maps, thres: float, mode: str = "components") -> list[np.ndarray]:
@@ -243,47 +160,11 @@ def boxes_for_maps(maps, thres: float, mode: str = "components") -> list[np.ndar
 BOX_THRESHOLDS = ("calibrated", "minmax")
 
 
-def calibration_threshold(good_maps, quantile: float = 1.0) -> float:
-    """Threshold (map units) from maps (N, H, W) of good images that did not build the map.
-
-    The `quantile` of the images' maxima: 1.0 is the highest value any good image reached (no
-    good calibration image would get a box), 0.9 lets the hottest tenth of them through.
-    """
-    good_maps = to_numpy(good_maps).astype(np.float32, copy=False)
-    if good_maps.ndim != 3 or len(good_maps) == 0:
-        raise ValueError(f"good_maps must have shape (N, H, W) with N >= 1, got {good_maps.shape}: "
-                         "calibration needs good images that did not build the map")
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"quantile={quantile} must lie in [0, 1]")
-    peaks = good_maps.reshape(len(good_maps), -1).max(axis=1)  # (N,)
-    return float(np.quantile(peaks.astype(np.float64), quantile))
-
-
-def calibrate(good_maps: dict[str, np.ndarray], quantile: float, min_area: int) -> dict:
-    """The checkpoint's "calibration": a threshold per map of `localizer_maps` from good images.
-
-    good_maps[name] is (N, H, W), the maps of good images that did not build that map's reference
-    (for the patch map, leave-one-image-out maps). Returns {"thresholds": {name: float},
-    "min_area": int, "rule": str, "quantile": float, "n_images": {name: int}}.
-    """
-    if not good_maps:
-        raise ValueError("good_maps is empty: give the maps of at least one localiser")
-    if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 1:
-        raise ValueError(f"min_area={min_area!r} must be a positive number of pixels")
-    return {
-        "thresholds": {name: calibration_threshold(m, quantile) for name, m in good_maps.items()},
-        "min_area": int(min_area),
-        "rule": f"quantile {quantile:g} of the per-image maxima of good calibration images",
-        "quantile": float(quantile),
-        "n_images": {name: int(len(m)) for name, m in good_maps.items()},
-    }
-
-
 def boxes_for_rule(
     maps: dict[str, np.ndarray], box_threshold: str, *, heatmap_thres: float, box_mode: str = "components",
     calibration: dict | None = None,
 ) -> dict[str, list[np.ndarray]]:
-    """Boxes (K_i, 4) of each image of each map (N, H, W) of `localizer_maps` under one rule.
+    """Boxes (K_i, 4) of each image of each map (N, H, W) of `localizers.localizer_maps` under one rule.
 
     "calibrated": regions above the map's calibrated threshold (`calibrated_boxes`);
     "minmax": the published rule, each map normalised per image and cut at heatmap_thres.

@@ -1,0 +1,86 @@
+"""The maps a checkpoint offers: which exist, how each is made comparable across images, and its image score."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .explain import EXPLAIN, EXPLANATIONS, REFERENCE_EXPLANATIONS
+from .postprocess import minmax_normalise, probability_scaled, to_numpy
+
+MEMORY_LOCALIZERS = ("patch_knn", "cam_knn")  # these need the checkpoint's patch memory
+LOCALIZERS = ("cam", *MEMORY_LOCALIZERS, *EXPLANATIONS, "explain")
+CLASSIFIER_LOCALIZERS = ("cam", "cam_knn", *EXPLANATIONS, "explain")  # need the trained classifier
+# need the checkpoint's explanation reference (checkpoints of Training.ipynb with a classifier have it)
+REFERENCE_LOCALIZERS = (*REFERENCE_EXPLANATIONS, *(("explain",) if EXPLAIN in REFERENCE_EXPLANATIONS else ()))
+
+
+def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, where: str = "the checkpoint",
+                    has_reference: bool = True) -> None:
+    """Raise a ValueError naming what `where` lacks when `localizer` cannot be computed from it."""
+    if localizer not in LOCALIZERS:
+        raise ValueError(f"localizer={localizer!r} must be one of {LOCALIZERS}.")
+    if localizer in CLASSIFIER_LOCALIZERS and not has_classifier:
+        usable = [name for name in MEMORY_LOCALIZERS if name not in CLASSIFIER_LOCALIZERS]
+        raise ValueError(
+            f"localizer={localizer!r} needs the classifier, but {where} has none (its training split "
+            f"had no Anomaly images): use localizer={usable[0]!r}, or train on a split with Anomaly images."
+        )
+    if localizer in MEMORY_LOCALIZERS and not has_memory:
+        raise ValueError(f"localizer={localizer!r} needs the patch memory, but {where} has none: "
+                         f"train with patch_memory_size > 0.")
+    if localizer in REFERENCE_LOCALIZERS and not has_reference:
+        raise ValueError(f"localizer={localizer!r} needs the explanation reference (the good training images' "
+                         f"mean features), but {where} predates it: train again with Training.ipynb, or "
+                         f"use localizer='layercam_s8'.")
+
+
+def check_checkpoint_localizer(localizer: str, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
+    """`check_localizer` against what a checkpoint holds."""
+    check_localizer(localizer, bool(checkpoint.get("classifier", True)), checkpoint.get("patch_memory") is not None,
+                    where, has_reference=checkpoint.get("explain_reference") is not None)
+
+
+def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = None) -> dict[str, np.ndarray]:
+    """Pixel-scoring maps (N, H, W) per localiser, each comparable across images.
+
+    cam and p_anomaly are None for a model without a classifier: then only "patch_knn" exists.
+
+    "cam": the per-image min-max CAM scaled by the image's Anomaly probability (the raw CAM's
+    scale differs between images); "patch_knn": the nearest-neighbour distance to good training
+    patches (its scale is fixed by the memory); "cam_knn": their product, the patch distance kept
+    where the classifier looks. `explanations` ({name: raw (N, H, W)} of `utils.explain`) are
+    scaled as the CAM is, and "explain" is the one named by `explain.EXPLAIN`.
+    """
+    if cam is None and patch_map is None:
+        raise ValueError("localizer_maps needs a CAM, a patch map or both; got neither")
+    maps = {} if cam is None else {"cam": probability_scaled(cam, p_anomaly)}
+    if patch_map is not None:
+        patch_map = to_numpy(patch_map).astype(np.float32)
+        maps["patch_knn"] = patch_map
+        if cam is not None:
+            maps["cam_knn"] = patch_map * minmax_normalise(cam)
+    for name, m in (explanations or {}).items():
+        maps[name] = probability_scaled(m, p_anomaly)
+    if EXPLAIN in maps:
+        maps["explain"] = maps[EXPLAIN]
+    return maps
+
+
+def maps_of(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`localizer_maps` of the output of `inference.predict`: every map it computed."""
+    return localizer_maps(pred.get("cam"), pred.get("p_anomaly"), pred.get("patch_map"),
+                          explanations={k: pred[k] for k in EXPLANATIONS if k in pred})
+
+
+def localizer_image_scores(maps: dict[str, np.ndarray], p_anomaly, patch_score=None) -> dict[str, np.ndarray]:
+    """Image-level score (N,) per localiser of `localizer_maps`: the classifier's Anomaly
+    probability for "cam" and the explanations, the patch map's maximum (at feature resolution)
+    for "patch_knn", the map's maximum for "cam_knn"."""
+    scores = {name: to_numpy(p_anomaly) for name in maps if name not in MEMORY_LOCALIZERS}
+    if "patch_knn" in maps:
+        scores["patch_knn"] = to_numpy(patch_score)
+    if "cam_knn" in maps:
+        scores["cam_knn"] = maps["cam_knn"].reshape(len(maps["cam_knn"]), -1).max(axis=1)
+    return scores

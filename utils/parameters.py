@@ -1,0 +1,186 @@
+"""The notebooks' parameters: checked before anything is read or written, then kept as the run's configuration."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .dataloader import SPLITS
+from .model import POOLINGS, get_spec, load_backbone_weights, normalisation
+from .patchknn import MEMORY_METHODS
+from .runtime import PRECISIONS, SEED_RANGE, is_seed, resolve_device
+
+
+def check(condition: bool, name: str, value: Any, expected: str) -> None:
+    """Raise a ValueError that names the parameter, its value and what it accepts."""
+    if not condition:
+        raise ValueError(f"{name}={value!r} is invalid: expected {expected}.")
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def run_name(subset_name: str, backbone: str) -> str:
+    """The name of a run's checkpoint and results folder: `{subset}_{backbone}`."""
+    return f"{subset_name}_{backbone}"
+
+
+def check_output_dir(folder: Any, name: str) -> None:
+    """Raise a ValueError naming `name` unless `folder` is a writable folder or can be created as
+    one; creates nothing (checks run before anything is written)."""
+    check(isinstance(folder, (str, Path)) and str(folder) != "", name, folder, "a folder path")
+    probe = Path(folder)
+    while not probe.exists() and probe.parent != probe:  # the nearest part that exists
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{name}={str(folder)!r} cannot be used: {probe} is a file, not a folder. "
+                         f"Choose another {name}, or move the file.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}={str(folder)!r} cannot be written: permission denied on {probe}. "
+                         f"Choose a folder this user can write to.")
+
+
+def check_evaluation_parameters(
+    *, batch_size: int, n_samples: int, heatmap_thres: float, results_dir: str | None = None
+) -> None:
+    """Check Evaluation.ipynb's numeric parameters (and that results_dir can be written) before
+    anything is loaded; a bad one raises a ValueError naming it."""
+    check(is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "a positive integer")
+    check(is_int(n_samples) and n_samples >= 0, "n_samples", n_samples, "0 or a positive integer")
+    check(is_number(heatmap_thres) and 0 <= heatmap_thres <= 1, "heatmap_thres", heatmap_thres,
+          "a number in [0, 1]")
+    if results_dir is not None:
+        check_output_dir(results_dir, "results_dir")
+
+
+def _check_recipe(p: dict[str, Any]) -> None:
+    """The training recipe's values (see `training_config`)."""
+    check(is_int(p["image_size"]) and p["image_size"] >= 64 and p["image_size"] % 32 == 0, "image_size",
+          p["image_size"], "an integer multiple of 32, at least 64")
+    check(is_int(p["batch_size"]) and p["batch_size"] >= 1, "batch_size", p["batch_size"], "a positive integer")
+    check(is_int(p["epochs"]) and p["epochs"] >= 1, "epochs", p["epochs"], "a positive integer")
+    check(is_number(p["lr"]) and p["lr"] > 0, "lr", p["lr"], "a positive number")
+    weights = p["class_weight"]
+    check(isinstance(weights, (list, tuple)) and len(weights) == 2 and all(is_number(w) and w > 0 for w in weights),
+          "class_weight", weights, "two positive numbers [Good, Anomaly]")
+    target = p["target_train_accuracy"]
+    check(target is None or (is_number(target) and 0 < target <= 1), "target_train_accuracy", target,
+          "None or a number in (0, 1]")
+    check(is_number(p["test_size"]) and 0 < p["test_size"] < 1, "test_size", p["test_size"], "a fraction in (0, 1)")
+    check(is_seed(p["seed"]), "seed", p["seed"], SEED_RANGE)
+    check(is_number(p["heatmap_thres"]) and 0 <= p["heatmap_thres"] <= 1, "heatmap_thres", p["heatmap_thres"],
+          "a number in [0, 1]")
+    check(is_int(p["n_cv_folds"]) and (p["n_cv_folds"] == 0 or p["n_cv_folds"] >= 2), "n_cv_folds",
+          p["n_cv_folds"], "0 (skip) or an integer of at least 2")
+    check(p["pooling"] in POOLINGS, "pooling", p["pooling"], f"one of {POOLINGS} ('avg' is the published head)")
+
+
+def _check_maps(p: dict[str, Any]) -> None:
+    """The patch memory's and the boxes' values (see `training_config`)."""
+    check(is_int(p["patch_memory_size"]) and p["patch_memory_size"] >= 0, "patch_memory_size",
+          p["patch_memory_size"], "0 (no patch memory) or a positive integer")
+    check(p["patch_memory_method"] in MEMORY_METHODS, "patch_memory_method", p["patch_memory_method"],
+          f"one of {MEMORY_METHODS}")
+    check(is_number(p["box_quantile"]) and 0 <= p["box_quantile"] <= 1, "box_quantile", p["box_quantile"],
+          "a number in [0, 1]")
+    check(is_int(p["box_min_area"]) and p["box_min_area"] >= 1, "box_min_area", p["box_min_area"],
+          "a positive number of pixels")
+
+
+def _check_places(p: dict[str, Any]) -> None:
+    """Folders, flags, device and split (see `training_config`)."""
+    check(isinstance(p["data_dir"], (str, Path)), "data_dir", p["data_dir"], "a folder path")
+    check(isinstance(p["subset_name"], str) and p["subset_name"] != "", "subset_name", p["subset_name"],
+          "a subset name")
+    for name in ("download", "pretrained", "cache_features"):
+        check(isinstance(p[name], bool), name, p[name], "True or False")
+    check(p["precision"] in PRECISIONS, "precision", p["precision"], f"one of {PRECISIONS}")
+    check(p["split"] in SPLITS, "split", p["split"], f"one of {SPLITS}")
+    resolve_device(p["device"])
+    check_output_dir(p["weights_dir"], "weights_dir")
+    check_output_dir(p["results_dir"], "results_dir")
+    run = run_name(p["subset_name"], p["backbone"])
+    checkpoint = Path(p["weights_dir"]) / f"{run}.pt"
+    if checkpoint.is_dir():
+        raise ValueError(f"weights_dir={str(p['weights_dir'])!r}: {checkpoint} is a folder, where the checkpoint "
+                         f"would be written: move it away.")
+    results = Path(p["results_dir"]) / run
+    if results.exists() and not results.is_dir():
+        raise ValueError(f"results_dir={str(p['results_dir'])!r}: {results} is a file, where the run's results "
+                         f"folder would be: move it away.")
+
+
+def _backbone_weights(backbone: str, pretrained: bool, path: Any) -> tuple[dict | None, list, list]:
+    """What the configuration records of `backbone_weights` (None: torchvision's) and its mean/std."""
+    check(path is None or isinstance(path, (str, Path)), "backbone_weights", path,
+          "None or the path of a backbone weights file")
+    if path is None:
+        mean, std = normalisation(backbone, pretrained)
+        return None, [float(v) for v in mean], [float(v) for v in std]
+    check(pretrained, "pretrained", pretrained, "True when backbone_weights is given "
+          "(pretrained=False means random init; set backbone_weights=None for that)")
+    weights = load_backbone_weights(path, backbone)
+    return weights.describe(), [float(v) for v in weights.mean], [float(v) for v in weights.std]
+
+
+# Training.ipynb's parameters: those without a default here must be given to `training_config`.
+TRAINING_PARAMETERS = ("data_dir", "subset_name", "download", "backbone", "pretrained", "image_size", "batch_size",
+                       "epochs", "lr", "class_weight", "target_train_accuracy", "test_size", "seed", "heatmap_thres",
+                       "n_cv_folds", "weights_dir", "results_dir", "device")
+TRAINING_DEFAULTS = dict(precision="auto", cache_features=True, patch_memory_size=10000,
+                         patch_memory_method="coreset", backbone_weights=None, pooling="avg", split="pooled",
+                         box_quantile=0.9, box_min_area=64, mvtec_url=None)
+
+
+def training_config(**params: Any) -> dict[str, Any]:
+    """Check the Training.ipynb parameters and return them as the run's configuration.
+
+    Takes the parameters cell's names as keywords (those of `TRAINING_DEFAULTS` may be left out).
+    A wrong type or value raises a ValueError that names the parameter and what it accepts. A
+    `backbone_weights` file is read and checked here (see `model.load_backbone_weights`), so a bad
+    file stops the run before anything is trained; the configuration records its name, sha256 and
+    source, and the input `mean`/`std` of the run (the file's, or those of torchvision's weights).
+    """
+    missing = [k for k in TRAINING_PARAMETERS if k not in params]
+    unknown = [k for k in params if k not in TRAINING_PARAMETERS and k not in TRAINING_DEFAULTS]
+    if missing or unknown:
+        raise TypeError(f"training_config: missing {missing}, unknown {unknown}")
+    p = {**TRAINING_DEFAULTS, **params}
+    get_spec(p["backbone"])
+    _check_places(p)
+    _check_recipe(p)
+    _check_maps(p)
+    weights_info, mean, std = _backbone_weights(p["backbone"], p["pretrained"], p["backbone_weights"])
+    numbers_of = {"image_size": int, "batch_size": int, "epochs": int, "lr": float, "test_size": float,
+                  "seed": int, "heatmap_thres": float, "n_cv_folds": int, "patch_memory_size": int,
+                  "box_quantile": float, "box_min_area": int}
+    config = {k: numbers_of[k](v) if k in numbers_of else v for k, v in p.items()}
+    config.update(
+        data_dir=str(p["data_dir"]), weights_dir=str(p["weights_dir"]), results_dir=str(p["results_dir"]),
+        class_weight=[float(w) for w in p["class_weight"]], backbone_weights=weights_info, mean=mean, std=std,
+        target_train_accuracy=None if p["target_train_accuracy"] is None else float(p["target_train_accuracy"]),
+    )
+    config.pop("mvtec_url", None)
+    return config
+
+
+def trains_classifier(config: dict[str, Any], n_train_anomalies: int) -> bool:
+    """Whether the run trains a classifier: only with Anomaly training images. Without them only the
+    patch memory is built, which needs patch_memory_size > 0 and no cross-validation (of a classifier)."""
+    if n_train_anomalies:
+        return True
+    if not config["patch_memory_size"]:
+        raise ValueError("The training split has no Anomaly images, so no classifier can train, and "
+                         "patch_memory_size=0 builds no patch memory: nothing would be trained. "
+                         "Set patch_memory_size > 0 (e.g. 10000).")
+    if config["n_cv_folds"]:
+        raise ValueError(f"n_cv_folds={config['n_cv_folds']} cross-validates the classifier, but the training "
+                         f"split has no Anomaly images, so none is trained: set n_cv_folds=0.")
+    return False
