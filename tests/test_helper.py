@@ -26,7 +26,7 @@ def _config(tmp_path, **overrides):
         "pretrained": False, "image_size": 64, "batch_size": 5, "epochs": 2, "lr": 1e-3, "class_weight": [1, 3],
         "target_train_accuracy": None, "test_size": 0.2, "seed": 0, "heatmap_thres": 0.7, "n_cv_folds": 0,
         "weights_dir": str(tmp_path), "results_dir": str(tmp_path), "device": "cpu", "precision": "fp32",
-        "patch_memory_size": 200, "patch_memory_method": "random", **overrides})
+        "patch_memory_size": 150, "patch_memory_method": "random", **overrides})
 
 
 def test_frozen_pass_keeps_the_taps_it_is_asked_for(subset, make_model):
@@ -57,16 +57,18 @@ def test_a_fold_scores_from_the_cache_what_predict_scores_from_the_images(subset
                            test_maps=True, progress=False)
     assert all(torch.equal(v, template.state_dict()[k]) for k, v in untouched.items())  # the template stays untrained
     assert fold.classifier and fold.history["epochs_run"] == 2
-    # the memory holds patches of the good training images only
+    # the memory holds patches of the good training images only, less those held back to calibrate
     n_good = int((labels[train] == GOOD).sum())
-    assert fold.memory_info["n_patches"] == n_good * 8 * 8 and len(fold.patch_memory) == 200
+    held = fold.calibration_images
+    assert len(held) == 1 and set(held.tolist()) <= set(train.tolist()) and bool((labels[held] == GOOD).all())
+    assert fold.memory_info["n_patches"] == (n_good - 1) * 8 * 8 and len(fold.patch_memory) == 150
     direct = inference.predict(fold.model, images[test], config["mean"], config["std"], batch_size=5, device=CPU,
                                precision="fp32", patch_memory=fold.patch_memory, explain=True)
     assert set(fold.test) == set(direct)
     for key, value in direct.items():
         np.testing.assert_allclose(fold.test[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
     assert set(fold.calibration["thresholds"]) >= {"cam", "patch_knn", "cam_knn", "gradref", "explain"}
-    assert fold.calibration["thresholds"]["patch_knn"] > 0  # leave-one-image-out: never a self-match
+    assert fold.calibration["thresholds"]["patch_knn"] > 0  # a held-back image is never in the memory
 
 
 def test_cross_validation_holds_out_every_image_once(subset, make_model, tmp_path):

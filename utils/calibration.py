@@ -1,6 +1,8 @@
-"""Thresholds from good images the model never trained on: each map's box threshold."""
+"""Thresholds from good images the model never trained on: the image decision, each map's box threshold."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -26,8 +28,7 @@ def calibration_threshold(good_maps, quantile: float = 1.0) -> float:
 def calibrate(good_maps: dict[str, np.ndarray], quantile: float, min_area: int) -> dict:
     """The checkpoint's "calibration": a threshold per map of `localizers.localizer_maps` from good images.
 
-    good_maps[name] is (N, H, W), the maps of good images that did not build that map's reference
-    (for the patch map, leave-one-image-out maps). Returns {"thresholds": {name: float},
+    good_maps[name] is (N, H, W), the maps of good images the model never trained on. Returns {"thresholds": {name: float},
     "min_area": int, "rule": str, "quantile": float, "n_images": {name: int}}.
     """
     if not good_maps:
@@ -41,3 +42,54 @@ def calibrate(good_maps: dict[str, np.ndarray], quantile: float, min_area: int) 
         "quantile": float(quantile),
         "n_images": {name: int(len(m)) for name, m in good_maps.items()},
     }
+
+
+DECISION_RULES = ("calibrated", "argmax")
+
+
+def decision_threshold(good_scores, false_alarm_rate: float | None) -> dict:
+    """The image decision from scores (N,) of good images the model never trained on.
+
+    false_alarm_rate None keeps the published argmax (Anomaly when the probability is >= 0.5).
+    Otherwise the threshold is the k-th smallest score, k = ceil((N + 1) * (1 - rate)), and an image
+    is Anomaly when its score exceeds it: a new good image, exchangeable with the calibration
+    images, is then flagged with probability (N + 1 - k) / (N + 1) <= rate ("expected_false_alarms").
+    With fewer than 1 / rate - 1 images no threshold can promise the rate: the highest score is
+    taken and the promise is 1 / (N + 1), above the rate (`meets_rate` False).
+    """
+    scores = np.sort(to_numpy(good_scores).astype(np.float64).reshape(-1))
+    n = len(scores)
+    if false_alarm_rate is None:
+        return {"rule": "argmax", "false_alarm_rate": None, "threshold": 0.5, "n_images": n}
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise ValueError(f"false_alarm_rate={false_alarm_rate} must lie in (0, 1), or be None for the argmax")
+    if n == 0:
+        raise ValueError("a calibrated decision needs good images the model never trained on, and there are none")
+    k = min(n, math.ceil((n + 1) * (1.0 - false_alarm_rate)))
+    expected = (n + 1 - k) / (n + 1)
+    return {"rule": "calibrated", "false_alarm_rate": float(false_alarm_rate), "threshold": float(scores[k - 1]),
+            "n_images": n, "expected_false_alarms": expected, "meets_rate": bool(expected <= false_alarm_rate)}
+
+
+def decide(scores, decision: dict) -> np.ndarray:
+    """Labels (N,) int64, 1 = Anomaly, of image scores (N,) under a `decision_threshold` rule."""
+    scores = to_numpy(scores).astype(np.float64).reshape(-1)
+    if decision["rule"] == "argmax":
+        return (scores >= 0.5).astype(np.int64)  # the argmax of the two softmax scores
+    return (scores > decision["threshold"]).astype(np.int64)
+
+
+def floors(good_maps: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per map (N, H, W), the level a good part sits at: the median over images of each map's median.
+    Figures draw a map from this floor (cold) to its box threshold, so colours mean the same everywhere."""
+    return {name: float(np.median(np.median(to_numpy(m).reshape(len(m), -1), axis=1))) for name, m in good_maps.items()}
+
+
+def calibrate_all(good_maps: dict[str, np.ndarray], good_scores, *, quantile: float, min_area: int,
+                  false_alarm_rate: float | None, method: str) -> dict:
+    """The checkpoint's "calibration" from the maps (N, H, W) and image scores (N,) of good images
+    the model never trained on: box thresholds (`calibrate`), display floors (`floors`), the image
+    decision (`decision_threshold`) and how the images were held out (`method`)."""
+    out = calibrate(good_maps, quantile, min_area)
+    out.update(floors=floors(good_maps), decision=decision_threshold(good_scores, false_alarm_rate), method=method)
+    return out

@@ -13,10 +13,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .constants import CLASS_NAMES
+from .evidence import EvidenceHead
 from .model import CAMClassifier, get_spec
 
 CHECKPOINT_FORMAT = "cam-defect-detector/1"
 FROZEN_PREFIX = "frozen."  # state_dict keys of the frozen layers (all a patch-memory-only checkpoint holds)
+EVIDENCE_PREFIX = "evidence_head."  # state_dict keys of the evidence head
 CHECKPOINT_KEYS = ("state_dict", "config", "test_files")  # what load_checkpoint needs
 CONFIG_KEYS = ("backbone", "image_size", "pretrained")
 # A temporary file of the atomic writer untouched this long belongs to a killed save.
@@ -87,15 +89,18 @@ def checkpoint_dict(
 ) -> dict[str, Any]:
     """The checkpoint `save_checkpoint` writes: only tensors and plain Python values.
 
-    classifier=False (no classifier was trained, e.g. good training images only): the state_dict
-    holds the frozen layers alone, which the patch memory's features come from, and the
-    checkpoint's "classifier" flag is False.
+    The state_dict holds the layers the model uses: with the published head, the whole network;
+    with the evidence head (config "head"), the frozen layers (the patch features come from them)
+    and the evidence head; with classifier=False (no classifier was trained, e.g. good training
+    images only) the frozen layers alone, and the checkpoint's "classifier" flag is False.
     """
+    evidence = classifier and config.get("head", "published") == "evidence"
+    keep = (lambda k: k.startswith(FROZEN_PREFIX) or k.startswith(EVIDENCE_PREFIX)) if evidence else (
+        (lambda k: not k.startswith(EVIDENCE_PREFIX)) if classifier else (lambda k: k.startswith(FROZEN_PREFIX)))
     return {
         "format": CHECKPOINT_FORMAT,
         "classifier": bool(classifier),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                       if classifier or k.startswith(FROZEN_PREFIX)},
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keep(k)},
         "config": dict(config),
         "class_names": list(CLASS_NAMES),
         "test_files": list(test_files),
@@ -195,15 +200,20 @@ def _model_of(path: Path, ckpt: dict[str, Any]) -> CAMClassifier:
     """The network of a validated checkpoint, its weights loaded and its explanation reference set."""
     config = ckpt["config"]
     model = CAMClassifier(config["backbone"], pretrained=False, pooling=config.get("pooling", "avg"))
+    state = ckpt["state_dict"]
     try:
-        if has_classifier(ckpt):
-            model.load_state_dict(ckpt["state_dict"])
+        if has_classifier(ckpt) and config.get("head", "published") == "evidence":
+            model.evidence_head = EvidenceHead.from_state_dict(
+                {k[len(EVIDENCE_PREFIX):]: v for k, v in state.items() if k.startswith(EVIDENCE_PREFIX)})
+            state = {k: v for k, v in state.items() if not k.startswith(EVIDENCE_PREFIX)}
+        if has_classifier(ckpt) and model.evidence_head is None:
+            model.load_state_dict(state)
         else:
-            missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+            missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or any(k.startswith(FROZEN_PREFIX) for k in missing):
                 raise RuntimeError(f"unexpected {unexpected[:3]}, missing frozen layers "
                                    f"{[k for k in missing if k.startswith(FROZEN_PREFIX)][:3]}")
-    except RuntimeError as err:
+    except (RuntimeError, KeyError) as err:
         raise ValueError(f"Checkpoint {path}: its state_dict does not fit a {config['backbone']} model "
                          f"({str(err).splitlines()[0]}). It is damaged or was edited; train again.") from err
     reference = ckpt.get("explain_reference")

@@ -13,16 +13,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibration as calibration_lib
+from . import evidence as evidence_lib
 from . import explain as explain_lib
 from .checkpoint import checkpoint_dict
 from .constants import ANOMALY, GOOD
 from .dataloader import batch_order, kfold_splits, positions
 from .inference import predict_frozen
-from .localizers import maps_of
+from .localizers import image_score_of, maps_of
 from .metrics import classification_metrics
 from .model import BackboneWeights, CAMClassifier
-from .patchknn import build_memory, flatten_patches, leave_one_image_out_maps, memory_nbytes, patch_embeddings
-from .postprocess import upsample_maps
+from .patchknn import build_memory, flatten_patches, memory_nbytes, patch_embeddings
 from .runtime import autocast, cache_dtype, prepare_model, to_input, to_layout
 
 
@@ -46,9 +46,13 @@ class Frozen:
         rows = torch.cumsum(self.has_tap.long(), 0) - 1  # image -> row of `tap`
         return self.tap[rows[idx]]
 
+    def embeddings_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings (K, D, h8, w8) float32 of images `idx` (K,) (`patchknn.patch_embeddings`)."""
+        return patch_embeddings(self.tap_of(idx).float(), self.features[idx].float())
+
     def patches_of(self, idx: torch.Tensor) -> torch.Tensor:
         """Patch embeddings (K * h8 * w8, D) float32 of images `idx` (K,), image-major."""
-        return flatten_patches(patch_embeddings(self.tap_of(idx).float(), self.features[idx].float()))
+        return flatten_patches(self.embeddings_of(idx))
 
 
 @torch.no_grad()
@@ -212,6 +216,10 @@ def train_model(
 
 # --- the fold pipeline ----------------------------------------------------------------------
 
+GROUPS = 5  # groups of a training split: the evidence head's memory exclusion, cross-fit calibration
+CALIBRATIONS = ("holdout", "cross_fit")
+NO_TRAINING = {"loss": [], "accuracy": [], "epochs_run": 0, "early_stopped": False, "cached_features": False}
+
 
 def new_model(config: dict[str, Any], weights: BackboneWeights | None, device: torch.device,
               precision: str) -> CAMClassifier:
@@ -224,27 +232,190 @@ def new_model(config: dict[str, Any], weights: BackboneWeights | None, device: t
 
 def fresh_copy(model: CAMClassifier, seed: int) -> CAMClassifier:
     """An untrained copy of `model` for another fold: the same frozen layers (so one frozen pass
-    serves every fold), its dense layer drawn anew with `seed`."""
+    serves every fold), its dense layer drawn anew with `seed`, no evidence head or reference."""
     fresh = copy.deepcopy(model)
     torch.manual_seed(seed)
     fresh.fc.reset_parameters()
     fresh.explain_reference = None
+    fresh.evidence_head = None
     return fresh
+
+
+def assign_groups(types: Sequence[str], n_groups: int, seed: int) -> torch.Tensor:
+    """(N,) group in 0..n_groups-1 of each of N images: each type's images shuffled with `seed` and
+    dealt round-robin, one deal continuing across types, so every group holds about the same share
+    of each type."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = torch.empty(len(types), dtype=torch.long)
+    dealt = 0
+    for kind in sorted(set(types)):
+        members = torch.tensor([i for i, t in enumerate(types) if t == kind])
+        members = members[torch.randperm(len(members), generator=generator)]
+        groups[members] = (torch.arange(len(members)) + dealt) % n_groups
+        dealt += len(members)
+    return groups
+
+
+def calibration_split(labels: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (fit, calibration) within a training split of labels (N,): the calibration images
+    are a seeded `share` of its good images, held back from everything the model learns."""
+    good = torch.nonzero(labels == GOOD).flatten()
+    n_cal = max(1, round(share * len(good)))
+    if len(good) - n_cal < 1:
+        raise ValueError(f"calibration='holdout' holds back {n_cal} of the {len(good)} good training images, "
+                         f"leaving none to train on: lower calibration_share or add good images.")
+    cal = good[torch.randperm(len(good), generator=torch.Generator().manual_seed(seed))[:n_cal]].sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[cal] = False
+    return torch.nonzero(keep).flatten(), cal
+
+
+@dataclass
+class Fitted:
+    """What one fit produced: the network (its head trained, its explanation reference or evidence
+    head set), whether it classifies, the patch memory and its statistics, the training history."""
+
+    model: CAMClassifier
+    classifier: bool
+    memory: torch.Tensor | None
+    memory_info: dict[str, Any] | None
+    history: dict[str, Any]
+
+
+def _train_classifier(config, model, frozen, labels, fit, images, device, precision, progress, on_epoch_end):
+    """Train the published head on the images `fit` (the cache, or the plain loop)."""
+    cache = config["cache_features"]
+    return train_model(
+        model, images[fit] if not cache else None, labels[fit], mean=config["mean"], std=config["std"],
+        epochs=config["epochs"], lr=config["lr"], class_weight=config["class_weight"],
+        batch_size=config["batch_size"], target_train_accuracy=config["target_train_accuracy"],
+        seed=config["seed"], device=device, precision=precision, cache=cache,
+        features=frozen.features[fit] if cache else None, progress=progress, on_epoch_end=on_epoch_end)
+
+
+def _train_evidence(config, model, frozen, labels, fit, memory, memory_images, masks, device, progress,
+                    on_epoch_end):
+    """Train the evidence head on the images `fit`; each good image is compared with memory rows of
+    the other groups of good images only (`evidence.evidence_inputs`)."""
+    y = labels[fit]
+    good_groups = assign_groups(["good"] * int((y == GOOD).sum()), GROUPS, config["seed"])
+    image_groups = torch.full((len(fit),), -1, dtype=torch.long)
+    image_groups[y == GOOD] = good_groups
+    inputs = evidence_lib.evidence_inputs(lambda i: frozen.embeddings_of(fit[i]), len(fit), memory.to(device),
+                                          image_groups=image_groups, memory_groups=good_groups[memory_images])
+    targets = None
+    if config["mask_supervision"] and masks is not None:
+        has_mask = masks[fit].flatten(1).any(dim=1) & (y != GOOD)
+        targets = evidence_lib.mask_targets(masks[fit], has_mask, tuple(inputs.distance.shape[-2:]))
+    head = evidence_lib.EvidenceHead(memory.shape[1])
+    history = evidence_lib.train_head(head, inputs, y, class_weight=config["class_weight"], device=device,
+                                      targets=targets, progress=progress, on_epoch_end=on_epoch_end)
+    model.evidence_head = head.eval()
+    return history
+
+
+def fit(
+    config: dict[str, Any],
+    template: CAMClassifier,
+    frozen: Frozen,
+    labels: torch.Tensor,
+    fit_idx: torch.Tensor,
+    *,
+    masks: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
+    device: torch.device,
+    precision: str,
+    progress: bool = False,
+    on_epoch_end: Callable[[int, float, float], None] | None = None,
+) -> Fitted:
+    """Everything a model learns from the images `fit_idx` (K,): the patch memory of their good
+    images, and, when they include anomalies, the run's head (`config["head"]`): the published
+    fine-tuned layers and dense layer with the explanation reference, or the evidence head."""
+    model = fresh_copy(template, config["seed"])
+    y = labels[fit_idx]
+    classifier = bool((y != GOOD).any())
+    memory, memory_images, memory_info = None, None, None
+    if config["patch_memory_size"]:
+        good = fit_idx[y == GOOD]
+        memory, rows, memory_info = build_patch_memory(frozen.patches_of(good), config["patch_memory_size"],
+                                                       config["patch_memory_method"], config["seed"])
+        memory_images = rows // frozen.tap.shape[-2:].numel()  # (M,) position in `good` of each row's image
+    history = NO_TRAINING
+    if classifier and config["head"] == "published":
+        history = _train_classifier(config, model, frozen, labels, fit_idx, images, device, precision, progress,
+                                    on_epoch_end)
+        model.explain_reference = explain_lib.reference_features(frozen.features[fit_idx], y)
+    elif classifier:
+        history = _train_evidence(config, model, frozen, labels, fit_idx, memory, memory_images, masks, device,
+                                  progress, on_epoch_end)
+    return Fitted(model, classifier, memory, memory_info, history)
+
+
+def score(fitted: Fitted, frozen: Frozen, idx: torch.Tensor, *, size: tuple[int, int], batch_size: int,
+          device: torch.device, precision: str, maps: bool = True) -> dict[str, np.ndarray]:
+    """`inference.predict_frozen` of the images `idx` (K,) with a fitted model: every map it offers
+    (`maps`), or only what the decision needs."""
+    evidence = fitted.model.evidence_head is not None
+    tapped = maps or evidence or not fitted.classifier
+    return predict_frozen(fitted.model, frozen.features[idx], frozen.tap_of(idx) if tapped else None, size=size,
+                          batch_size=batch_size, device=device, precision=precision,
+                          patch_memory=fitted.memory if tapped else None, classifier=fitted.classifier,
+                          explain=maps and fitted.classifier and not evidence)
+
+
+def _cross_fit_scores(config, template, frozen, labels, train, types, *, masks, images, size, device, precision):
+    """Scores of every good training image by a model fitted without its group (`GROUPS` groups of
+    the training images, by defect type): each group's good images are scored by a model, memory
+    and reference built from the other groups."""
+    groups = assign_groups([types[i] for i in train.tolist()], GROUPS, config["seed"])
+    parts, order = [], []
+    for g in range(GROUPS):
+        held = train[(groups == g) & (labels[train] == GOOD)]
+        if len(held) == 0:
+            continue
+        rest = fit(config, template, frozen, labels, train[groups != g], masks=masks, images=images,
+                   device=device, precision=precision)
+        if not rest.classifier and bool((labels[train] != GOOD).any()):
+            raise ValueError(f"cross-fit calibration: the training images outside group {g} hold no anomaly, so "
+                             f"no classifier can be fitted without it; use calibration='holdout'.")
+        parts.append(score(rest, frozen, held, size=size, batch_size=config["batch_size"], device=device,
+                           precision=precision))
+        order.append(held)
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}, torch.cat(order)
 
 
 @dataclass
 class Fold:
-    """What one fold produced: the trained model, what its checkpoint stores beside it, the held-out
-    predictions (`inference.predict_frozen`'s keys) and seconds per stage."""
+    """What one fold produced: the fitted model, its calibration, the held-out predictions
+    (`inference.predict_frozen`'s keys), which training images calibrated it and their image scores,
+    seconds per stage."""
 
-    model: CAMClassifier
-    classifier: bool
-    history: dict[str, Any]
-    patch_memory: torch.Tensor | None
-    memory_info: dict[str, Any] | None
+    fitted: Fitted
     calibration: dict[str, Any]
     test: dict[str, np.ndarray] | None
+    calibration_images: torch.Tensor
+    calibration_scores: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model(self) -> CAMClassifier:
+        return self.fitted.model
+
+    @property
+    def classifier(self) -> bool:
+        return self.fitted.classifier
+
+    @property
+    def patch_memory(self) -> torch.Tensor | None:
+        return self.fitted.memory
+
+    @property
+    def memory_info(self) -> dict[str, Any] | None:
+        return self.fitted.memory_info
+
+    @property
+    def history(self) -> dict[str, Any]:
+        return self.fitted.history
 
     def checkpoint(self, config: dict[str, Any], test_files: Sequence[str], n_train: int) -> dict[str, Any]:
         """The checkpoint of this fold (`checkpoint.checkpoint_dict`): the model, `config`, the held-out
@@ -257,37 +428,6 @@ class Fold:
         return checkpoint_dict(self.model, config, test_files, extra, classifier=self.classifier)
 
 
-NO_TRAINING = {"loss": [], "accuracy": [], "epochs_run": 0, "early_stopped": False, "cached_features": False}
-
-
-def _train_classifier(config, model, frozen, labels, train, images, device, precision, progress, on_epoch_end):
-    """Train the run's classifier on the fold's training images (the cache, or the plain loop)."""
-    cache = config["cache_features"]
-    return train_model(
-        model, images[train] if not cache else None, labels[train], mean=config["mean"], std=config["std"],
-        epochs=config["epochs"], lr=config["lr"], class_weight=config["class_weight"],
-        batch_size=config["batch_size"], target_train_accuracy=config["target_train_accuracy"],
-        seed=config["seed"], device=device, precision=precision, cache=cache,
-        features=frozen.features[train] if cache else None, progress=progress, on_epoch_end=on_epoch_end)
-
-
-def calibration_maps(model, frozen: Frozen, good: torch.Tensor, memory: torch.Tensor | None,
-                     memory_images: torch.Tensor | None, *, classifier: bool, size: tuple[int, int],
-                     batch_size: int, device: torch.device, precision: str) -> dict[str, np.ndarray]:
-    """Every map (`localizers.localizer_maps`) of the good calibration images `good` (K,), each made
-    without them: the classifier's maps as it sees them, the patch map against the memory without
-    the rows of that image (`memory_images` (M,): the image of each memory row)."""
-    pred: dict[str, np.ndarray] = {}
-    if classifier:
-        pred = predict_frozen(model, frozen.features[good], frozen.tap_of(good), size=size, batch_size=batch_size,
-                              device=device, precision=precision, explain=True)
-    if memory is not None:
-        h8, w8 = frozen.tap.shape[-2:]
-        held_out = leave_one_image_out_maps(frozen.patches_of(good), memory, memory_images, (h8, w8))
-        pred["patch_map"] = upsample_maps(held_out, size).numpy()
-    return maps_of(pred)
-
-
 def run_fold(
     config: dict[str, Any],
     template: CAMClassifier,
@@ -296,6 +436,8 @@ def run_fold(
     train: torch.Tensor,
     test: torch.Tensor,
     *,
+    types: Sequence[str] | None = None,
+    masks: torch.Tensor | None = None,
     images: torch.Tensor | None = None,
     device: torch.device,
     precision: str,
@@ -303,44 +445,46 @@ def run_fold(
     progress: bool = True,
     on_epoch_end: Callable[[int, float, float], None] | None = None,
 ) -> Fold:
-    """One fold of the run: train, build the patch memory, calibrate, score the held-out images.
+    """One fold of the run: fit (patch memory, head), calibrate on good images the model never
+    trained on, score the held-out images.
 
     config: the run's configuration (`parameters.training_config`); template: an untrained model of
-    it (`new_model`), left untouched: the fold trains a `fresh_copy` seeded with config["seed"];
-    frozen: the template's `frozen_pass` over all N images; labels (N,); train, test (K,) indices. `images` (N, 3, H, W) uint8 are needed only without the cache
-    (cache_features=False, the plain loop). The classifier trains only when the training images
-    include anomalies. `test_maps`: score the held-out images with every map, not just the
-    decision. Returns a `Fold`.
+    it (`new_model`), left untouched (every fit trains a `fresh_copy`); frozen: the template's
+    `frozen_pass` over all N images; labels (N,); train, test (K,) indices. types (N,): each
+    image's defect type (cross-fit groups are stratified by it; default: its label); masks
+    (N, H, W) bool, read with mask_supervision; images (N, 3, H, W) uint8, needed only without
+    the cache (cache_features=False, the plain loop). With calibration="holdout" a share of the
+    good training images is held back from the fit and calibrates it; with "cross_fit" every good
+    training image is scored by a model fitted without its group. `test_maps`: score the held-out
+    images with every map, not only the decision. Returns a `Fold`.
     """
+    types = [str(int(v)) for v in labels.tolist()] if types is None else list(types)
+    size, batch = (config["image_size"],) * 2, config["batch_size"]
+    run = dict(device=device, precision=precision)
     seconds, clock = {}, time.perf_counter()
-    model = fresh_copy(template, config["seed"])
-    size = (config["image_size"], config["image_size"])
-    classifier = bool((labels[train] == ANOMALY).any())
-    history = NO_TRAINING
-    if classifier:
-        history = _train_classifier(config, model, frozen, labels, train, images, device, precision, progress,
-                                    on_epoch_end)
-        model.explain_reference = explain_lib.reference_features(frozen.features[train], labels[train])
-    seconds["epochs"], clock = time.perf_counter() - clock, time.perf_counter()
-    good = train[labels[train] == GOOD]
-    memory, memory_images, memory_info = None, None, None
-    if config["patch_memory_size"]:
-        memory, rows, memory_info = build_patch_memory(frozen.patches_of(good), config["patch_memory_size"],
-                                                       config["patch_memory_method"], config["seed"])
-        memory_images = rows // frozen.tap.shape[-2:].numel()  # (M,) position in `good` of each row's image
-    seconds["memory"], clock = time.perf_counter() - clock, time.perf_counter()
-    maps = calibration_maps(model, frozen, good, memory, memory_images, classifier=classifier, size=size,
-                            batch_size=config["batch_size"], device=device, precision=precision)
-    calibration = calibration_lib.calibrate(maps, config["box_quantile"], config["box_min_area"])
+    if config["calibration"] == "holdout":
+        kept, held = calibration_split(labels[train], config["calibration_share"], config["seed"])
+        fit_idx, cal = train[kept], train[held]
+    else:
+        fit_idx, cal = train, train[labels[train] == GOOD]
+    fitted = fit(config, template, frozen, labels, fit_idx, masks=masks, images=images, progress=progress,
+                 on_epoch_end=on_epoch_end, **run)
+    seconds["fit"], clock = time.perf_counter() - clock, time.perf_counter()
+    if config["calibration"] == "holdout":
+        cal_pred = score(fitted, frozen, cal, size=size, batch_size=batch, **run)
+    else:
+        cal_pred, cal = _cross_fit_scores(config, template, frozen, labels, train, types, masks=masks,
+                                          images=images, size=size, **run)
+    cal_scores = image_score_of(cal_pred)
+    calibration = calibration_lib.calibrate_all(
+        maps_of(cal_pred), cal_scores, quantile=config["box_quantile"],
+        min_area=config["box_min_area"], false_alarm_rate=config["false_alarm_rate"], method=config["calibration"])
     seconds["calibration"], clock = time.perf_counter() - clock, time.perf_counter()
     scored = None
-    if len(test) and (classifier or test_maps):
-        scored = predict_frozen(model, frozen.features[test], frozen.tap_of(test) if test_maps else None,
-                                size=size, batch_size=config["batch_size"], device=device, precision=precision,
-                                patch_memory=memory if test_maps else None, classifier=classifier,
-                                explain=test_maps and classifier)
+    if len(test):
+        scored = score(fitted, frozen, test, size=size, batch_size=batch, maps=test_maps, **run)
     seconds["test"] = time.perf_counter() - clock
-    return Fold(model, classifier, history, memory, memory_info, calibration, scored, seconds)
+    return Fold(fitted, calibration, scored, cal, cal_scores, seconds)
 
 
 def cross_validate(
@@ -350,26 +494,28 @@ def cross_validate(
     frozen: Frozen,
     *,
     n_folds: int,
+    masks: torch.Tensor | None = None,
     images: torch.Tensor | None = None,
     device: torch.device,
     precision: str,
     test_maps: bool = False,
     on_fold_end: Callable[[int, dict, list, Fold], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Stratified, shuffled k-fold cross-validation over all `samples`: per fold `run_fold` trains a
+    """Stratified, shuffled k-fold cross-validation over all `samples`: per fold `run_fold` fits a
     fresh copy of the untrained `model` (seed + fold) on the shared frozen pass `frozen` over all
-    samples and scores the held-out images. Returns each fold's classification metrics;
-    `on_fold_end(fold, metrics, held_out_samples, Fold)` sees everything else."""
+    samples and scores the held-out images. Returns each fold's classification metrics at the
+    fold's decision rule; `on_fold_end(fold, metrics, held_out_samples, Fold)` sees everything else."""
     labels = torch.tensor([s.label for s in samples])
+    types = [s.defect_type for s in samples]
     results = []
     for fold, (fold_train, fold_test) in enumerate(kfold_splits(samples, n_folds, config["seed"])):
-        seed = config["seed"] + fold
-        out = run_fold({**config, "seed": seed}, model, frozen, labels,
-                       positions(samples, fold_train), positions(samples, fold_test), images=images,
-                       device=device, precision=precision, test_maps=test_maps, progress=False)
+        out = run_fold({**config, "seed": config["seed"] + fold}, model, frozen, labels,
+                       positions(samples, fold_train), positions(samples, fold_test), types=types, masks=masks,
+                       images=images, device=device, precision=precision, test_maps=test_maps, progress=False)
         y = np.array([s.label for s in fold_test])
-        p = out.test["p_anomaly"]
-        results.append(classification_metrics(y, (p >= 0.5).astype(int), p))
+        score_ = image_score_of(out.test)
+        decided = calibration_lib.decide(score_, out.calibration["decision"])
+        results.append(classification_metrics(y, decided, score_))
         if on_fold_end is not None:
             on_fold_end(fold + 1, results[-1], fold_test, out)
     return results

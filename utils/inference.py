@@ -26,7 +26,8 @@ from .dataloader import image_to_tensor, open_image, read_image, shown_size
 from .explain import EXPLANATIONS
 from .localizers import MEMORY_LOCALIZERS, check_checkpoint_localizer, localizer_image_scores, maps_of
 from .model import CAMClassifier, checkpoint_normalisation, check_input_size
-from .patchknn import patch_anomaly_maps, patch_embeddings
+from .evidence import evidence_scores, residuals
+from .patchknn import patch_embeddings
 from .postprocess import BOX_THRESHOLDS, upsample_maps
 from .runtime import autocast, to_input, to_layout
 
@@ -54,10 +55,12 @@ class BoxRule:
 def _score_batch(model: CAMClassifier, frozen: torch.Tensor, tap8: torch.Tensor | None, size: tuple[int, int],
                  memory: torch.Tensor | None, classifier: bool, explain: bool) -> dict[str, torch.Tensor]:
     """Everything of one batch from its frozen output (B, C, h, w) and stride-8 tap (B, C8, h8, w8):
-    the Anomaly probability, the raw CAM and the explanations (with the classifier), the patch map
-    and its image score (with a memory). Runs inside the caller's autocast."""
+    the patch map and its image score (with a memory); with the published head the Anomaly
+    probability, the raw CAM and the explanations; with the evidence head its probability and
+    its map. Runs inside the caller's autocast."""
     out: dict[str, torch.Tensor] = {}
-    if classifier:
+    evidence = model.evidence_head is not None
+    if classifier and not evidence:
         scores, maps = model.head(frozen)
         out["p_anomaly"] = scores.float().softmax(dim=1)[:, ANOMALY]
         out["cam"] = model.cam(maps, size)
@@ -65,14 +68,20 @@ def _score_batch(model: CAMClassifier, frozen: torch.Tensor, tap8: torch.Tensor 
             _, explanations = explain_lib.explanation_maps(model, tap8, model.spec.taps[0])
             out.update({name: upsample_maps(m, size) for name, m in explanations.items()})
     if memory is not None:
-        emb = patch_embeddings(tap8.float(), frozen.float())  # (B, D, h8, w8)
-        out["patch_map"], out["patch_score"] = patch_anomaly_maps(emb, memory, out_size=size)
+        residual, distance = residuals(patch_embeddings(tap8.float(), frozen.float()), memory)  # (B, D, h8, w8)
+        # the image score is the patch map's maximum at feature resolution, before upsampling
+        out["patch_map"], out["patch_score"] = upsample_maps(distance, size), distance.flatten(1).amax(dim=1)
+        if classifier and evidence:
+            out["p_anomaly"], patch = evidence_scores(model.evidence_head, residual, distance)
+            out["evidence"] = upsample_maps(patch, size)
     return {k: v.detach().float().cpu() for k, v in out.items()}
 
 
-def _check_predict(classifier: bool, patch_memory) -> None:
+def _check_predict(model: CAMClassifier, classifier: bool, patch_memory) -> None:
     if not classifier and patch_memory is None:
         raise ValueError("predict(classifier=False) needs a patch_memory: without a classifier it is the only map")
+    if classifier and model.evidence_head is not None and patch_memory is None:
+        raise ValueError("the evidence head needs the patch memory: its evidence is each patch's residual to it")
 
 
 def predict(
@@ -95,10 +104,12 @@ def predict(
     Returns "p_anomaly" (N,), "cam" (N, H, W) raw CAM heatmaps (not normalised), with a
     `patch_memory` (M, D) "patch_map" (N, H, W) nearest-neighbour distances and "patch_score" (N,),
     and with `explain` one raw (N, H, W) map per name of `explain.EXPLANATIONS` (gradients of the
-    decision from the stride-8 tap up). With classifier=False (a model trained without one) only
-    the frozen layers run: no "p_anomaly", "cam" or explanations, so a patch_memory is required.
+    decision from the stride-8 tap up). A model with an evidence head (head="evidence") gives its
+    "p_anomaly" and "evidence" (N, H, W) map instead of the CAM and explanations, and needs the
+    patch memory. With classifier=False (a model trained without one) only the frozen layers run:
+    no "p_anomaly", "cam" or explanations, so a patch_memory is required.
     """
-    _check_predict(classifier, patch_memory)
+    _check_predict(model, classifier, patch_memory)
     model.eval()
     size = tuple(images.shape[-2:])
     check_input_size(size[1], size[0])
@@ -132,7 +143,7 @@ def predict_frozen(
     """`predict` of images whose frozen layers already ran (`helper.frozen_pass`): their frozen
     outputs (N, C, h, w) and stride-8 taps (N, C8, h8, w8) (None when neither the patch memory nor
     the explanations are asked for); `size` is the input size. The same keys and values as `predict`."""
-    _check_predict(classifier, patch_memory)
+    _check_predict(model, classifier, patch_memory)
     model.eval()
     memory = patch_memory.to(device) if patch_memory is not None else None
     out: dict[str, list] = {}

@@ -10,17 +10,25 @@ from .explain import EXPLAIN, EXPLANATIONS, REFERENCE_EXPLANATIONS
 from .postprocess import minmax_normalise, probability_scaled, to_numpy
 
 MEMORY_LOCALIZERS = ("patch_knn", "cam_knn")  # these need the checkpoint's patch memory
-LOCALIZERS = ("cam", *MEMORY_LOCALIZERS, *EXPLANATIONS, "explain")
-CLASSIFIER_LOCALIZERS = ("cam", "cam_knn", *EXPLANATIONS, "explain")  # need the trained classifier
+LOCALIZERS = ("cam", *MEMORY_LOCALIZERS, *EXPLANATIONS, "explain", "evidence")
+CLASSIFIER_LOCALIZERS = ("cam", "cam_knn", *EXPLANATIONS, "explain")  # need the published head, trained
+EVIDENCE_LOCALIZERS = ("evidence",)  # need the evidence head
 # need the checkpoint's explanation reference (checkpoints of Training.ipynb with a classifier have it)
 REFERENCE_LOCALIZERS = (*REFERENCE_EXPLANATIONS, *(("explain",) if EXPLAIN in REFERENCE_EXPLANATIONS else ()))
 
 
 def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, where: str = "the checkpoint",
-                    has_reference: bool = True) -> None:
-    """Raise a ValueError naming what `where` lacks when `localizer` cannot be computed from it."""
+                    has_reference: bool = True, head: str = "published") -> None:
+    """Raise a ValueError naming what `where` lacks when `localizer` cannot be computed from it.
+    has_classifier: a head was trained; head: which ("published" or "evidence")."""
     if localizer not in LOCALIZERS:
         raise ValueError(f"localizer={localizer!r} must be one of {LOCALIZERS}.")
+    if localizer in EVIDENCE_LOCALIZERS and not (has_classifier and head == "evidence"):
+        raise ValueError(f"localizer={localizer!r} is the evidence head's map, but {where} has no evidence head: "
+                         f"train with head='evidence', or use localizer='patch_knn' or 'cam'.")
+    if localizer in CLASSIFIER_LOCALIZERS and has_classifier and head != "published":
+        raise ValueError(f"localizer={localizer!r} is a map of the published head, but {where} holds the "
+                         f"{head} head: use localizer='evidence' (its own map) or 'patch_knn'.")
     if localizer in CLASSIFIER_LOCALIZERS and not has_classifier:
         usable = [name for name in MEMORY_LOCALIZERS if name not in CLASSIFIER_LOCALIZERS]
         raise ValueError(
@@ -39,13 +47,28 @@ def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, wher
 def check_checkpoint_localizer(localizer: str, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
     """`check_localizer` against what a checkpoint holds."""
     check_localizer(localizer, bool(checkpoint.get("classifier", True)), checkpoint.get("patch_memory") is not None,
-                    where, has_reference=checkpoint.get("explain_reference") is not None)
+                    where, has_reference=checkpoint.get("explain_reference") is not None, head=head_of(checkpoint))
 
 
-def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = None) -> dict[str, np.ndarray]:
+def head_of(checkpoint: dict[str, Any]) -> str:
+    """The head a checkpoint's configuration names ("published" for checkpoints that predate heads)."""
+    return (checkpoint.get("config") or {}).get("head", "published")
+
+
+def default_localizer(checkpoint: dict[str, Any]) -> str:
+    """The map a checkpoint shows by default: the published CAM, the evidence head's own map, or
+    the patch map when no classifier was trained."""
+    if not checkpoint.get("classifier", True):
+        return "patch_knn"
+    return "evidence" if head_of(checkpoint) == "evidence" else "cam"
+
+
+def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = None,
+                   evidence=None) -> dict[str, np.ndarray]:
     """Pixel-scoring maps (N, H, W) per localiser, each comparable across images.
 
-    cam and p_anomaly are None for a model without a classifier: then only "patch_knn" exists.
+    cam is None without the published head, p_anomaly None without any classifier; `evidence`
+    (N, H, W) is the evidence head's map, each patch's logit (one scale for all images).
 
     "cam": the per-image min-max CAM scaled by the image's Anomaly probability (the raw CAM's
     scale differs between images); "patch_knn": the nearest-neighbour distance to good training
@@ -53,9 +76,11 @@ def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = N
     where the classifier looks. `explanations` ({name: raw (N, H, W)} of `utils.explain`) are
     scaled as the CAM is, and "explain" is the one named by `explain.EXPLAIN`.
     """
-    if cam is None and patch_map is None:
-        raise ValueError("localizer_maps needs a CAM, a patch map or both; got neither")
+    if cam is None and patch_map is None and evidence is None:
+        raise ValueError("localizer_maps needs a CAM, a patch map or an evidence map; got none")
     maps = {} if cam is None else {"cam": probability_scaled(cam, p_anomaly)}
+    if evidence is not None:
+        maps["evidence"] = to_numpy(evidence).astype(np.float32)
     if patch_map is not None:
         patch_map = to_numpy(patch_map).astype(np.float32)
         maps["patch_knn"] = patch_map
@@ -71,13 +96,19 @@ def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = N
 def maps_of(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`localizer_maps` of the output of `inference.predict`: every map it computed."""
     return localizer_maps(pred.get("cam"), pred.get("p_anomaly"), pred.get("patch_map"),
-                          explanations={k: pred[k] for k in EXPLANATIONS if k in pred})
+                          explanations={k: pred[k] for k in EXPLANATIONS if k in pred}, evidence=pred.get("evidence"))
+
+
+def image_score_of(pred: dict[str, np.ndarray]) -> np.ndarray:
+    """The score (N,) the image decision is made on, from `inference.predict`'s output: the
+    classifier's Anomaly probability (either head), or the patch map's image score without one."""
+    return np.asarray(pred["p_anomaly"] if "p_anomaly" in pred else pred["patch_score"], dtype=np.float32)
 
 
 def localizer_image_scores(maps: dict[str, np.ndarray], p_anomaly, patch_score=None) -> dict[str, np.ndarray]:
     """Image-level score (N,) per localiser of `localizer_maps`: the classifier's Anomaly
-    probability for "cam" and the explanations, the patch map's maximum (at feature resolution)
-    for "patch_knn", the map's maximum for "cam_knn"."""
+    probability for "cam", the explanations and "evidence", the patch map's maximum (at feature
+    resolution) for "patch_knn", the map's maximum for "cam_knn"."""
     scores = {name: to_numpy(p_anomaly) for name in maps if name not in MEMORY_LOCALIZERS}
     if "patch_knn" in maps:
         scores["patch_knn"] = to_numpy(patch_score)

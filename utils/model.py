@@ -28,6 +28,10 @@ BACKBONE_WEIGHTS_FORMAT = "cam-defect-detector/backbone-weights/1"
 # "max" and "topk" pool per-position class scores (multiple-instance learning), so the decision
 # rests on the most anomalous positions and the CAM's maximum is the evidence it used.
 POOLINGS = ("avg", "max", "topk")
+# The classifier head: "published" (the fine-tuned last block, pooling and dense layer, whose CAM
+# and explanations show the evidence after the fact) or "evidence" (utils/evidence.py: the decision
+# is computed from a map of per-patch evidence, which is then its explanation by construction).
+HEADS = ("published", "evidence")
 TOPK_FRACTION = 0.1  # "topk": the mean of the top 10 % of positions (20 of 196 at 224 px)
 
 
@@ -235,6 +239,9 @@ class CAMClassifier(nn.Module):
         # explanation (`utils.explain`); set by Training.ipynb and load_checkpoint, None before.
         # A plain attribute, not a buffer: state_dicts stay those of the published network.
         self.explain_reference: torch.Tensor | None = None
+        # The evidence head (`utils.evidence.EvidenceHead`) of head="evidence", set by training or
+        # load_checkpoint; a submodule once set, so it moves with the model.
+        self.evidence_head: nn.Module | None = None
 
     def train(self, mode: bool = True) -> "CAMClassifier":
         """Switch mode, keeping every BatchNorm on its ImageNet statistics.

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .dataloader import SPLITS
-from .model import POOLINGS, get_spec, load_backbone_weights, normalisation
+from .model import HEADS, POOLINGS, get_spec, load_backbone_weights, normalisation
 from .patchknn import MEMORY_METHODS
 from .runtime import PRECISIONS, SEED_RANGE, is_seed, resolve_device
 
@@ -82,6 +82,25 @@ def _check_recipe(p: dict[str, Any]) -> None:
     check(p["pooling"] in POOLINGS, "pooling", p["pooling"], f"one of {POOLINGS} ('avg' is the published head)")
 
 
+CALIBRATIONS = ("holdout", "cross_fit")  # how the calibration images are kept from the model (helper.run_fold)
+
+
+def _check_decision(p: dict[str, Any]) -> None:
+    """The head, its decision and its calibration (see `training_config`)."""
+    check(p["head"] in HEADS, "head", p["head"], f"one of {HEADS} ('published' is the seed's head)")
+    check(isinstance(p["mask_supervision"], bool), "mask_supervision", p["mask_supervision"], "True or False")
+    check(not p["mask_supervision"] or p["head"] == "evidence", "mask_supervision", p["mask_supervision"],
+          "False unless head='evidence' (only the evidence head learns from masks)")
+    check(p["head"] != "evidence" or p["patch_memory_size"] > 0, "patch_memory_size", p["patch_memory_size"],
+          "a positive number of patches with head='evidence' (its evidence is the residual to the memory)")
+    rate = p["false_alarm_rate"]
+    check(rate is None or (is_number(rate) and 0 < rate < 1), "false_alarm_rate", rate,
+          "None (the published argmax) or a share of good parts in (0, 1), e.g. 0.05")
+    check(p["calibration"] in CALIBRATIONS, "calibration", p["calibration"], f"one of {CALIBRATIONS}")
+    check(is_number(p["calibration_share"]) and 0 < p["calibration_share"] < 1, "calibration_share",
+          p["calibration_share"], "a fraction in (0, 1) of the good training images")
+
+
 def _check_maps(p: dict[str, Any]) -> None:
     """The patch memory's and the boxes' values (see `training_config`)."""
     check(is_int(p["patch_memory_size"]) and p["patch_memory_size"] >= 0, "patch_memory_size",
@@ -136,7 +155,9 @@ TRAINING_PARAMETERS = ("data_dir", "subset_name", "download", "backbone", "pretr
                        "n_cv_folds", "weights_dir", "results_dir", "device")
 TRAINING_DEFAULTS = dict(precision="auto", cache_features=True, patch_memory_size=10000,
                          patch_memory_method="coreset", backbone_weights=None, pooling="avg", split="pooled",
-                         box_quantile=0.9, box_min_area=64, mvtec_url=None)
+                         box_quantile=0.9, box_min_area=64, mvtec_url=None, head="published",
+                         mask_supervision=False, false_alarm_rate=0.05, calibration="holdout",
+                         calibration_share=0.2)
 
 
 def training_config(**params: Any) -> dict[str, Any]:
@@ -157,15 +178,17 @@ def training_config(**params: Any) -> dict[str, Any]:
     _check_places(p)
     _check_recipe(p)
     _check_maps(p)
+    _check_decision(p)
     weights_info, mean, std = _backbone_weights(p["backbone"], p["pretrained"], p["backbone_weights"])
     numbers_of = {"image_size": int, "batch_size": int, "epochs": int, "lr": float, "test_size": float,
                   "seed": int, "heatmap_thres": float, "n_cv_folds": int, "patch_memory_size": int,
-                  "box_quantile": float, "box_min_area": int}
+                  "box_quantile": float, "box_min_area": int, "calibration_share": float}
     config = {k: numbers_of[k](v) if k in numbers_of else v for k, v in p.items()}
     config.update(
         data_dir=str(p["data_dir"]), weights_dir=str(p["weights_dir"]), results_dir=str(p["results_dir"]),
         class_weight=[float(w) for w in p["class_weight"]], backbone_weights=weights_info, mean=mean, std=std,
         target_train_accuracy=None if p["target_train_accuracy"] is None else float(p["target_train_accuracy"]),
+        false_alarm_rate=None if p["false_alarm_rate"] is None else float(p["false_alarm_rate"]),
     )
     config.pop("mvtec_url", None)
     return config

@@ -118,6 +118,31 @@ def calibrated_boxes(
     return boxes[keep], scores[keep]
 
 
+def strongest_region(map_hw: np.ndarray, heatmap_thres: float) -> tuple[np.ndarray, np.ndarray]:
+    """The box (1, 4) around the hottest part of a map (H, W) and its score (1,), the map's maximum:
+    the 8-connected region holding the maximum among the pixels at or above `heatmap_thres` of the
+    map's own range (the published rule, kept to the one region where the map peaks). A constant
+    map has no hottest part: the box is the whole map."""
+    map_hw = to_numpy(map_hw).astype(np.float32, copy=False)
+    peak = np.unravel_index(int(np.argmax(map_hw)), map_hw.shape)
+    hot = minmax_normalise(map_hw[None])[0] >= heatmap_thres
+    labels, _ = ndimage.label(hot, structure=EIGHT_CONNECTED)
+    region = labels == labels[peak] if hot[peak] else np.ones_like(hot)
+    return _boxes_from_masks(region[None]), np.array([map_hw[peak]], dtype=np.float32)
+
+
+def label_boxes(map_hw: np.ndarray, anomalous: bool, threshold: float, min_area: int,
+                heatmap_thres: float) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (K, 4) and scores (K,) of one map (H, W) that agree with its image's label: none on an
+    image labelled Good; on one labelled Anomaly, the regions above the map's calibrated
+    `threshold` (`calibrated_boxes`), or, when none is, its strongest region (`strongest_region`),
+    so every Anomaly shows where it is."""
+    if not anomalous:
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+    boxes, scores = calibrated_boxes(map_hw, threshold, min_area)
+    return (boxes, scores) if len(boxes) else strongest_region(map_hw, heatmap_thres)
+
+
 def mask_regions(mask) -> np.ndarray:
     """Label the 8-connected regions of a bool mask (H, W): int32 (H, W), 0 = background."""
     mask = to_numpy(mask)

@@ -1,0 +1,253 @@
+"""The cross-validated study: every head, decision and map measured out of fold on real categories.
+
+For each category, backbone and variant: stratified k-fold cross-validation (seed 42), each fold
+run by `helper.run_fold` (the pipeline Training.ipynb runs) on one frozen pass over all images
+(cached on disk per category, backbone, weights and input size), its held-out predictions pooled.
+Measured on the pooled out-of-fold predictions:
+
+- classification: accuracy at the published argmax, image AUROC and AP;
+- the calibrated decision: the stated false-alarm rate against the measured share of held-out good
+  images labelled Anomaly, recall and accuracy at it;
+- every map: pixel AUROC, AUPRO, the pointing game (all defective images, and those the decision
+  flags), box IoU, box recall and precision and the good images with a box, boxes drawn on the
+  images labelled Anomaly only, as Evaluation.ipynb draws them;
+- seconds per stage (fit, calibration, test) and the frozen pass.
+
+    python benchmarks/study.py --subsets pill toothbrush --backbones vgg16 mobilenet_v2 \\
+        --variants published evidence --vgg16-weights /tmp/vgg16_oxford.pth --out results/reference/study.json
+    python benchmarks/study.py --table --out results/reference/study.json   # the tables of docs/results.md
+
+Variants are named in VARIANTS below: the Training parameters they change, and for the mask
+study how many masks per defect type each fold's training split keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils import calibration, dataloader, helper, localizers, metrics, parameters, postprocess, runtime  # noqa: E402
+from utils import model as model_lib  # noqa: E402
+from utils.checkpoint import atomic_write_bytes, save_json  # noqa: E402
+from utils.constants import ANOMALY, GOOD, MVTEC_DIR_ENV  # noqa: E402
+
+DEFAULT_DATA = Path(os.environ.get(MVTEC_DIR_ENV, Path(__file__).resolve().parents[2] / "shared" / "data"
+                                   / "mvtec_anomaly_detection"))
+# name -> (Training parameters it sets, masks kept per defect type in a fold's training split: None = all)
+VARIANTS: dict[str, tuple[dict, int | None]] = {
+    "published": ({"head": "published"}, None),
+    "published_cross_fit": ({"head": "published", "calibration": "cross_fit"}, None),
+    "evidence": ({"head": "evidence"}, None),
+    "evidence_cross_fit": ({"head": "evidence", "calibration": "cross_fit"}, None),
+    "evidence_masks": ({"head": "evidence", "mask_supervision": True}, None),
+    "evidence_masks1": ({"head": "evidence", "mask_supervision": True}, 1),
+    "evidence_masks5": ({"head": "evidence", "mask_supervision": True}, 5),
+    "evidence_448": ({"head": "evidence", "image_size": 448}, None),
+    "published_448": ({"head": "published", "image_size": 448}, None),
+}
+RATES = (0.01, 0.05, 0.1, 0.2)  # false-alarm rates the decision is also measured at (from the same folds)
+
+
+def frozen_cache(args, subset: str, backbone: str, size: int, weights, samples, device, precision):
+    """The frozen pass over every image of `subset`, from --cache or computed and saved there."""
+    tag = Path(args.vgg16_weights).stem if backbone == "vgg16" and args.vgg16_weights else "torchvision"
+    path = Path(args.cache) / f"{subset}_{backbone}_{tag}_{size}_{precision}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved["paths"] == [s.path for s in samples]:
+            return helper.Frozen(saved["features"], saved["tap"], saved["has_tap"]), saved["seconds"]
+    config = study_config(args, subset, backbone, size, weights, {})
+    template = helper.new_model(config, weights, device, precision)
+    images = dataloader.load_images(args.data_dir, samples, size)
+    start = time.perf_counter()
+    frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=10, device=device,
+                                precision=precision, progress=False)
+    seconds = time.perf_counter() - start
+    content = {"features": frozen.features, "tap": frozen.tap, "has_tap": frozen.has_tap, "seconds": seconds,
+               "paths": [s.path for s in samples]}
+    atomic_write_bytes(path, lambda f: torch.save(content, f))
+    return frozen, seconds
+
+
+def study_config(args, subset: str, backbone: str, size: int, weights, overrides: dict) -> dict:
+    """Training's configuration of a variant: the published recipe, the repository's defaults."""
+    return parameters.training_config(
+        data_dir=args.data_dir, subset_name=subset, download=False, backbone=backbone, pretrained=True,
+        backbone_weights=weights.path if weights is not None else None, image_size=size, batch_size=10, epochs=10,
+        lr=1e-4, class_weight=[1, 3], target_train_accuracy=0.98, test_size=0.2, seed=args.seed, heatmap_thres=0.7,
+        n_cv_folds=args.folds, weights_dir=args.scratch, results_dir=args.scratch, device=args.device,
+        precision=args.precision, **{k: v for k, v in overrides.items() if k != "image_size"})
+
+
+def keep_masks(masks: torch.Tensor, samples, train: torch.Tensor, per_type: int | None, seed: int) -> torch.Tensor:
+    """Masks (N, H, W) with only `per_type` masks per defect type among the training images `train` (seeded)."""
+    if per_type is None:
+        return masks
+    kept = torch.zeros_like(masks)
+    generator = torch.Generator().manual_seed(seed)
+    for kind in sorted({samples[i].defect_type for i in train.tolist() if samples[i].label == ANOMALY}):
+        members = torch.tensor([i for i in train.tolist() if samples[i].defect_type == kind])
+        chosen = members[torch.randperm(len(members), generator=generator)[:per_type]]
+        kept[chosen] = masks[chosen]
+    return kept
+
+
+def run_variant(args, subset, backbone, variant, weights, samples, masks, device, precision) -> dict:
+    """Out-of-fold predictions of one variant, pooled, with each fold's calibration and seconds."""
+    overrides, per_type = VARIANTS[variant]
+    size = overrides.get("image_size", 224)
+    frozen, frozen_seconds = frozen_cache(args, subset, backbone, size, weights, samples, device, precision)
+    config = study_config(args, subset, backbone, size, weights, overrides)
+    template = helper.new_model(config, weights, device, precision)
+    labels = torch.tensor([s.label for s in samples])
+    types = [s.defect_type for s in samples]
+    pooled: dict[str, list] = {}
+    folds = []
+    for fold, (train_s, test_s) in enumerate(dataloader.kfold_splits(samples, args.folds, args.seed)):
+        train, test = dataloader.positions(samples, train_s), dataloader.positions(samples, test_s)
+        fold_masks = keep_masks(masks, samples, train, per_type, args.seed + fold) if masks is not None else None
+        out = helper.run_fold({**config, "seed": args.seed + fold}, template, frozen, labels, train, test,
+                              types=types, masks=fold_masks, device=device, precision=precision, test_maps=True,
+                              progress=False)
+        for key, value in out.test.items():
+            pooled.setdefault(key, []).append(value)
+        pooled.setdefault("index", []).append(test.numpy())
+        pooled.setdefault("fold", []).append(np.full(len(test), fold))
+        folds.append({"seconds": out.seconds, "calibration": out.calibration, "epochs_run": out.history["epochs_run"],
+                      "n_calibration": len(out.calibration_images),
+                      "calibration_scores": out.calibration_scores.tolist()})
+        print(f"  fold {fold + 1}/{args.folds}: " + ", ".join(f"{k} {v:.1f} s" for k, v in out.seconds.items()),
+              flush=True)
+    oof = {k: np.concatenate(v) for k, v in pooled.items()}
+    return {"oof": oof, "folds": folds, "frozen_seconds": frozen_seconds, "config": config}
+
+
+def decisions(y: np.ndarray, score: np.ndarray, fold: np.ndarray, folds: list, stated: float | None) -> dict:
+    """The decision measured on the held-out images: the run's rule (each fold's own threshold),
+    the published argmax, and the calibrated rule at each of RATES (thresholds from each fold's
+    calibration scores)."""
+    def row(decided):
+        return {"false_alarms": float(decided[y == GOOD].mean()), "recall": float(decided[y == ANOMALY].mean()),
+                "accuracy": float((decided == y).mean())}
+    out = {"run": {"false_alarm_rate": stated, **row(decide_per_fold(score, fold, [f["calibration"]["decision"]
+                                                                                    for f in folds]))},
+           "argmax": row((score >= 0.5).astype(int))}
+    for rate in RATES:
+        per_fold = [calibration.decision_threshold(np.array(f["calibration_scores"]), rate) for f in folds]
+        out[f"{rate:g}"] = {"false_alarm_rate": rate, **row(decide_per_fold(score, fold, per_fold))}
+    return out
+
+
+def decide_per_fold(score: np.ndarray, fold: np.ndarray, rules: list[dict]) -> np.ndarray:
+    """Labels (N,) of pooled scores (N,), each image under its own fold's decision rule."""
+    decided = np.zeros(len(score), dtype=np.int64)
+    for k, rule in enumerate(rules):
+        decided[fold == k] = calibration.decide(score[fold == k], rule)
+    return decided
+
+
+def measure(result: dict, samples, masks_full: torch.Tensor, heatmap_thres: float) -> dict:
+    """Pooled metrics of one variant (see the module docstring)."""
+    oof, folds = result["oof"], result["folds"]
+    index, fold = oof["index"], oof["fold"]
+    y = np.array([samples[i].label for i in index])
+    types = np.array([samples[i].defect_type for i in index])
+    masks = masks_full[index].numpy()
+    score = localizers.image_score_of(oof)
+    decided = decide_per_fold(score, fold, [f["calibration"]["decision"] for f in folds])
+    out = {"n_images": len(y), "n_defective": int(y.sum()),
+           "classification": metrics.classification_metrics(y, (score >= 0.5).astype(int), score),
+           "decision": decisions(y, score, fold, folds, result["config"]["false_alarm_rate"]), "maps": {}}
+    maps = localizers.maps_of(oof)
+    image_scores = localizers.localizer_image_scores(maps, oof.get("p_anomaly"), oof.get("patch_score"))
+    min_area = folds[0]["calibration"]["min_area"]
+    for name, m in maps.items():
+        thresholds = [f["calibration"]["thresholds"][name] for f in folds]
+        boxes = [postprocess.label_boxes(m[i], bool(decided[i]), thresholds[fold[i]], min_area, heatmap_thres)[0]
+                 for i in range(len(m))]
+        row = metrics.localisation_metrics(m, masks, boxes, image_scores[name], y)
+        detected = (y == ANOMALY) & (decided == 1)
+        row["pointing_game_detected"] = metrics.pointing_game(m[detected], masks[detected])
+        row["pointing_per_type"] = {t: metrics.pointing_game(m[types == t], masks[types == t])
+                                    for t in sorted(set(types[y == ANOMALY].tolist()))}
+        out["maps"][name] = row
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--subsets", nargs="+", default=["pill", "toothbrush"])
+    parser.add_argument("--backbones", nargs="+", default=["vgg16", "mobilenet_v2"])
+    parser.add_argument("--variants", nargs="+", default=["published", "evidence"], choices=sorted(VARIANTS))
+    parser.add_argument("--vgg16-weights", default=None, help="backbone weights file for VGG16 (the Oxford file)")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--cache", default="/tmp/study_cache", help="folder for the frozen passes")
+    parser.add_argument("--scratch", default="/tmp/study_scratch", help="weights_dir/results_dir of the configs")
+    parser.add_argument("--out", default="results/study.json")
+    parser.add_argument("--table", action="store_true", help="print the tables of --out and stop")
+    args = parser.parse_args()
+    if args.table:
+        print(tables(json.loads(Path(args.out).read_text())))
+        return
+    device = runtime.resolve_device(args.device)
+    args.precision = runtime.resolve_precision(args.precision, device)
+    out_path = Path(args.out)
+    report = json.loads(out_path.read_text()) if out_path.exists() else {}
+    for subset in args.subsets:
+        samples = dataloader.index_subset(args.data_dir, subset)
+        for backbone in args.backbones:
+            weights = (model_lib.load_backbone_weights(args.vgg16_weights, backbone)
+                       if backbone == "vgg16" and args.vgg16_weights else None)
+            for variant in args.variants:
+                size = VARIANTS[variant][0].get("image_size", 224)
+                masks = dataloader.load_masks(args.data_dir, samples, size)
+                print(f"{subset} / {backbone} / {variant}", flush=True)
+                start = time.perf_counter()
+                result = run_variant(args, subset, backbone, variant, weights, samples, masks, device,
+                                     args.precision)
+                measured = measure(result, samples, masks, 0.7)
+                measured.update(subset=subset, backbone=backbone, variant=variant, folds=args.folds, seed=args.seed,
+                                image_size=size, precision=args.precision, seconds=time.perf_counter() - start,
+                                frozen_seconds=result["frozen_seconds"], cpu=cpu_name(),
+                                weights="Oxford ImageNet (backbone_weights file)" if weights is not None
+                                else "torchvision ImageNet", fold_details=result["folds"])
+                report[f"{subset}/{backbone}/{variant}"] = measured
+                save_json(out_path, report)
+                print(summary_line(measured), flush=True)
+
+
+def cpu_name() -> str:
+    """The CPU model and whether it has native bf16 (the study's timings depend on both)."""
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    return f"{name}, {os.cpu_count()} logical CPUs, native bf16: {runtime.cpu_supports_bf16()}"
+
+
+def summary_line(r: dict) -> str:
+    """One line per variant: accuracy, image AUROC, the decision at the run's rate, each map's localisation."""
+    c, d = r["classification"], r["decision"]["run"]
+    maps = "  ".join(f"{k} {v['pointing_game']:.2f}/{v['pixel_auroc']:.3f}/{v['aupro']:.3f}"
+                     for k, v in r["maps"].items() if v["pointing_game"] is not None)
+    return (f"  acc {c['accuracy']:.3f} AUROC {c['image_auroc']:.3f} | rate {d['false_alarm_rate']}: false alarms "
+            f"{d['false_alarms']:.3f} recall {d['recall']:.3f} | point/pixAUROC/AUPRO: {maps}")
+
+
+def tables(report: dict) -> str:
+    return json.dumps({k: summary_line(v) for k, v in report.items()}, indent=1)
+
+
+if __name__ == "__main__":
+    main()
