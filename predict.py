@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import checkpoint as checkpoints
-from utils import inference, parameters, plots, runtime
+from utils import inference, localizers, parameters, plots, runtime
 from utils.download import sha256_of
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,9 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "** is recursive) or image files")
     parser.add_argument("--out", required=True, help="folder for predictions.csv, predictions.json and overlays/")
     parser.add_argument("--localizer", default=None,
-                        help="map for the image score, the boxes and the overlay: cam (the default with a "
-                             "classifier), patch_knn (the default of a patch-memory-only checkpoint), cam_knn, "
-                             "or an explanation (explain, gradcam, layercam, gradcam_s8, layercam_s8, gradref)")
+                        help="map for the image score, the boxes and the overlay; default: the checkpoint's own "
+                             "(cam for the published head, evidence for the evidence head, patch_knn without a "
+                             "classifier); also cam_knn, or an explanation of the published head (explain, "
+                             "gradcam, layercam, gradcam_s8, layercam_s8, gradref)")
     parser.add_argument("--box-threshold", default=inference.DEFAULT_BOX_THRESHOLD,
                         choices=inference.BOX_THRESHOLDS,
                         help="calibrated: the checkpoint's threshold for the map; minmax: the published "
@@ -96,7 +97,8 @@ def settings(args: argparse.Namespace, checkpoint: dict[str, Any], rule: inferen
     return {
         "images": [str(s) for s in args.images], "localizer": args.localizer,
         "box_threshold": rule.name, "threshold": rule.threshold, "min_area": rule.min_area,
-        "box_mode": rule.mode, "box_note": rule.note, "batch_size": args.batch_size,
+        "box_mode": rule.mode, "box_note": rule.note, "decision": inference.decision_of(checkpoint),
+        "batch_size": args.batch_size,
         "device": str(device), "precision": precision, "backbone": config["backbone"],
         "image_size": config["image_size"], "trained_on": config.get("subset_name"),
         "class_names": list(checkpoint.get("class_names", [])),
@@ -110,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parameters.check_output_dir(args.out, "--out")
         model, checkpoint = checkpoints.load_checkpoint(args.checkpoint)
-        if args.localizer is None:  # without a classifier the patch map is the only map
-            args.localizer = "cam" if checkpoints.has_classifier(checkpoint) else "patch_knn"
+        if args.localizer is None:
+            args.localizer = localizers.default_localizer(checkpoint)
         inference.check_localizer(args.localizer, checkpoint, where=args.checkpoint)
         rule = inference.box_rule(checkpoint, args.localizer, args.box_threshold, args.heatmap_thres, args.box_mode)
         files = inference.find_images(args.images)

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from utils import dataloader, helper, inference, parameters
+from sklearn.metrics import roc_auc_score
+
+from utils import calibration, dataloader, evidence, helper, inference, parameters
 from utils.constants import GOOD
+from utils.metrics import pixel_auroc
 from utils.synthetic import generate_synthetic_subset
 
 CPU = torch.device("cpu")
@@ -84,3 +87,101 @@ def test_cross_validation_holds_out_every_image_once(subset, make_model, tmp_pat
     counted = sum(sum(r["confusion_matrix"].values()) for r in results)
     anomalies = sum(r["confusion_matrix"]["TP"] + r["confusion_matrix"]["FN"] for r in results)
     assert counted == len(samples) == 17 and anomalies == 9
+
+
+def test_cross_fit_never_scores_an_image_with_a_model_that_trained_on_it(subset, make_model, tmp_path, monkeypatch):
+    samples, images, labels = subset
+    config = _config(tmp_path, calibration="cross_fit", patch_memory_size=100)
+    template = make_model("mobilenet_v2")
+    frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=5, device=CPU,
+                                precision="fp32", progress=False)
+    trained_on, scored = {}, []
+    real_fit, real_score = helper.fit, helper.score
+
+    def spy_fit(config, template, frozen, labels, fit_idx, **kwargs):
+        fitted = real_fit(config, template, frozen, labels, fit_idx, **kwargs)
+        trained_on[id(fitted)] = set(fit_idx.tolist())
+        return fitted
+
+    def spy_score(fitted, frozen, idx, **kwargs):
+        scored.append((id(fitted), set(idx.tolist())))
+        return real_score(fitted, frozen, idx, **kwargs)
+
+    monkeypatch.setattr(helper, "fit", spy_fit)
+    monkeypatch.setattr(helper, "score", spy_score)
+    train, test = torch.arange(0, 17, 2), torch.arange(1, 17, 2)
+    types = [s.defect_type for s in samples]
+    fold = helper.run_fold(config, template, frozen, labels, train, test, types=types, device=CPU,
+                           precision="fp32", progress=False)
+    calibration_calls = [(model, idx) for model, idx in scored if not idx & set(test.tolist())]
+    assert len(calibration_calls) >= 2  # one model per group that holds good images
+    for model, idx in calibration_calls:
+        assert not idx & trained_on[model]  # scored only by a model that never trained on them
+    good_train = {int(i) for i in train if labels[i] == GOOD}
+    assert sorted(set().union(*(idx for _, idx in calibration_calls))) == sorted(good_train)
+    assert sorted(fold.calibration_images.tolist()) == sorted(good_train) and len(fold.calibration_scores) == 4
+    assert trained_on[id(fold.fitted)] == set(train.tolist())  # the deployed model trains on every image
+
+
+def test_assign_groups_deals_each_type_evenly():
+    groups = helper.assign_groups(["good"] * 10 + ["crack"] * 5, 5, seed=0)
+    assert sorted(groups[:10].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert sorted(groups[10:].tolist()) == [0, 1, 2, 3, 4]
+    assert torch.equal(groups, helper.assign_groups(["good"] * 10 + ["crack"] * 5, 5, seed=0))
+
+
+def test_holdout_calibration_images_stay_out_of_the_fit():
+    labels = torch.tensor([0] * 10 + [1] * 4)
+    fit, cal = helper.calibration_split(labels, 0.2, seed=3)
+    assert len(cal) == 2 and bool((labels[cal] == GOOD).all()) and not set(fit.tolist()) & set(cal.tolist())
+    assert sorted(fit.tolist() + cal.tolist()) == list(range(14))
+    with pytest.raises(ValueError, match="calibration_share"):
+        helper.calibration_split(torch.tensor([0, 1, 1]), 0.5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def larger_subset(tmp_path_factory):
+    """64 synthetic images at 64 px (30 + 10 good, 8 per defect type) with masks."""
+    root = tmp_path_factory.mktemp("larger")
+    generate_synthetic_subset(root / "synthetic", seed=1, n_train_good=30, n_test_good=10, n_per_defect=8,
+                              image_size=64)
+    samples = dataloader.index_subset(root, "synthetic")
+    return (samples, dataloader.load_images(root, samples, 64), dataloader.load_masks(root, samples, 64),
+            torch.tensor([s.label for s in samples]))
+
+
+def test_the_evidence_head_learns_and_its_map_is_hotter_inside_the_defects(larger_subset, make_model, tmp_path):
+    samples, images, masks, labels = larger_subset
+    config = _config(tmp_path, head="evidence", patch_memory_size=1000)
+    template = make_model("mobilenet_v2")
+    frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=8, device=CPU,
+                                precision="fp32", progress=False)
+    train, test = dataloader.split_samples(samples, 0.3, seed=0)
+    train_idx, test_idx = dataloader.positions(samples, train), dataloader.positions(samples, test)
+    fold = helper.run_fold(config, template, frozen, labels, train_idx, test_idx, types=[s.defect_type for s in samples],
+                           device=CPU, precision="fp32", test_maps=True, progress=False)
+    head = fold.model.evidence_head
+    assert head is not None and fold.history["epochs_run"] == 40 and set(fold.test) >= {"p_anomaly", "evidence"}
+    y, m = labels[test_idx].numpy(), masks[test_idx].numpy()
+    p = fold.test["p_anomaly"]
+    # random MobileNetV2 features at 64 px, drawn defects: chance is 0.5 for both
+    assert roc_auc_score(y, p) >= 0.9
+    assert pixel_auroc(fold.test["evidence"][y == 1], m[y == 1]) >= 0.8
+    decided = calibration.decide(p, fold.calibration["decision"])
+    assert (decided == y).mean() >= 0.8
+
+
+def test_group_excluded_memory_never_gives_an_image_its_own_patches():
+    """Four images of one 1 x 2 patch grid in one dimension; every patch is in the memory. Images
+    0 and 1 form group 0, images 2 and 3 group 1; image 4 (a defective one) belongs to none."""
+    values = torch.tensor([[0.0, 0.1], [0.2, 0.3], [1.0, 1.1], [1.2, 1.3], [0.25, 5.0]])  # (5 images, 2 patches)
+    embed = lambda idx: values[idx][:, None, None, :]  # (K, 1, 1, 2): D = 1, a 1 x 2 grid  # noqa: E731
+    memory = values[:4].reshape(-1, 1)  # rows 0-7: image r // 2
+    memory_groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    inputs = evidence.evidence_inputs(embed, 5, memory, image_groups=torch.tensor([0, 0, 1, 1, -1]),
+                                      memory_groups=memory_groups)
+    # group 0's images find their nearest patch in group 1 (1.0 for all of them), group 1's in group 0 (0.3)
+    torch.testing.assert_close(inputs.distance[:2], torch.tensor([[[1.0, 0.9]], [[0.8, 0.7]]]))
+    torch.testing.assert_close(inputs.distance[2:4], torch.tensor([[[0.7, 0.8]], [[0.9, 1.0]]]))
+    torch.testing.assert_close(inputs.distance[4], torch.tensor([[0.05, 3.7]]))  # the whole memory
+    torch.testing.assert_close(inputs.residual[:2, 0].float(), -inputs.distance[:2], atol=1e-3, rtol=0)

@@ -93,16 +93,50 @@ def test_checkpoint_round_trip_keeps_the_explanation_reference(tmp_path, make_mo
         load_checkpoint(tmp_path / "bad.pt")
 
 
+ARGMAX = {"rule": "argmax", "false_alarm_rate": None, "threshold": 0.5}
+
+
 def test_minmax_boxes_only_on_anomaly_decisions():
     cam = np.zeros((2, 8, 8), np.float32)
     cam[:, 2:4, 5:7] = 1.0  # the same hot square in both images
     pred = {"p_anomaly": np.array([0.9, 0.1], np.float32), "cam": cam}
     rule = inference.box_rule(CHECKPOINT, "cam", "minmax")
-    anomaly, good = inference.results_from_predictions(pred, "cam", rule)
+    anomaly, good = inference.results_from_predictions(pred, "cam", rule, ARGMAX)
     assert anomaly["label"] == "Anomaly" and good["label"] == "Good"
     np.testing.assert_array_equal(anomaly["boxes"], [[5, 2, 7, 4]])
     assert good["boxes"].shape == (0, 4) and good["box_scores"].shape == (0,)
     assert anomaly["image_score"] == pytest.approx(0.9)  # the CAM's image score is the probability
+
+
+def test_calibrated_decision_labels_and_boxes_agree():
+    """Hand-built scores: the label is "score above the calibrated threshold"; an image labelled Good
+    gets no box even where its map passes the box threshold, and an image labelled Anomaly gets at
+    least its strongest region even where no pixel passes it."""
+    cam = np.zeros((3, 8, 8), np.float32)
+    cam[:, 2:4, 5:7] = 1.0
+    cam[2, 6, 1] = 0.5  # image 2 also has a weaker second spot
+    pred = {"p_anomaly": np.array([0.35, 0.25, 0.95], np.float32), "cam": cam}
+    decision = {"rule": "calibrated", "false_alarm_rate": 0.05, "threshold": 0.3}
+    checkpoint = {**CHECKPOINT, "calibration": {"thresholds": {"cam": 0.5}, "min_area": 1, "floors": {"cam": 0.0}}}
+    rule = inference.box_rule(checkpoint, "cam", "calibrated")
+    weak, good, strong = inference.results_from_predictions(pred, "cam", rule, decision)
+    assert [r["label"] for r in (weak, good, strong)] == ["Anomaly", "Good", "Anomaly"]
+    # image 0: its cam map peaks at 0.35, below the box threshold 0.5: its strongest region is boxed
+    np.testing.assert_array_equal(weak["boxes"], [[5, 2, 7, 4]])
+    assert weak["box_scores"][0] == pytest.approx(0.35)
+    assert good["boxes"].shape == (0, 4)  # 0.25 > 0.3 fails: Good, whatever its map
+    np.testing.assert_array_equal(strong["boxes"], [[5, 2, 7, 4]])  # 0.95 x 0.5 = 0.475: the spot stays below
+    # the overlay scale: the floor is cold, the box threshold at DISPLAY_LEVEL, the same for every image
+    assert strong["heatmap"].max() == 1.0 and strong["heatmap"].min() == 0.0
+    assert weak["heatmap"].max() == pytest.approx(0.35 / 0.5 * inference.postprocess.DISPLAY_LEVEL)
+
+
+def test_decision_of_older_checkpoints():
+    assert inference.decision_of(CHECKPOINT) == ARGMAX
+    patch_only = {**CHECKPOINT, "classifier": False, "calibration": {"thresholds": {"patch_knn": 2.5}}}
+    assert inference.decision_of(patch_only)["threshold"] == 2.5
+    with pytest.raises(ValueError, match="nothing decides"):
+        inference.decision_of({**CHECKPOINT, "classifier": False})
 
 
 def test_prediction_row_and_csv():
@@ -130,35 +164,6 @@ def test_overlay_shows_image_and_map_with_boxes():
     assert tuple(left[15, 20]) == (100, 100, 100)  # inside the box: the image untouched
     # the right panel blends jet's colour of 0 (dark blue) into the image, and has the box too
     assert right[15, 20, 2] > right[15, 20, 0] and tuple(right[15, 10]) == red
-
-
-def test_calibrated_rule_uses_the_checkpoints_threshold_in_map_units(monkeypatch):
-    """With `calibration` in the checkpoint, boxes come from postprocess.calibrated_boxes at that
-    map's threshold and minimum area, whatever the label (the threshold itself decides)."""
-    calls = []
-
-    def calibrated_boxes(map_hw, threshold, min_area):
-        calls.append((map_hw.shape, threshold, min_area))
-        hot = map_hw > threshold
-        if not hot.any():
-            return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
-        ys, xs = np.nonzero(hot)
-        return np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32), np.array([map_hw.max()], np.float32)
-
-    monkeypatch.setattr(inference.postprocess, "calibrated_boxes", calibrated_boxes, raising=False)
-    checkpoint = {**CHECKPOINT, "calibration": {"thresholds": {"cam": 0.3}, "min_area": 4, "rule": "test"}}
-    rule = inference.box_rule(checkpoint, "cam", "calibrated")
-    assert (rule.name, rule.threshold, rule.min_area, rule.note) == ("calibrated", 0.3, 4, "")
-    cam = np.zeros((2, 8, 8), np.float32)
-    cam[:, 2:4, 5:7] = 1.0
-    pred = {"p_anomaly": np.array([0.9, 0.2], np.float32), "cam": cam}
-    anomaly, good = inference.results_from_predictions(pred, "cam", rule)
-    # the cam map is the min-max CAM times the probability: 0.9 passes 0.3 inside the square, 0.2 does not
-    np.testing.assert_array_equal(anomaly["boxes"], [[5, 2, 7, 4]])
-    assert anomaly["box_scores"][0] == pytest.approx(0.9) and good["boxes"].shape == (0, 4)
-    assert calls == [((8, 8), 0.3, 4), ((8, 8), 0.3, 4)]
-    # a map without a calibrated threshold falls back to min-max, with a note
-    assert inference.box_rule(checkpoint, "patch_knn", "calibrated").name == "minmax"
 
 
 # --- score_image ------------------------------------------------------------------------
@@ -218,9 +223,11 @@ def test_calibrated_boxes_of_score_image_follow_the_checkpoint_threshold(image_f
     heatmap = result["heatmap"] * result["p_anomaly"]
     np.testing.assert_array_equal(result["boxes"], calibrated_boxes(heatmap, 0.5, 1)[0])
     assert len(result["boxes"]) >= 1
-    # a threshold above the whole map (as calibrated on good parts hotter than this one): no box
+    # a threshold above the whole map (as calibrated on good parts hotter than this one): the image is
+    # labelled Anomaly, so it still shows its strongest region, and only that
     high = {"thresholds": {"cam": 1.0}, "min_area": 1}
-    assert inference.score_image(path, model, {"config": CONFIG, "calibration": high})["boxes"].shape == (0, 4)
+    strongest = inference.score_image(path, model, {"config": CONFIG, "calibration": high})
+    assert strongest["boxes"].shape == (1, 4) and strongest["box_scores"][0] == pytest.approx(heatmap.max())
     # calibrated by default; without a calibration the published rule is used, and said so
     fallback = inference.score_image(path, model, {"config": CONFIG})
     assert fallback["box_threshold"] == "minmax" and "no calibrated threshold" in fallback["box_note"]

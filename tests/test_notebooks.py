@@ -24,8 +24,10 @@ TRAIN_PARAMS = dict(subset_name="synthetic", pretrained=False, image_size=64, ep
 CONTRACT_KEYS = {
     "subset", "backbone", "n_train", "n_test", "n_test_anomalies", "accuracy", "balanced_accuracy",
     "confusion_matrix", "image_auroc", "image_ap", "pixel_auroc", "aupro", "pointing_game", "box_iou",
-    "per_defect_type", "images_per_second", "localizer", "localizers",
+    "per_defect_type", "images_per_second", "localizer", "localizers", "decision", "box_recall",
+    "box_precision", "good_images_with_boxes", "box_threshold", "calibration", "classifier",
 }
+DECISION_KEYS = {"rule", "false_alarm_rate", "threshold", "accuracy", "recall", "false_alarms"}
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +51,13 @@ def test_training_writes_checkpoint_and_log(executed):
     assert ckpt["class_names"] == ["Good", "Anomaly"]
     assert ckpt["config"]["image_size"] == 64 and ckpt["config"]["backbone"] == "vgg16"
     assert all(p.startswith("synthetic/") for p in ckpt["test_files"])
-    # box thresholds for every map, calibrated on good training images, in the checkpoint
+    # the decision and box thresholds for every map, calibrated on held-back good training images
     cal = ckpt["calibration"]
-    assert set(cal["thresholds"]) == {"cam", "patch_knn", "cam_knn", "gradcam", "layercam", "gradcam_s8",
-                                      "layercam_s8", "gradref", "explain"} and cal["min_area"] >= 1
-    assert cal["thresholds"]["patch_knn"] > 0  # leave-one-image-out: a good image never scores 0
+    assert set(cal["thresholds"]) == set(cal["floors"]) == {
+        "cam", "patch_knn", "cam_knn", "gradcam", "layercam", "gradcam_s8", "layercam_s8", "gradref", "explain"}
+    assert cal["min_area"] >= 1 and cal["method"] == "holdout"
+    assert cal["thresholds"]["patch_knn"] > 0  # a held-back image is not in the memory: never 0
+    assert cal["decision"]["rule"] == "calibrated" and cal["decision"]["false_alarm_rate"] == 0.05
     log = json.loads((executed / "results" / "synthetic_vgg16" / "training.json").read_text())
     assert len(log["loss"]) == len(log["accuracy"]) == log["epochs_run"] <= 3
     assert {"early_stopped", "seconds"} <= set(log)
@@ -72,6 +76,10 @@ def test_evaluation_writes_contract_metrics_and_beats_chance(executed):
                                     "layercam_s8", "gradref", "explain"}
     assert m["localizer"] == "explain" and m["pixel_auroc"] == m["localizers"]["explain"]["pixel_auroc"]
     assert m["box_threshold"] == "calibrated" and m["calibration"]["thresholds"] == ckpt["calibration"]["thresholds"]
+    assert set(m["decision"]) == DECISION_KEYS and m["decision"]["threshold"] == ckpt["calibration"]["decision"]["threshold"]
+    # boxes agree with the label: every image labelled Anomaly has one, no image labelled Good
+    rows = _csv_rows(out / "predictions.csv")
+    assert rows and all((r["label"] == "Anomaly") == (int(r["n_boxes"]) > 0) for r in rows)
     for name, loc in m["localizers"].items():
         assert {"box_iou", "box_recall", "box_precision", "good_images_with_boxes"} <= set(loc), name
     for name in ("cam", "patch_knn", "cam_knn"):
@@ -100,9 +108,11 @@ def test_predict_py_equals_evaluation_on_the_test_split(executed, tmp_path):
         assert a["label"] == b["label"] and a["boxes"] == b["boxes"], a["path"]
         assert float(a["p_anomaly"]) == pytest.approx(float(b["p_anomaly"]), abs=1e-6)
         assert float(a["image_score"]) == pytest.approx(float(b["image_score"]), rel=1e-6)
-    # and the decisions are those behind Evaluation's confusion matrix
-    cm = json.loads((executed / "results" / "synthetic_vgg16" / "metrics.json").read_text())["confusion_matrix"]
-    assert sum(r["label"] == "Anomaly" for r in ours) == cm["TP"] + cm["FP"]
+    # and the decisions are those behind Evaluation's decision block
+    m = json.loads((executed / "results" / "synthetic_vgg16" / "metrics.json").read_text())
+    flagged = m["decision"]["recall"] * m["n_test_anomalies"] + m["decision"]["false_alarms"] * (
+        m["n_test"] - m["n_test_anomalies"])
+    assert sum(r["label"] == "Anomaly" for r in ours) == round(flagged)
     assert any(int(r["n_boxes"]) > 0 for r in ours)
 
 
@@ -138,16 +148,18 @@ def test_official_split_evaluation_measures_the_patch_map(official):
     out = official / "results" / "synthetic_vgg16"
     m = json.loads((out / "metrics.json").read_text())
     assert CONTRACT_KEYS <= set(m)
-    for key in ("accuracy", "balanced_accuracy", "confusion_matrix", "image_auroc", "image_ap", "per_defect_type"):
-        assert m[key] is None, key
+    for key in ("accuracy", "balanced_accuracy", "confusion_matrix", "image_auroc", "image_ap"):
+        assert m[key] is None, key  # the classifier's keys
+    # the decision is the patch map's image score against its calibrated threshold
+    assert m["decision"]["rule"] == "calibrated" and m["per_defect_type"]["good"]["n"] == 20
     assert m["n_test"] == 80 and m["n_test_anomalies"] == 60  # the whole test/ folder
     assert set(m["localizers"]) == {"patch_knn"} and m["localizer"] == "patch_knn"
     patch = m["localizers"]["patch_knn"]
     # Random weights at 64 px: measured pixel AUROC 0.81, image AUROC 1.00; chance is 0.5.
     assert patch["pixel_auroc"] > 0.65 and patch["image_auroc"] >= 0.9
     assert patch["box_iou"] is not None and m["pixel_auroc"] == patch["pixel_auroc"]
-    assert (out / "predictions.png").stat().st_size > 0 and (out / "roc_curve.png").stat().st_size > 0
-    assert not (out / "confusion_matrix.png").exists()
+    for png in ("predictions.png", "roc_curve.png", "confusion_matrix.png"):
+        assert (out / png).stat().st_size > 0
 
 
 def test_predict_py_labels_by_calibrated_boxes_without_a_classifier(official, tmp_path):
@@ -172,6 +184,45 @@ def test_predict_py_labels_by_calibrated_boxes_without_a_classifier(official, tm
                               "--images", str(test_dir), "--out", str(tmp_path / "cam"), "--localizer", "cam"],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "needs the classifier" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def evidence_run(tmp_path_factory):
+    """Training with head="evidence" (MobileNetV2, random weights, 64 px), then Evaluation with its default map."""
+    tmp = tmp_path_factory.mktemp("evidence")
+    dirs = {"data_dir": str(tmp / "data"), "weights_dir": str(tmp / "weights"), "results_dir": str(tmp / "results")}
+    params = {**TRAIN_PARAMS, "backbone": "mobilenet_v2", "head": "evidence", **dirs}
+    pm.execute_notebook(ROOT / "Training.ipynb", tmp / "Training.ipynb", cwd=str(ROOT), parameters=params,
+                        progress_bar=False)
+    pm.execute_notebook(ROOT / "Evaluation.ipynb", tmp / "Evaluation.ipynb", cwd=str(ROOT),
+                        parameters={"subset_name": "synthetic", "backbone": "mobilenet_v2", "n_samples": 4,
+                                    "grid_maps": ["patch_knn"], **dirs}, progress_bar=False)
+    return tmp
+
+
+def test_evidence_head_notebooks_write_its_checkpoint_and_metrics(evidence_run, tmp_path):
+    checkpoint = evidence_run / "weights" / "synthetic_mobilenet_v2.pt"
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["config"]["head"] == "evidence" and ckpt["classifier"] is True
+    # the frozen layers the patch features come from, and the evidence head; no untrained published head
+    assert all(k.startswith(("frozen.", "evidence_head.")) for k in ckpt["state_dict"])
+    assert any(k.startswith("evidence_head.") for k in ckpt["state_dict"])
+    assert set(ckpt["calibration"]["thresholds"]) == {"evidence", "patch_knn"}
+    m = json.loads((evidence_run / "results" / "synthetic_mobilenet_v2" / "metrics.json").read_text())
+    assert CONTRACT_KEYS <= set(m) and m["head"] == "evidence"
+    assert set(m["localizers"]) == {"evidence", "patch_knn"} and m["localizer"] == "evidence"
+    # random weights at 64 px on the synthetic subset: the drawn defects are easy; chance is 0.5
+    assert m["image_auroc"] >= 0.9 and m["localizers"]["evidence"]["pixel_auroc"] > 0.6
+    paths = [str(evidence_run / "data" / p) for p in ckpt["test_files"]]
+    assert predict.main(["--checkpoint", str(checkpoint), "--images", *paths, "--out", str(tmp_path)]) == 0
+    ours = _csv_rows(tmp_path / "predictions.csv")
+    evaluation = _csv_rows(evidence_run / "results" / "synthetic_mobilenet_v2" / "predictions.csv")
+    assert [r["label"] for r in ours] == [r["label"] for r in evaluation]
+    for a, b in zip(ours, evaluation):  # the same boxes; their scores (map maxima) to float rounding
+        boxes_a, boxes_b = json.loads(a["boxes"]), json.loads(b["boxes"])
+        assert [box[:4] for box in boxes_a] == [box[:4] for box in boxes_b]
+        assert [box[4] for box in boxes_a] == pytest.approx([box[4] for box in boxes_b], rel=1e-5)
+    assert json.loads((tmp_path / "predictions.json").read_text())["settings"]["localizer"] == "evidence"
 
 
 @pytest.mark.slow  # re-executes both notebooks: run with `pytest -m slow`

@@ -4,17 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from utils.calibration import calibrate, calibration_threshold
 from utils.localizers import check_localizer, localizer_image_scores, localizer_maps
 from utils.postprocess import (
+    DISPLAY_LEVEL,
     boxes_for_maps,
     boxes_for_rule,
     calibrated_boxes,
+    calibrated_display,
     heatmap_to_boxes,
     mask_regions,
     minmax_normalise,
     probability_scaled,
     regions_to_boxes,
+    strongest_region,
     upsample_maps,
 )
 
@@ -210,45 +212,42 @@ def test_calibrated_boxes_rejects_bad_arguments(kwargs):
         calibrated_boxes(np.zeros((1, 4, 4)), threshold=1.0, min_area=1)
 
 
-def test_calibration_threshold_is_a_quantile_of_image_maxima():
-    good = np.zeros((5, 3, 3), dtype=np.float32)
-    good[:, 1, 1] = [1.0, 2.0, 3.0, 4.0, 5.0]  # image maxima
-    assert calibration_threshold(good, 1.0) == 5.0
-    assert calibration_threshold(good, 0.5) == 3.0
-    assert calibration_threshold(good, 0.9) == pytest.approx(4.6)  # linear between 4 and 5
-    with pytest.raises(ValueError, match="good images"):
-        calibration_threshold(np.zeros((0, 3, 3)))
-    with pytest.raises(ValueError, match="quantile"):
-        calibration_threshold(good, 1.5)
-
-
-def test_calibrate_stores_a_threshold_per_map():
-    good = {"cam": np.full((2, 4, 4), 0.1, np.float32), "patch_knn": np.full((3, 4, 4), 7.0, np.float32)}
-    good["cam"][1, 0, 0] = 0.3
-    cal = calibrate(good, quantile=1.0, min_area=16)
-    assert cal["thresholds"] == {"cam": pytest.approx(0.3), "patch_knn": 7.0}
-    assert cal["min_area"] == 16 and cal["quantile"] == 1.0 and cal["n_images"] == {"cam": 2, "patch_knn": 3}
-    assert isinstance(cal["rule"], str)
-    with pytest.raises(ValueError):
-        calibrate({}, 1.0, 16)
-
-
-def test_boxes_for_rule_calibrated_and_minmax():
-    maps = {"cam": np.zeros((2, 6, 6), np.float32)}
+def test_boxes_for_rule_calibrated_and_minmax_follow_the_labels():
+    maps = {"cam": np.zeros((3, 6, 6), np.float32)}
     maps["cam"][0, 1:3, 1:3] = 0.8  # defective image: hot well above the good level
     maps["cam"][1, 4, 4] = 0.05  # good image: its own maximum, yet below the threshold
+    maps["cam"][2, 0, 5] = 0.5  # passes the threshold, but the image is labelled Good
     cal = {"thresholds": {"cam": 0.1}, "min_area": 1}
-    boxes = boxes_for_rule(maps, "calibrated", heatmap_thres=0.7, calibration=cal)["cam"]
+    labels = [1, 0, 0]
+    boxes = boxes_for_rule(maps, "calibrated", labels=labels, heatmap_thres=0.7, calibration=cal)["cam"]
     np.testing.assert_array_equal(boxes[0], [[1, 1, 3, 3]])
-    assert boxes[1].shape == (0, 4)
-    published = boxes_for_rule(maps, "minmax", heatmap_thres=0.7)["cam"]
-    np.testing.assert_array_equal(published[1], [[4, 4, 5, 5]])  # the published rule boxes the good image
+    assert boxes[1].shape == boxes[2].shape == (0, 4)
+    # labelled Anomaly below the threshold: its strongest region
+    strongest = boxes_for_rule(maps, "calibrated", labels=[0, 1, 0], heatmap_thres=0.7, calibration=cal)["cam"]
+    np.testing.assert_array_equal(strongest[1], [[4, 4, 5, 5]])
+    published = boxes_for_rule(maps, "minmax", labels=[1, 1, 0], heatmap_thres=0.7)["cam"]
+    np.testing.assert_array_equal(published[1], [[4, 4, 5, 5]])  # the published rule boxes any Anomaly's peak
+    assert published[2].shape == (0, 4)
     with pytest.raises(ValueError, match="calibration"):
-        boxes_for_rule(maps, "calibrated", heatmap_thres=0.7, calibration=None)
+        boxes_for_rule(maps, "calibrated", labels=labels, heatmap_thres=0.7, calibration=None)
     with pytest.raises(ValueError, match="no threshold"):
-        boxes_for_rule(maps, "calibrated", heatmap_thres=0.7, calibration={"thresholds": {}, "min_area": 1})
+        boxes_for_rule(maps, "calibrated", labels=labels, heatmap_thres=0.7, calibration={"thresholds": {}, "min_area": 1})
     with pytest.raises(ValueError, match="box_threshold"):
-        boxes_for_rule(maps, "otsu", heatmap_thres=0.7)
+        boxes_for_rule(maps, "otsu", labels=labels, heatmap_thres=0.7)
+
+
+def test_strongest_region_is_the_component_holding_the_peak():
+    m = np.zeros((6, 8), np.float32)
+    m[1:3, 1:3] = 0.9
+    m[4, 6] = 1.0  # the peak, alone
+    boxes, scores = strongest_region(m, 0.7)
+    np.testing.assert_array_equal(boxes, [[6, 4, 7, 5]]) and np.testing.assert_array_equal(scores, [1.0])
+    np.testing.assert_array_equal(strongest_region(np.full((3, 4), 2.0), 0.7)[0], [[0, 0, 4, 3]])  # constant: all
+
+
+def test_calibrated_display_puts_floor_and_threshold_at_fixed_colours():
+    shown = calibrated_display(np.array([[[1.0, 2.0, 3.0, 4.0, 9.0]]]), floor=1.0, threshold=4.0)
+    np.testing.assert_allclose(shown[0, 0], [0.0, 2 / 9, 4 / 9, DISPLAY_LEVEL, 1.0])
 
 
 def test_calibrated_boxes_extent_reaches_the_unusual_shoulder_of_a_flagged_region():

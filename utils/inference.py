@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 from . import explain as explain_lib
 from . import postprocess
 from .checkpoint import atomic_write_bytes, has_classifier
-from .constants import ANOMALY, CLASS_NAMES, IMAGE_EXTENSIONS
+from .constants import ANOMALY, CLASS_NAMES, GOOD, IMAGE_EXTENSIONS
 from .dataloader import image_to_tensor, open_image, read_image, shown_size
 from .explain import EXPLANATIONS
-from .localizers import MEMORY_LOCALIZERS, check_checkpoint_localizer, localizer_image_scores, maps_of
+from .calibration import decide
+from .localizers import (MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of, image_score_of,
+                         localizer_image_scores, maps_of)
 from .model import CAMClassifier, checkpoint_normalisation, check_input_size
 from .evidence import evidence_scores, residuals
 from .patchknn import patch_embeddings
@@ -40,15 +42,51 @@ DEFAULT_BOX_THRESHOLD = "calibrated"
 
 @dataclass(frozen=True)
 class BoxRule:
-    """How boxes are cut from a map: "calibrated" (threshold in the map's units, min_area pixels)
-    or "minmax" (the published rule: per-image min-max map >= heatmap_thres, only on images
-    labelled Anomaly). `note` says why a rule other than the one asked for is used, else ""."""
+    """How boxes are cut from a map, on the images labelled Anomaly only: "calibrated" (regions
+    above `threshold` in the map's units of at least min_area pixels, else the strongest region at
+    `heatmap_thres`; figures draw the map from `floor` to the threshold) or "minmax" (the published
+    rule: per-image min-max map >= heatmap_thres). `note` says why a rule other than the one asked
+    for is used, else ""."""
 
     name: str
     threshold: float
     min_area: int = 1
     mode: str = "components"
     note: str = ""
+    floor: float = 0.0
+    heatmap_thres: float = 0.7
+
+    def boxes(self, map_hw: np.ndarray, anomalous: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (K, 4) and scores (K,) of one map (H, W) of an image with this label."""
+        if self.name == "calibrated":
+            return postprocess.label_boxes(map_hw, anomalous, self.threshold, self.min_area, self.heatmap_thres)
+        if not anomalous:
+            return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+        boxes, scores = postprocess.heatmap_to_boxes(postprocess.minmax_normalise(map_hw[None])[0], self.threshold,
+                                                     mode=self.mode)
+        return (boxes, scores) if len(boxes) else postprocess.strongest_region(map_hw, self.threshold)
+
+    def display(self, maps: np.ndarray) -> np.ndarray:
+        """Maps (N, H, W) in [0, 1] for figures: the calibrated scale, or min-max per image."""
+        if self.name == "calibrated":
+            return postprocess.calibrated_display(maps, self.floor, self.threshold)
+        return postprocess.minmax_normalise(maps)
+
+
+def decision_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The image decision a checkpoint carries (`calibration.decision_threshold`). Checkpoints from
+    before it: the published argmax, or without a classifier the patch map's calibrated box
+    threshold (an image was Anomaly when its patch map had a box)."""
+    calibration = checkpoint.get("calibration") or {}
+    if "decision" in calibration:
+        return calibration["decision"]
+    if has_classifier(checkpoint):
+        return {"rule": "argmax", "false_alarm_rate": None, "threshold": 0.5}
+    threshold = (calibration.get("thresholds") or {}).get("patch_knn")
+    if threshold is None:
+        raise ValueError("this checkpoint has no classifier and no calibrated patch map, so nothing decides an "
+                         "image's label: train again with Training.ipynb")
+    return {"rule": "calibrated", "false_alarm_rate": None, "threshold": float(threshold)}
 
 
 @torch.no_grad()  # the explanations switch gradients on for themselves
@@ -173,62 +211,60 @@ def box_rule(
     if box_threshold not in BOX_THRESHOLDS:
         raise ValueError(f"box_threshold={box_threshold!r} must be one of {BOX_THRESHOLDS}.")
     thres = checkpoint["config"]["heatmap_thres"] if heatmap_thres is None else float(heatmap_thres)
-    minmax = BoxRule("minmax", thres, 1, box_mode)
     if box_threshold == "minmax":
-        return minmax
+        return BoxRule("minmax", thres, 1, box_mode, heatmap_thres=thres)
     calibration = checkpoint.get("calibration") or {}
     thresholds = calibration.get("thresholds") or {}
-    if localizer not in thresholds or not hasattr(postprocess, "calibrated_boxes"):
-        return BoxRule("minmax", thres, 1, box_mode,
+    if localizer not in thresholds:
+        return BoxRule("minmax", thres, 1, box_mode, heatmap_thres=thres,
                        note=f"no calibrated threshold for {localizer!r} in the checkpoint: boxes use the "
                             f"per-image min-max rule at {thres} (retrain to calibrate)")
-    return BoxRule("calibrated", float(thresholds[localizer]), int(calibration.get("min_area", 1)), box_mode)
+    floor = float((calibration.get("floors") or {}).get(localizer, 0.0))
+    return BoxRule("calibrated", float(thresholds[localizer]), int(calibration.get("min_area", 1)), box_mode,
+                   floor=floor, heatmap_thres=thres)
 
 
-def _boxes(map_hw: np.ndarray, anomalous: bool, rule: BoxRule) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes (K, 4) and scores (K,) of one map (H, W) in its own units under `rule`."""
-    if rule.name == "calibrated":
-        boxes, scores = postprocess.calibrated_boxes(map_hw, rule.threshold, rule.min_area)
-        return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32).reshape(-1)
-    if not anomalous:  # every min-max map has a hot part, so only an Anomaly decision gets its boxes
-        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
-    return postprocess.heatmap_to_boxes(postprocess.minmax_normalise(map_hw[None])[0], rule.threshold, mode=rule.mode)
-
-
-def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: BoxRule) -> list[dict[str, Any]]:
+def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: BoxRule,
+                             decision: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-image results from `predict`'s output for N images.
 
-    Each: "label" ("Good"/"Anomaly", the classifier's argmax), "p_anomaly", "image_score" (the
-    localiser's image score, `localizers.localizer_image_scores`), "map" (S, S) float32 in the
-    map's own units (`localizers.localizer_maps`), "heatmap" (S, S) the map min-max normalised
-    per image for display, "boxes" (K, 4) float32 x1, y1, x2, y2 (exclusive x2, y2) in pixels of
-    the S x S input, "box_scores" (K,) float32 (each box's maximum, in the units of the rule's
-    map), "localizer", "box_threshold" (the rule used) and "box_note" (why it is not the one asked
-    for, else "").
-
-    Without a classifier ("p_anomaly" absent from `pred`: a patch-memory-only checkpoint) the
-    label is the calibrated map's decision, Anomaly when the image has a box, and "p_anomaly" is None.
+    Each: "label" ("Good"/"Anomaly": the image score, `localizers.image_score_of`, under `decision`,
+    `calibration.decide`), "p_anomaly" (None without a classifier), "decision_score" (the score the
+    label was decided on), "image_score" (the localiser's image score,
+    `localizers.localizer_image_scores`), "map" (S, S) float32 in the map's own units
+    (`localizers.localizer_maps`), "heatmap" (S, S) the map on the rule's display scale in [0, 1]
+    (`BoxRule.display`), "boxes" (K, 4) float32 x1, y1, x2, y2 (exclusive x2, y2) in pixels of the
+    S x S input, only on images labelled Anomaly and at least one there, "box_scores" (K,)
+    float32 (each box's maximum, in the map's units), "localizer", "box_threshold" (the rule used)
+    and "box_note" (why it is not the one asked for, else "").
     """
-    p = None if "p_anomaly" not in pred else np.asarray(pred["p_anomaly"], np.float32)
-    if p is None and rule.name != "calibrated":
-        raise ValueError("without a classifier an image is labelled by its calibrated boxes, but the box rule "
-                         f"is {rule.name!r}: use a checkpoint with a calibration and box_threshold='calibrated'")
     maps = maps_of(pred)
+    p = pred.get("p_anomaly")
     scores = localizer_image_scores(maps, p, pred.get("patch_score"))
+    decided = decide(image_score_of(pred), decision)
     chosen = maps[localizer]
-    shown = postprocess.minmax_normalise(chosen)
+    shown = rule.display(chosen)
     results = []
     for i in range(len(chosen)):
-        anomalous = p is None or bool(p[i] >= 0.5)
-        boxes, box_scores = _boxes(chosen[i], anomalous, rule)
-        if p is None:
-            anomalous = len(boxes) > 0
+        boxes, box_scores = rule.boxes(chosen[i], bool(decided[i]))
         results.append({
-            "label": CLASS_NAMES[ANOMALY if anomalous else 0], "p_anomaly": None if p is None else float(p[i]),
-            "image_score": float(scores[localizer][i]), "map": chosen[i], "heatmap": shown[i],
-            "boxes": boxes, "box_scores": box_scores, "localizer": localizer, "box_threshold": rule.name, "box_note": rule.note,
+            "label": CLASS_NAMES[ANOMALY if decided[i] else GOOD], "p_anomaly": None if p is None else float(p[i]),
+            "decision_score": float(image_score_of(pred)[i]), "image_score": float(scores[localizer][i]),
+            "map": chosen[i], "heatmap": shown[i], "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "box_scores": np.asarray(box_scores, np.float32).reshape(-1), "localizer": localizer,
+            "box_threshold": rule.name, "box_note": rule.note,
         })
     return results
+
+
+def needs(checkpoint: dict[str, Any], localizer: str) -> dict[str, Any]:
+    """What `predict` must compute for `localizer` and the checkpoint's decision: the patch memory
+    (for the patch maps, the evidence head, or the decision of a checkpoint without a classifier),
+    the explanations (for theirs)."""
+    classifier = has_classifier(checkpoint)
+    memory = localizer in MEMORY_LOCALIZERS or not classifier or head_of(checkpoint) == "evidence"
+    return {"patch_memory": checkpoint.get("patch_memory") if memory else None, "classifier": classifier,
+            "explain": localizer in (*EXPLANATIONS, "explain")}
 
 
 def score_batch(
@@ -236,7 +272,7 @@ def score_batch(
     model: CAMClassifier,
     checkpoint: dict[str, Any],
     *,
-    localizer: str = "cam",
+    localizer: str | None = None,
     box_threshold: str = DEFAULT_BOX_THRESHOLD,
     heatmap_thres: float | None = None,
     box_mode: str = "components",
@@ -245,15 +281,15 @@ def score_batch(
     precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """Score (N, 3, S, S) uint8 images (decoded like training's, S the checkpoint's image_size)
-    in one pass per batch; returns one result per image (see `results_from_predictions`)."""
+    in one pass per batch; returns one result per image (see `results_from_predictions`).
+    localizer None: the checkpoint's default map (`localizers.default_localizer`)."""
+    localizer = default_localizer(checkpoint) if localizer is None else localizer
     check_localizer(localizer, checkpoint)
     rule = box_rule(checkpoint, localizer, box_threshold, heatmap_thres, box_mode)
     mean, std = checkpoint_normalisation(checkpoint["config"])
-    memory = checkpoint.get("patch_memory") if localizer in MEMORY_LOCALIZERS else None
     pred = predict(model, images, mean, std, batch_size=batch_size, device=device, precision=precision,
-                   patch_memory=memory, classifier=has_classifier(checkpoint),
-                   explain=localizer in (*EXPLANATIONS, "explain"), progress=False)
-    return results_from_predictions(pred, localizer, rule)
+                   progress=False, **needs(checkpoint, localizer))
+    return results_from_predictions(pred, localizer, rule, decision_of(checkpoint))
 
 
 def score_image(

@@ -246,3 +246,31 @@ def localisation_metrics(maps, masks, boxes: list[np.ndarray], image_scores, y_t
         **detection,
         "image_auroc": image_auroc,
     }
+
+
+def decision_metrics(y_true, y_pred, decision: dict) -> dict:
+    """metrics.json's "decision" block: the rule and stated rate of `decision`
+    (`calibration.decision_threshold`), its threshold, and measured on labels y_true (N,) and the
+    decided labels y_pred (N,): accuracy, recall (share of anomalies labelled Anomaly) and
+    false_alarms (share of good images labelled Anomaly; None without good images)."""
+    y_true, y_pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
+    good, bad = y_true == GOOD, y_true == ANOMALY
+    return {
+        "rule": decision["rule"], "false_alarm_rate": decision.get("false_alarm_rate"),
+        "threshold": float(decision["threshold"]),
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else None,
+        "recall": float(y_pred[bad].mean()) if bad.any() else None,
+        "false_alarms": float(y_pred[good].mean()) if good.any() else None,
+    }
+
+
+def localisation_table(localizers: dict[str, dict]) -> str:
+    """The localisation metrics of every map ({name: `localisation_metrics`}) as a fixed-width table."""
+    fmt = lambda v: "  null" if v is None else f"{v:6.3f}"  # noqa: E731
+    lines = [f"{'map':<12}{'pixAUROC':>9}{'AUPRO':>7}{'point':>7}{'boxIoU':>7}{'recall':>7}{'prec.':>7}"
+             f"{'good+box':>9}{'imgAUROC':>9}"]
+    for name, m in localizers.items():
+        lines.append(f"{name:<12}{fmt(m['pixel_auroc']):>9}{fmt(m['aupro']):>7}{fmt(m['pointing_game']):>7}"
+                     f"{fmt(m['box_iou']):>7}{fmt(m['box_recall']):>7}{fmt(m['box_precision']):>7}"
+                     f"{fmt(m['good_images_with_boxes']):>9}{fmt(m['image_auroc']):>9}")
+    return "\n".join(lines)

@@ -5,6 +5,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.patches import Rectangle
 from PIL import Image, ImageDraw
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
@@ -70,13 +72,10 @@ def _per_image(values, n: int, name: str) -> list | np.ndarray:
     return values
 
 
-def _title(true: int, pred: int | None, prob: float, defect: str | None) -> str:
-    """'true Anomaly/crack · pred Good · p=0.31'; the defect type is left out when it is the good folder.
-    Without a prediction (pred None, no classifier) 'true Anomaly/crack · score=0.31'."""
+def _title(true: int, pred: int, score: float, defect: str | None) -> str:
+    """'true Anomaly/crack · pred Good · score=0.31'; the defect type is left out when it is the good folder."""
     truth = CLASS_NAMES[true] if defect in (None, GOOD_FOLDER) else f"{CLASS_NAMES[true]}/{defect}"
-    if pred is None:
-        return f"true {truth} · score={prob:.2f}"
-    title = f"true {truth} · pred {CLASS_NAMES[pred]} · p={prob:.2f}"
+    title = f"true {truth} · pred {CLASS_NAMES[pred]} · score={score:.2f}"
     # long defect names (e.g. manipulated_front) would run into the next column
     return title if len(title) <= TITLE_WRAP else title.replace(" · pred", "\npred", 1)
 
@@ -95,76 +94,88 @@ def _draw_boxes(ax, boxes) -> None:
         ax.add_patch(rect)
 
 
-def plot_prediction_grid(
-    images,
-    maps: dict[str, np.ndarray],
-    y_true,
-    y_pred,
-    p_anomaly,
-    masks=None,
-    boxes: list | None = None,
-    defect_types: list[str] | None = None,
-    heatmap_alpha: float = 0.5,
-) -> Figure:
-    """One row per image: the image with its title, mask contour and predicted boxes, then one map per column.
-
-    images (N, 3, H, W) uint8; maps {name: (N, H, W) in [0, 1]}; y_true, y_pred (N,) 0/1;
-    p_anomaly (N,); y_pred None (a model without classifier): p_anomaly is then the first map's
-    image score, shown as such, and boxes are drawn on every image; masks (N, H, W) bool or None; boxes a list of N arrays (K, 4) x1, y1, x2, y2
-    (exclusive x2, y2) from the first map, drawn only on images predicted Anomaly; defect_types
-    a list of N folder names or None. Titles of misclassified images are red.
-    """
-    images = _images_hwc(images)
+def _check_grid(images: np.ndarray, maps: dict, y_true, y_pred, scores, masks, boxes, defect_types) -> dict:
+    """The prediction grid's inputs checked against the images (N, H, W, 3); returns them as arrays."""
     n, height, width = images.shape[:3]
     if n == 0:
         raise ValueError("images is empty: select at least one image to plot")
     if not maps:
         raise ValueError("maps is empty: pass at least one heatmap, e.g. {'cam': cam_maps}")
-    if not 0.0 <= heatmap_alpha <= 1.0:
-        raise ValueError(f"heatmap_alpha={heatmap_alpha} must lie in [0, 1]")
     maps = {name: to_numpy(m) for name, m in maps.items()}
     for name, m in maps.items():
         if m.shape != (n, height, width):
             raise ValueError(f"map {name!r} has shape {m.shape}; need (N, H, W) = {(n, height, width)} like images")
-    y_true = _per_image(_labels(y_true, "y_true"), n, "y_true")
-    y_pred = [None] * n if y_pred is None else _per_image(_labels(y_pred, "y_pred"), n, "y_pred")
-    p_anomaly = _per_image(to_numpy(p_anomaly).reshape(-1), n, "p_anomaly")
     if masks is not None:
         masks = to_numpy(masks).astype(bool)
         if masks.shape != (n, height, width):
             raise ValueError(f"masks has shape {masks.shape}; need (N, H, W) = {(n, height, width)} like images")
-    if boxes is not None:
-        _per_image(boxes, n, "boxes")
-    if defect_types is not None:
-        _per_image(defect_types, n, "defect_types")
+    for name, values in (("boxes", boxes), ("defect_types", defect_types)):
+        if values is not None:
+            _per_image(values, n, name)
+    return {"maps": maps, "y_true": _per_image(_labels(y_true, "y_true"), n, "y_true"),
+            "y_pred": _per_image(_labels(y_pred, "y_pred"), n, "y_pred"),
+            "scores": _per_image(to_numpy(scores).reshape(-1), n, "scores"), "masks": masks}
 
-    cols = 1 + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(CELL_INCHES * cols, CELL_INCHES * n), squeeze=False)
-    first_map = next(iter(maps))
+
+def _scale_bar(fig: Figure, axes, threshold_level: float | None) -> None:
+    """One colour bar for every map; with a calibrated scale, the box threshold marked on it."""
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), ax=list(axes.flat), shrink=0.6, pad=0.02)
+    if threshold_level is None:
+        bar.set_label("each map min-max normalised per image", fontsize=TITLE_SIZE)
+        return
+    bar.ax.axhline(threshold_level, color="white", linewidth=2)
+    bar.set_ticks([0.0, threshold_level, 1.0], labels=["good parts", "box threshold", "1.5x"], fontsize=TITLE_SIZE)
+
+
+def plot_prediction_grid(
+    images,
+    maps: dict[str, np.ndarray],
+    y_true,
+    y_pred,
+    scores,
+    masks=None,
+    boxes: list | None = None,
+    defect_types: list[str] | None = None,
+    heatmap_alpha: float = 0.5,
+    threshold_level: float | None = None,
+) -> Figure:
+    """One row per image: the image with its title, mask contour and boxes, then one map per column.
+
+    images (N, 3, H, W) uint8; maps {name: (N, H, W) in [0, 1]}, the first the chosen one, on one
+    display scale (`inference.BoxRule.display`); y_true, y_pred (N,) 0/1, the decided labels;
+    scores (N,) the scores they were decided on; masks (N, H, W) bool or None; boxes a list of N
+    arrays (K, 4) x1, y1, x2, y2 (exclusive x2, y2) of the first map; defect_types N folder names
+    or None. threshold_level: where the box threshold sits on the display scale (marked on the
+    colour bar), None for per-image min-max maps. Titles of misclassified images are red.
+    """
+    images = _images_hwc(images)
+    if not 0.0 <= heatmap_alpha <= 1.0:
+        raise ValueError(f"heatmap_alpha={heatmap_alpha} must lie in [0, 1]")
+    g = _check_grid(images, maps, y_true, y_pred, scores, masks, boxes, defect_types)
+    n, cols = len(images), 1 + len(g["maps"])
+    fig, axes = plt.subplots(n, cols, figsize=(CELL_INCHES * cols + 1.0, CELL_INCHES * n), squeeze=False)
     for i in range(n):
-        mask = None if masks is None else masks[i]
-        ax = axes[i, 0]
-        ax.imshow(images[i])
-        _draw_mask(ax, mask)
-        if boxes is not None and y_pred[i] in (ANOMALY, None):
-            _draw_boxes(ax, boxes[i])
+        mask = None if g["masks"] is None else g["masks"][i]
+        axes[i, 0].imshow(images[i])
+        _draw_mask(axes[i, 0], mask)
+        if boxes is not None:
+            _draw_boxes(axes[i, 0], boxes[i])
         defect = None if defect_types is None else defect_types[i]
-        wrong = y_pred[i] is not None and y_true[i] != y_pred[i]
-        ax.set_title(_title(y_true[i], y_pred[i], float(p_anomaly[i]), defect),
-                     fontsize=TITLE_SIZE, color="red" if wrong else "black")
-        for ax, (name, m) in zip(axes[i, 1:], maps.items()):
+        axes[i, 0].set_title(_title(g["y_true"][i], g["y_pred"][i], float(g["scores"][i]), defect), fontsize=TITLE_SIZE,
+                             color="red" if g["y_true"][i] != g["y_pred"][i] else "black")
+        for ax, (name, m) in zip(axes[i, 1:], g["maps"].items()):
             ax.imshow(images[i])
             ax.imshow(m[i], cmap="jet", alpha=heatmap_alpha, vmin=0.0, vmax=1.0)
             _draw_mask(ax, mask)
             ax.set_title(name, fontsize=TITLE_SIZE)
     for ax in axes.flat:
         ax.set_axis_off()
-    legend = [f"{MASK_COLOUR} contour: ground-truth mask"] if masks is not None else []
+    legend = [f"{MASK_COLOUR} contour: ground-truth mask"] if g["masks"] is not None else []
     if boxes is not None:
-        legend.append(f"{BOX_COLOUR} boxes: from {first_map!r}" + (", on predicted Anomaly" if y_pred[0] is not None else ""))
+        legend.append(f"{BOX_COLOUR} boxes: from {next(iter(g['maps']))!r}, on images labelled Anomaly")
     if legend:
         fig.suptitle(" · ".join(legend), fontsize=TITLE_SIZE)
-    fig.tight_layout()
+    _scale_bar(fig, axes, threshold_level)
     return fig
 
 

@@ -143,6 +143,20 @@ def label_boxes(map_hw: np.ndarray, anomalous: bool, threshold: float, min_area:
     return (boxes, scores) if len(boxes) else strongest_region(map_hw, heatmap_thres)
 
 
+DISPLAY_LEVEL = 2 / 3  # where a map's box threshold sits on the figures' colour scale
+
+
+def calibrated_display(maps, floor: float, threshold: float) -> np.ndarray:
+    """Maps (N, H, W) on one colour scale for every image: 0 at `floor` (where good parts sit),
+    DISPLAY_LEVEL at the box `threshold`, 1 half as far again above it, clipped to [0, 1]. The same
+    colour then means the same evidence in every image, and a good part looks cold."""
+    maps = to_numpy(maps).astype(np.float32)
+    span = float(threshold) - float(floor)
+    if not span > 0:  # a degenerate calibration: keep the threshold where it belongs on the scale
+        span = abs(float(threshold)) or 1.0
+    return np.clip((maps - float(floor)) / span * DISPLAY_LEVEL, 0.0, 1.0)
+
+
 def mask_regions(mask) -> np.ndarray:
     """Label the 8-connected regions of a bool mask (H, W): int32 (H, W), 0 = background."""
     mask = to_numpy(mask)
@@ -186,18 +200,22 @@ BOX_THRESHOLDS = ("calibrated", "minmax")
 
 
 def boxes_for_rule(
-    maps: dict[str, np.ndarray], box_threshold: str, *, heatmap_thres: float, box_mode: str = "components",
+    maps: dict[str, np.ndarray], box_threshold: str, *, labels, heatmap_thres: float, box_mode: str = "components",
     calibration: dict | None = None,
 ) -> dict[str, list[np.ndarray]]:
-    """Boxes (K_i, 4) of each image of each map (N, H, W) of `localizers.localizer_maps` under one rule.
+    """Boxes (K_i, 4) of each image of each map (N, H, W) of `localizers.localizer_maps` under one
+    rule, drawn on the images `labels` (N,) marks Anomaly only.
 
-    "calibrated": regions above the map's calibrated threshold (`calibrated_boxes`);
-    "minmax": the published rule, each map normalised per image and cut at heatmap_thres.
+    "calibrated": regions above the map's calibrated threshold, or the strongest region when none
+    is (`label_boxes`); "minmax": the published rule, each map normalised per image and cut at
+    heatmap_thres.
     """
     if box_threshold not in BOX_THRESHOLDS:
         raise ValueError(f"box_threshold={box_threshold!r} must be one of {BOX_THRESHOLDS}")
+    labels = to_numpy(labels).reshape(-1)
     if box_threshold == "minmax":
-        return {name: boxes_for_maps(m, heatmap_thres, box_mode) for name, m in maps.items()}
+        boxes = {name: boxes_for_maps(m, heatmap_thres, box_mode) for name, m in maps.items()}
+        return {name: [b if labels[i] else b[:0] for i, b in enumerate(stack)] for name, stack in boxes.items()}
     if not calibration:
         raise ValueError('box_threshold="calibrated" needs the checkpoint\'s "calibration": retrain with '
                          'Training.ipynb, or use box_threshold="minmax"')
@@ -205,7 +223,6 @@ def boxes_for_rule(
     if missing:
         raise ValueError(f"the calibration has no threshold for {missing}: retrain with Training.ipynb, "
                          'or use box_threshold="minmax"')
-    return {
-        name: [calibrated_boxes(m, calibration["thresholds"][name], calibration["min_area"])[0] for m in stack]
-        for name, stack in maps.items()
-    }
+    return {name: [label_boxes(m, bool(labels[i]), calibration["thresholds"][name], calibration["min_area"],
+                               heatmap_thres)[0] for i, m in enumerate(stack)]
+            for name, stack in maps.items()}
