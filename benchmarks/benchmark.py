@@ -33,10 +33,8 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from utils import runtime  # noqa: E402
-from utils import inference  # noqa: E402
+from utils import helper, inference, runtime  # noqa: E402
 from utils.checkpoint import save_json  # noqa: E402
-from utils import helper  # noqa: E402
 from utils.constants import IMAGENET_MEAN, IMAGENET_STD, SYNTHETIC_SUBSET  # noqa: E402
 from utils.dataloader import Sample, index_subset, load_images, split_subset  # noqa: E402
 from utils.model import CAMClassifier  # noqa: E402
@@ -46,7 +44,10 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "mvtec_anomaly_detecti
 CLASS_WEIGHT = (1.0, 3.0)  # Good, Anomaly, as published
 LR = 1e-4
 TRAINING_TARGET = 10.0  # images/s of the repository's training over the plain loop, 10-epoch run
-NOTEBOOK_TARGET = 10.0  # the whole Training.ipynb (default memory) over the plain loop on its training split
+# The whole Training.ipynb (default settings, VGG16 224 px, early stopping off) over the plain loop on its
+# training split: 6x on a CPU with native bf16, 3x on one without (fp32).
+NOTEBOOK_TARGET = {True: 6.0, False: 3.0}
+NOTEBOOK_OVERHEAD_TARGET = 0.15  # at most this share of the notebook outside decoding, the frozen pass, the epochs
 NOTEBOOK_TEST_SIZE = 0.2  # Training.ipynb's default test_size
 INFERENCE_TARGET = 4.0  # VGG16 224 px inference with heatmaps, fast path over fp32
 
@@ -57,6 +58,7 @@ WAYS: dict[str, tuple[str, str]] = {
     "train_repo_fp32": ("training", "repository fp32 (decode once + cached frozen pass)"),
     "train_plain_split": ("notebook", "plain loop on the notebook's training split (training only)"),
     "notebook": ("notebook", "whole Training.ipynb via papermill (peak RSS: papermill, not its kernel)"),
+    "notebook_evidence": ("notebook", "whole Training.ipynb, head=\"evidence\" (peak RSS: papermill)"),
     "infer_vgg16_fp32": ("inference", "VGG16 fp32"),
     "infer_vgg16_fast": ("inference", "VGG16 fast path (auto precision, channels-last)"),
     "infer_mobilenet_v2_fp32": ("inference", "MobileNetV2 fp32"),
@@ -68,7 +70,8 @@ DEFAULT_WAYS = [w for w, (section, _) in WAYS.items() if section != "notebook"]
 RATIOS = (
     ("train_repo", "train_plain", TRAINING_TARGET),
     ("train_repo_fp32", "train_plain", None),
-    ("notebook", "train_plain_split", NOTEBOOK_TARGET),
+    ("notebook", "train_plain_split", NOTEBOOK_TARGET[runtime.cpu_supports_bf16()]),
+    ("notebook_evidence", "train_plain_split", None),
     ("infer_vgg16_fast", "infer_vgg16_fp32", INFERENCE_TARGET),
     ("infer_mobilenet_v2_fast", "infer_mobilenet_v2_fp32", None),
 )
@@ -260,8 +263,8 @@ def train_repo(args, device, data_dir, samples, precision: str) -> dict[str, Any
     start = time.perf_counter()
     images = load_images(data_dir, samples, args.image_size)  # (N, 3, S, S) uint8
     decoded = time.perf_counter()
-    features, _ = helper.frozen_pass(model, images, IMAGENET_MEAN, IMAGENET_STD, batch_size=args.batch_size,
-                                     device=device, precision=precision)  # (N, 512, S/16, S/16)
+    features = helper.frozen_pass(model, images, IMAGENET_MEAN, IMAGENET_STD, batch_size=args.batch_size,
+                                  device=device, precision=precision, tap_images=False).features  # (N, 512, S/16, S/16)
     frozen = time.perf_counter()
     history = helper.train_model(
         model, images, labels, mean=IMAGENET_MEAN, std=IMAGENET_STD, epochs=args.epochs, lr=LR,
@@ -297,9 +300,11 @@ def mirror_samples(data_dir: Path, samples: list[Sample], out: Path) -> None:
         link.symlink_to((data_dir / rel).resolve())
 
 
-def run_training_notebook(args, data_dir: Path, samples: list[Sample]) -> dict[str, Any]:
+def run_training_notebook(args, data_dir: Path, samples: list[Sample], head: str = "published") -> dict[str, Any]:
     """Wall seconds of Training.ipynb as a user runs it with papermill (kernel start included) on these
-    images: VGG16 (random weights), --epochs with early stopping off, the default patch memory."""
+    images: VGG16 (random weights), `head`, --epochs with early stopping off, every other parameter at
+    its default; and where the time went (training.json's stage seconds; "other" is the rest: kernel
+    start, imports, the data checks, saving)."""
     import papermill as pm  # only this way needs it
 
     subset = samples[0].path.split("/")[0]
@@ -310,15 +315,19 @@ def run_training_notebook(args, data_dir: Path, samples: list[Sample]) -> dict[s
                           pretrained=False, image_size=args.image_size, batch_size=args.batch_size,
                           epochs=args.epochs, target_train_accuracy=None, test_size=NOTEBOOK_TEST_SIZE,
                           seed=args.seed, weights_dir=str(work / "weights"), results_dir=str(work / "results"),
-                          device=args.device, precision="auto")
+                          device=args.device, precision="auto", head=head)
         start = time.perf_counter()
         pm.execute_notebook(str(REPO_ROOT / "Training.ipynb"), str(work / "Training.out.ipynb"),
                             parameters=parameters, cwd=str(REPO_ROOT), progress_bar=False, log_output=False)
         seconds = time.perf_counter() - start
         training = json.loads(next((work / "results").rglob("training.json")).read_text())
+    stages = training["stage_seconds"]
+    stages["other"] = seconds - sum(stages.values())
+    core = stages["decode"] + stages["frozen_pass"] + stages["epochs"]
     return {"seconds": seconds, "precision": runtime.resolve_precision("auto", runtime.resolve_device(args.device)),
+            "stages": stages, "overhead_share": 1.0 - core / seconds,
             "training_json": {k: training.get(k) for k in ("seconds", "patch_memory", "n_train", "n_test",
-                                                           "epochs_run", "precision")}}
+                                                           "epochs_run", "precision", "calibration")}}
 
 
 # ---------------------------------------------------------------- inference with heatmaps
@@ -358,6 +367,7 @@ def run_way(way: str, args: argparse.Namespace) -> dict[str, Any]:
         "train_repo_fp32": lambda: train_repo(args, device, data_dir, samples, "fp32"),
         "train_plain_split": lambda: train_plain(args, device, data_dir, notebook_train_split(samples, args)),
         "notebook": lambda: run_training_notebook(args, data_dir, samples),
+        "notebook_evidence": lambda: run_training_notebook(args, data_dir, samples, head="evidence"),
         "infer_vgg16_fp32": lambda: infer(args, device, data_dir, samples, "vgg16", "fp32"),
         "infer_vgg16_fast": lambda: infer(args, device, data_dir, samples, "vgg16", "auto"),
         "infer_mobilenet_v2_fp32": lambda: infer(args, device, data_dir, samples, "mobilenet_v2", "fp32"),
@@ -448,6 +458,12 @@ def print_table(results: dict[str, dict[str, Any]], args: argparse.Namespace) ->
                   f"{args.epochs} epochs {r['epochs_seconds']:.2f} s; feature cache {c['shape']} {c['dtype']}: "
                   f"{c['megabytes']:.1f} MB = {c['megabytes_per_image']:.3f} MB/image "
                   f"(~{c['megabytes_per_image'] * 1000:.0f} MB per 1000 images)")
+    for way in ("notebook", "notebook_evidence"):
+        if way in results:
+            r = results[way]
+            print(f"{way}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items())
+                  + f"; outside decoding, the frozen pass and the epochs: {r['overhead_share']:.1%} "
+                  + f"(target at most {NOTEBOOK_OVERHEAD_TARGET:.0%})")
     for row in ratios(results):
         if row["target"] is not None:
             verdict = "meets" if row["meets_target"] else "MISSES"

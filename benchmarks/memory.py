@@ -94,9 +94,8 @@ def extract(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     out = {}
     for name, part in (("train", train), ("test", test)):
         images = load_images(args.data_dir, part, args.image_size)
-        _, patches = helper.frozen_pass(net, images, mean, std, batch_size=10, device=device,
-                                        precision=precision, patch_images=torch.ones(len(part), dtype=torch.bool))
-        out[name] = patches
+        frozen = helper.frozen_pass(net, images, mean, std, batch_size=10, device=device, precision=precision)
+        out[name] = frozen.patches_of(torch.arange(len(part)))
     side = int(round((len(out["test"]) / len(test)) ** 0.5))
     out["test"] = out["test"].view(len(test), side, side, -1)
     masks = load_masks(args.data_dir, test, args.image_size)

@@ -29,7 +29,7 @@ def _config(tmp_path, **overrides):
         "pretrained": False, "image_size": 64, "batch_size": 5, "epochs": 2, "lr": 1e-3, "class_weight": [1, 3],
         "target_train_accuracy": None, "test_size": 0.2, "seed": 0, "heatmap_thres": 0.7, "n_cv_folds": 0,
         "weights_dir": str(tmp_path), "results_dir": str(tmp_path), "device": "cpu", "precision": "fp32",
-        "patch_memory_size": 150, "patch_memory_method": "random", **overrides})
+        "patch_memory_size": 150, "patch_memory_method": "random", "calibration": "holdout", **overrides})
 
 
 def test_frozen_pass_keeps_the_taps_it_is_asked_for(subset, make_model):
@@ -128,6 +128,16 @@ def test_assign_groups_deals_each_type_evenly():
     assert sorted(groups[:10].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert sorted(groups[10:].tolist()) == [0, 1, 2, 3, 4]
     assert torch.equal(groups, helper.assign_groups(["good"] * 10 + ["crack"] * 5, 5, seed=0))
+
+
+def test_auto_calibration_holds_back_only_what_promises_the_rate(tmp_path):
+    config = _config(tmp_path, calibration="auto", false_alarm_rate=0.05)
+    # a fifth of 95 good images is 19 = 1 / 0.05 - 1, enough; of 94 it is 19 too; of 90, 18 is not
+    assert helper.calibration_method(config, 95) == "holdout" and helper.calibration_method(config, 90) == "cross_fit"
+    assert helper.calibration_method({**config, "false_alarm_rate": 0.2}, 20) == "holdout"  # 4 >= 4
+    # without a rate the boxes' share decides: box_quantile 0.9, 10 %: 9 images
+    assert helper.calibration_method({**config, "false_alarm_rate": None}, 45) == "holdout"
+    assert helper.calibration_method({**config, "calibration": "cross_fit"}, 1000) == "cross_fit"
 
 
 def test_holdout_calibration_images_stay_out_of_the_fit():

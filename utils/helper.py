@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -104,16 +105,13 @@ def build_patch_memory(
     return memory, index, info
 
 
-def _epoch(model, features, images, labels, *, batches, step, flip, cache, device, precision, mean, std, augment):
+def _epoch(model, features, images, labels, *, batches, step, cache, device, precision, mean, std, augment):
     """One pass over `batches`: (summed loss, correct count)."""
     total_loss, correct = 0.0, 0
     for idx in batches:
         with autocast(device, precision):
             if cache:
-                x = features[idx]
-                if flip is not None:
-                    x = torch.where(flip(len(idx))[:, None, None, None], flip.features[idx], x)
-                scores, _ = model.head(to_layout(x, device, precision))
+                scores, _ = model.head(to_layout(features[idx], device, precision))
             else:
                 batch = images[idx] if augment is None else augment(images[idx])
                 scores = model(to_input(batch, mean, std, device, precision))
@@ -121,16 +119,6 @@ def _epoch(model, features, images, labels, *, batches, step, flip, cache, devic
         total_loss += loss * len(idx)
         correct += (scores.argmax(1) == labels[idx]).sum().item()
     return total_loss, correct
-
-
-class _Flip:
-    """Flip augmentation on the cache: each step takes an image's flipped features with probability 1/2."""
-
-    def __init__(self, features: torch.Tensor, generator: torch.Generator) -> None:
-        self.features, self.generator = features, generator
-
-    def __call__(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator) < 0.5
 
 
 def _optimiser_step(model, criterion, lr, device, precision) -> Callable[[torch.Tensor, torch.Tensor], float]:
@@ -169,7 +157,6 @@ def train_model(
     cache: bool = True,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     features: torch.Tensor | None = None,
-    flipped_features: torch.Tensor | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[int, float, float], None] | None = None,
 ) -> dict[str, Any]:
@@ -179,9 +166,8 @@ def train_model(
     (or `features`, the (N, C, h, w) output of `frozen_pass`, are reused) and each step trains only
     the fine-tuned layers on them; the same computation as the plain loop, since the frozen part
     is deterministic in eval mode. An `augment` function changes the images every step, so it
-    switches the cache off. `flipped_features`, the cache of the horizontally flipped images, is
-    flip augmentation that keeps the cache. Returns the history: per-epoch loss and accuracy,
-    whether early stopping fired, seconds.
+    switches the cache off. Returns the history: per-epoch loss and accuracy, whether early
+    stopping fired, seconds.
     """
     use_cache = cache and augment is None
     generator = torch.Generator().manual_seed(seed)
@@ -192,15 +178,13 @@ def train_model(
     if use_cache and features is None:
         features = frozen_pass(model, images, mean, std, batch_size=batch_size, device=device,
                                precision=precision, tap_images=False, progress=progress).features
-    flip = _Flip(flipped_features, generator) if flipped_features is not None else None
     history: dict[str, Any] = {"loss": [], "accuracy": [], "early_stopped": False,
                                "cached_features": use_cache, "precision": precision}
     for epoch in range(epochs):
         model.train()
         batches = tqdm(batch_order(len(labels), batch_size, generator), desc=f"Epoch {epoch + 1}/{epochs}",
                        leave=False, disable=not progress)
-        loss, correct = _epoch(model, features, images, labels, batches=batches, step=step, flip=flip,
-                               cache=use_cache, device=device, precision=precision, mean=mean, std=std,
+        loss, correct = _epoch(model, features, images, labels, batches=batches, step=step, cache=use_cache, device=device, precision=precision, mean=mean, std=std,
                                augment=augment)
         history["loss"].append(loss / len(labels))
         history["accuracy"].append(correct / len(labels))
@@ -217,7 +201,6 @@ def train_model(
 # --- the fold pipeline ----------------------------------------------------------------------
 
 GROUPS = 5  # groups of a training split: the evidence head's memory exclusion, cross-fit calibration
-CALIBRATIONS = ("holdout", "cross_fit")
 NO_TRAINING = {"loss": [], "accuracy": [], "epochs_run": 0, "early_stopped": False, "cached_features": False}
 
 
@@ -268,6 +251,19 @@ def calibration_split(labels: torch.Tensor, share: float, seed: int) -> tuple[to
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[cal] = False
     return torch.nonzero(keep).flatten(), cal
+
+
+def calibration_method(config: dict[str, Any], n_good: int) -> str:
+    """The calibration a run uses: config["calibration"], with "auto" resolved by the training split's
+    n_good good images. "holdout" when its held-back share is enough to promise the stated
+    false-alarm rate r (at least 1 / r - 1 images, `calibration.decision_threshold`; without a rate,
+    r = 1 - box_quantile, the share of good images the boxes may flag), else "cross_fit", which
+    scores every good training image at the cost of GROUPS extra fits."""
+    if config["calibration"] != "auto":
+        return config["calibration"]
+    rate = config["false_alarm_rate"] or (1.0 - config["box_quantile"]) or 0.1
+    needed = math.ceil(round(1.0 / rate, 9)) - 1  # rounded: 1 / (1 - 0.9) is 10.000000000000002
+    return "holdout" if max(1, round(config["calibration_share"] * n_good)) >= needed else "cross_fit"
 
 
 @dataclass
@@ -388,7 +384,8 @@ def _cross_fit_scores(config, template, frozen, labels, train, types, *, masks, 
 class Fold:
     """What one fold produced: the fitted model, its calibration, the held-out predictions
     (`inference.predict_frozen`'s keys), which training images calibrated it and their image scores,
-    seconds per stage."""
+    seconds per stage: memory, epochs (training the head), inputs (the rest of the fit: the evidence
+    head's residuals to the memory), calibration (with the cross-fit's extra fits), test."""
 
     fitted: Fitted
     calibration: dict[str, Any]
@@ -453,36 +450,39 @@ def run_fold(
     `frozen_pass` over all N images; labels (N,); train, test (K,) indices. types (N,): each
     image's defect type (cross-fit groups are stratified by it; default: its label); masks
     (N, H, W) bool, read with mask_supervision; images (N, 3, H, W) uint8, needed only without
-    the cache (cache_features=False, the plain loop). With calibration="holdout" a share of the
+    the cache (cache_features=False, the plain loop). With calibration "holdout" a share of the
     good training images is held back from the fit and calibrates it; with "cross_fit" every good
-    training image is scored by a model fitted without its group. `test_maps`: score the held-out
-    images with every map, not only the decision. Returns a `Fold`.
+    training image is scored by a model fitted without its group; "auto" picks one
+    (`calibration_method`). `test_maps`: score the held-out images with every map, not only the
+    decision. Returns a `Fold`.
     """
     types = [str(int(v)) for v in labels.tolist()] if types is None else list(types)
-    size, batch = (config["image_size"],) * 2, config["batch_size"]
-    run = dict(device=device, precision=precision)
+    size, run = (config["image_size"],) * 2, dict(device=device, precision=precision)
     seconds, clock = {}, time.perf_counter()
-    if config["calibration"] == "holdout":
+    method = calibration_method(config, int((labels[train] == GOOD).sum()))
+    if method == "holdout":
         kept, held = calibration_split(labels[train], config["calibration_share"], config["seed"])
         fit_idx, cal = train[kept], train[held]
     else:
         fit_idx, cal = train, train[labels[train] == GOOD]
     fitted = fit(config, template, frozen, labels, fit_idx, masks=masks, images=images, progress=progress,
                  on_epoch_end=on_epoch_end, **run)
-    seconds["fit"], clock = time.perf_counter() - clock, time.perf_counter()
-    if config["calibration"] == "holdout":
-        cal_pred = score(fitted, frozen, cal, size=size, batch_size=batch, **run)
+    fit_seconds, clock = time.perf_counter() - clock, time.perf_counter()
+    seconds["memory"] = fitted.memory_info["seconds"] if fitted.memory_info else 0.0
+    seconds["epochs"] = fitted.history.get("seconds", 0.0)
+    seconds["inputs"] = fit_seconds - seconds["memory"] - seconds["epochs"]  # the evidence head's residuals
+    if method == "holdout":
+        cal_pred = score(fitted, frozen, cal, size=size, batch_size=config["batch_size"], **run)
     else:
         cal_pred, cal = _cross_fit_scores(config, template, frozen, labels, train, types, masks=masks,
                                           images=images, size=size, **run)
     cal_scores = image_score_of(cal_pred)
     calibration = calibration_lib.calibrate_all(
-        maps_of(cal_pred), cal_scores, quantile=config["box_quantile"],
-        min_area=config["box_min_area"], false_alarm_rate=config["false_alarm_rate"], method=config["calibration"])
+        maps_of(cal_pred), cal_scores, quantile=config["box_quantile"], min_area=config["box_min_area"],
+        false_alarm_rate=config["false_alarm_rate"], method=method)
     seconds["calibration"], clock = time.perf_counter() - clock, time.perf_counter()
-    scored = None
-    if len(test):
-        scored = score(fitted, frozen, test, size=size, batch_size=batch, maps=test_maps, **run)
+    scored = score(fitted, frozen, test, size=size, batch_size=config["batch_size"], maps=test_maps,
+                   **run) if len(test) else None
     seconds["test"] = time.perf_counter() - clock
     return Fold(fitted, calibration, scored, cal, cal_scores, seconds)
 
