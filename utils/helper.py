@@ -289,16 +289,32 @@ def _train_classifier(config, model, frozen, labels, fit, images, device, precis
         features=frozen.features[fit] if cache else None, progress=progress, on_epoch_end=on_epoch_end)
 
 
-def _train_evidence(config, model, frozen, labels, fit, memory, memory_images, masks, device, progress,
-                    on_epoch_end):
-    """Train the evidence head on the images `fit`; each good image is compared with memory rows of
-    the other groups of good images only (`evidence.evidence_inputs`)."""
+def patch_memory_of(config: dict[str, Any], frozen: Frozen, good: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The patch memory of the good images `good` (K,): (memory (M, D), the position in `good` of
+    each row's image (M,), its statistics), per config's patch_memory_size and _method."""
+    memory, rows, info = build_patch_memory(frozen.patches_of(good), config["patch_memory_size"],
+                                            config["patch_memory_method"], config["seed"])
+    return memory, rows // frozen.tap.shape[-2:].numel(), info
+
+
+def evidence_training_inputs(config: dict[str, Any], frozen: Frozen, labels: torch.Tensor, fit: torch.Tensor,
+                             memory: torch.Tensor, memory_images: torch.Tensor, device: torch.device):
+    """The evidence head's inputs for its training images `fit` (`evidence.evidence_inputs`): the
+    good ones dealt into GROUPS groups, each compared with the memory rows of the other groups only
+    (memory_images (M,): the position among fit's good images of each row's image)."""
     y = labels[fit]
     good_groups = assign_groups(["good"] * int((y == GOOD).sum()), GROUPS, config["seed"])
     image_groups = torch.full((len(fit),), -1, dtype=torch.long)
     image_groups[y == GOOD] = good_groups
-    inputs = evidence_lib.evidence_inputs(lambda i: frozen.embeddings_of(fit[i]), len(fit), memory.to(device),
-                                          image_groups=image_groups, memory_groups=good_groups[memory_images])
+    return evidence_lib.evidence_inputs(lambda i: frozen.embeddings_of(fit[i]), len(fit), memory.to(device),
+                                        image_groups=image_groups, memory_groups=good_groups[memory_images])
+
+
+def _train_evidence(config, model, frozen, labels, fit, memory, memory_images, masks, device, progress,
+                    on_epoch_end):
+    """Train the evidence head on the images `fit` (`evidence_training_inputs`)."""
+    y = labels[fit]
+    inputs = evidence_training_inputs(config, frozen, labels, fit, memory, memory_images, device)
     targets = None
     if config["mask_supervision"] and masks is not None:
         has_mask = masks[fit].flatten(1).any(dim=1) & (y != GOOD)
@@ -332,10 +348,7 @@ def fit(
     classifier = bool((y != GOOD).any())
     memory, memory_images, memory_info = None, None, None
     if config["patch_memory_size"]:
-        good = fit_idx[y == GOOD]
-        memory, rows, memory_info = build_patch_memory(frozen.patches_of(good), config["patch_memory_size"],
-                                                       config["patch_memory_method"], config["seed"])
-        memory_images = rows // frozen.tap.shape[-2:].numel()  # (M,) position in `good` of each row's image
+        memory, memory_images, memory_info = patch_memory_of(config, frozen, fit_idx[y == GOOD])
     history = NO_TRAINING
     if classifier and config["head"] == "published":
         history = _train_classifier(config, model, frozen, labels, fit_idx, images, device, precision, progress,
