@@ -2,6 +2,7 @@
 
 Example:
     python sweep.py --subsets hazelnut leather --backbones vgg16 mobilenet_v2
+    python sweep.py --subsets hazelnut --train head=evidence      # the evidence head
     python sweep.py --subsets toothbrush --backbones mobilenet_v2 \
         --data-dir ../shared/data/mvtec_anomaly_detection --eval localizer=patch_knn
 
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent
 
 # Image-level columns read from metrics.json; localisation columns come per localiser.
 COLUMNS = ("n_train", "n_test", "accuracy", "balanced_accuracy", "image_auroc", "image_ap")
+DECISION_COLUMNS = ("false_alarm_rate", "false_alarms", "recall")
 LOCALISATION_KEYS = ("pixel_auroc", "aupro", "pointing_game", "box_iou")
 
 
@@ -53,6 +55,9 @@ def summary_row(subset: str, backbone: str, metrics: dict | None, error: str | N
     metrics = metrics or {}
     for column in COLUMNS:
         row[column] = metrics.get(column)
+    decision = metrics.get("decision") or {}
+    for column in DECISION_COLUMNS:  # the calibrated decision users act on
+        row[column] = decision.get(column)
     for name, loc in sorted(metrics.get("localizers", {}).items()):
         for key in LOCALISATION_KEYS:
             row[f"{name}_{key}"] = loc.get(key)

@@ -44,15 +44,17 @@ DEFAULT_DATA = Path(os.environ.get(MVTEC_DIR_ENV, Path(__file__).resolve().paren
                                    / "mvtec_anomaly_detection"))
 # name -> (Training parameters it sets, masks kept per defect type in a fold's training split: None = all)
 VARIANTS: dict[str, tuple[dict, int | None]] = {
-    "published": ({"head": "published"}, None),
+    "published": ({"head": "published"}, None),  # calibration "auto", the default
+    "published_holdout": ({"head": "published", "calibration": "holdout"}, None),
     "published_cross_fit": ({"head": "published", "calibration": "cross_fit"}, None),
     "evidence": ({"head": "evidence"}, None),
+    "evidence_holdout": ({"head": "evidence", "calibration": "holdout"}, None),
     "evidence_cross_fit": ({"head": "evidence", "calibration": "cross_fit"}, None),
     "evidence_masks": ({"head": "evidence", "mask_supervision": True}, None),
     "evidence_masks1": ({"head": "evidence", "mask_supervision": True}, 1),
     "evidence_masks5": ({"head": "evidence", "mask_supervision": True}, 5),
     "evidence_448": ({"head": "evidence", "image_size": 448}, None),
-    "published_448": ({"head": "published", "image_size": 448}, None),
+    "evidence_random_memory": ({"head": "evidence", "patch_memory_method": "random"}, None),
 }
 RATES = (0.01, 0.05, 0.1, 0.2)  # false-alarm rates the decision is also measured at (from the same folds)
 
@@ -245,8 +247,32 @@ def summary_line(r: dict) -> str:
             f"{d['false_alarms']:.3f} recall {d['recall']:.3f} | point/pixAUROC/AUPRO: {maps}")
 
 
+OWN_MAP = {"published": ("cam", "explain"), "evidence": ("evidence",)}  # the maps a head's table shows
+
+
 def tables(report: dict) -> str:
-    return json.dumps({k: summary_line(v) for k, v in report.items()}, indent=1)
+    """The tables of docs/results.md: each variant's decision and its head's maps beside the patch
+    map, then the stated false-alarm rate against the measured one."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = ["| data | backbone | variant | calibration | image AUROC | argmax accuracy | false alarms (5 %) | "
+            "recall (5 %) | map | pixel AUROC | AUPRO | pointing game |", "|" + "---|" * 12]
+    rates = ["| data | backbone | variant | " + " | ".join(f"{r:g}: false alarms / recall" for r in RATES) + " |",
+             "|" + "---|" * (3 + len(RATES))]
+    for key, r in report.items():
+        head = "evidence" if r["variant"].startswith("evidence") else "published"
+        methods = sorted({f["calibration"]["method"] for f in r["fold_details"]})
+        d, c = r["decision"]["0.05"], r["classification"]
+        data = f"{r['subset']} ({r['image_size']} px)"
+        for k, name in enumerate((*OWN_MAP[head], "patch_knn")):
+            m = r["maps"][name]
+            lead = (f"| {data} | {r['backbone']} | {r['variant']} | {'/'.join(methods)} | {fmt(c['image_auroc'])} | "
+                    f"{fmt(c['accuracy'])} | {fmt(d['false_alarms'])} | {fmt(d['recall'])} |") if k == 0 else (
+                    "| | | | | | | | |")
+            rows.append(f"{lead} {name} | {fmt(m['pixel_auroc'])} | {fmt(m['aupro'])} | {fmt(m['pointing_game'])} |")
+        rates.append(f"| {data} | {r['backbone']} | {r['variant']} | " + " | ".join(
+            f"{fmt(r['decision'][f'{rate:g}']['false_alarms'])} / {fmt(r['decision'][f'{rate:g}']['recall'])}"
+            for rate in RATES) + " |")
+    return "\n".join(rows + ["", *rates])
 
 
 if __name__ == "__main__":

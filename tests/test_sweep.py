@@ -14,7 +14,8 @@ import sweep
 def _metrics(pixel_auroc):
     loc = {"pixel_auroc": pixel_auroc, "aupro": 0.5, "pointing_game": None, "box_iou": 0.25, "image_auroc": 1.0}
     return {"n_train": 40, "n_test": 10, "accuracy": 0.9, "balanced_accuracy": 0.875,
-            "image_auroc": 0.95, "image_ap": 0.97, "localizers": {"cam": loc}}
+            "image_auroc": 0.95, "image_ap": 0.97, "localizers": {"cam": loc},
+            "decision": {"rule": "calibrated", "false_alarm_rate": 0.05, "false_alarms": 0.25, "recall": 1.0}}
 
 
 def test_parse_assignments_reads_json_values():
@@ -26,7 +27,7 @@ def test_markdown_table_formats_numbers_and_missing_values():
     rows = [sweep.summary_row("toothbrush", "mobilenet_v2", _metrics(0.9123), None)]
     table = sweep.markdown_table(rows).splitlines()
     assert table[0].startswith("| subset | backbone | n_train |") and table[0].endswith("| error |")
-    assert "| toothbrush | mobilenet_v2 | 40 | 10 | 0.900 | 0.875 | 0.950 | 0.970 | 0.912 | 0.500 | – | 0.250 |  |" == table[2]
+    assert "| toothbrush | mobilenet_v2 | 40 | 10 | 0.900 | 0.875 | 0.950 | 0.970 | 0.050 | 0.250 | 1.000 | 0.912 | 0.500 | – | 0.250 |  |" == table[2]
 
 
 def test_failed_subset_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch):

@@ -115,6 +115,15 @@ def _score_batch(model: CAMClassifier, frozen: torch.Tensor, tap8: torch.Tensor 
     return {k: v.detach().float().cpu() for k, v in out.items()}
 
 
+def _concatenate(batches) -> dict[str, np.ndarray]:
+    """One (N, ...) array per key of the batches' dicts of (B, ...) tensors."""
+    out: dict[str, list] = {}
+    for batch in batches:
+        for k, v in batch.items():
+            out.setdefault(k, []).append(v)
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
 def _check_predict(model: CAMClassifier, classifier: bool, patch_memory) -> None:
     if not classifier and patch_memory is None:
         raise ValueError("predict(classifier=False) needs a patch_memory: without a classifier it is the only map")
@@ -153,16 +162,16 @@ def predict(
     check_input_size(size[1], size[0])
     tapped = patch_memory is not None or explain
     memory = patch_memory.to(device) if patch_memory is not None else None
-    out: dict[str, list] = {}
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=not progress):
-        x = to_input(images[start:start + batch_size], mean, std, device, precision)
-        with autocast(device, precision), torch.no_grad():
-            frozen, taps = model.frozen_features(x, (model.spec.taps[0],) if tapped else ())
-        with autocast(device, precision):
-            batch = _score_batch(model, frozen, taps[0] if tapped else None, size, memory, classifier, explain)
-        for k, v in batch.items():
-            out.setdefault(k, []).append(v)
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+    def batches():
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=not progress):
+            x = to_input(images[start:start + batch_size], mean, std, device, precision)
+            with autocast(device, precision), torch.no_grad():
+                frozen, taps = model.frozen_features(x, (model.spec.taps[0],) if tapped else ())
+            with autocast(device, precision):
+                yield _score_batch(model, frozen, taps[0] if tapped else None, size, memory, classifier, explain)
+
+    return _concatenate(batches())
 
 
 def predict_frozen(
@@ -184,15 +193,15 @@ def predict_frozen(
     _check_predict(model, classifier, patch_memory)
     model.eval()
     memory = patch_memory.to(device) if patch_memory is not None else None
-    out: dict[str, list] = {}
-    for start in range(0, len(features), batch_size):
-        frozen = to_layout(features[start:start + batch_size], device, precision)
-        tap8 = None if tap is None else to_layout(tap[start:start + batch_size], device, precision)
-        with autocast(device, precision):
-            batch = _score_batch(model, frozen, tap8, size, memory, classifier, explain)
-        for k, v in batch.items():
-            out.setdefault(k, []).append(v)
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+    def batches():
+        for start in range(0, len(features), batch_size):
+            frozen = to_layout(features[start:start + batch_size], device, precision)
+            tap8 = None if tap is None else to_layout(tap[start:start + batch_size], device, precision)
+            with autocast(device, precision):
+                yield _score_batch(model, frozen, tap8, size, memory, classifier, explain)
+
+    return _concatenate(batches())
 
 
 check_localizer = check_checkpoint_localizer  # what predict.py and Evaluation call
