@@ -326,6 +326,7 @@ def run_training_notebook(args, data_dir: Path, samples: list[Sample], head: str
     core = stages["decode"] + stages["frozen_pass"] + stages["epochs"]
     return {"seconds": seconds, "precision": runtime.resolve_precision("auto", runtime.resolve_device(args.device)),
             "stages": stages, "overhead_share": 1.0 - core / seconds,
+            "kernel_peak_rss_mib": training["peak_rss_mib"], "frozen_cache_mib": training["frozen_cache_mib"],
             "training_json": {k: training.get(k) for k in ("seconds", "patch_memory", "n_train", "n_test",
                                                            "epochs_run", "precision", "calibration")}}
 
@@ -355,7 +356,7 @@ def infer(args, device, data_dir, samples, backbone: str, precision: str) -> dic
 
 def run_way(way: str, args: argparse.Namespace) -> dict[str, Any]:
     """Measure one way in this process; images/s counts every image seen (x epochs for training)."""
-    rss_start = max_rss_mib()
+    rss_start = runtime.peak_rss_mib()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = runtime.resolve_device(args.device)
@@ -380,28 +381,12 @@ def run_way(way: str, args: argparse.Namespace) -> dict[str, Any]:
     result.update({
         "way": way, "section": WAYS[way][0], "label": WAYS[way][1], "images_seen": seen,
         "images_per_s": seen / result["seconds"], "threads": torch.get_num_threads(),
-        "max_rss_mib": max_rss_mib(), "rss_after_imports_mib": rss_start,
+        "max_rss_mib": runtime.peak_rss_mib(), "rss_after_imports_mib": rss_start,
         "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     })
     if device.type == "cuda":
         result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
-
-
-def max_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB.
-
-    VmHWM of /proc/self/status where it exists: on Linux, ru_maxrss survives exec, so a child's
-    ru_maxrss would report the parent's peak (torch imported: ~1 GiB) whenever that is larger.
-    VmHWM belongs to the process's own address space, which exec replaces.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # ---------------------------------------------------------------- parent: spawn, collect, report
@@ -463,7 +448,8 @@ def print_table(results: dict[str, dict[str, Any]], args: argparse.Namespace) ->
             r = results[way]
             print(f"{way}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items())
                   + f"; outside decoding, the frozen pass and the epochs: {r['overhead_share']:.1%} "
-                  + f"(target at most {NOTEBOOK_OVERHEAD_TARGET:.0%})")
+                  + f"(target at most {NOTEBOOK_OVERHEAD_TARGET:.0%}); the kernel's peak memory "
+                  + f"{r['kernel_peak_rss_mib']:.0f} MiB, of which the frozen cache {r['frozen_cache_mib']:.0f} MiB")
     for row in ratios(results):
         if row["target"] is not None:
             verdict = "meets" if row["meets_target"] else "MISSES"

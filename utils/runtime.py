@@ -101,3 +101,16 @@ def to_layout(x: torch.Tensor, device: torch.device, precision: str) -> torch.Te
     """Cached (B, C, h, w) activations on `device`, in the layout the model runs in."""
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if precision != "fp32" else x
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB: VmHWM of /proc/self/status on Linux
+    (ru_maxrss survives exec, so a child would report its parent's peak), else ru_maxrss."""
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource  # Unix only, and only needed without /proc
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
