@@ -163,7 +163,7 @@ def test_training_notebook_with_a_weights_file(tmp_path: Path, weights_file: Pat
     dirs = {"data_dir": str(tmp_path / "data"), "weights_dir": str(tmp_path / "weights"),
             "results_dir": str(tmp_path / "results")}
     params = dict(subset_name="synthetic", backbone="mobilenet_v2", backbone_weights=str(weights_file),
-                  image_size=64, epochs=1, lr=0.001, patch_memory_size=0, **dirs)
+                  image_size=64, epochs=1, lr=0.001, patch_memory_size=0, calibration="holdout", **dirs)
     pm.execute_notebook(ROOT / "Training.ipynb", tmp_path / "Training.ipynb", cwd=str(ROOT),
                         parameters=params, progress_bar=False)
     ckpt = torch.load(tmp_path / "weights" / "synthetic_mobilenet_v2.pt", weights_only=True)
