@@ -119,7 +119,8 @@ def _check_grid(images: np.ndarray, maps: dict, y_true, y_pred, scores, masks, b
 
 def _scale_bar(fig: Figure, axes, threshold_level: float | None) -> None:
     """One colour bar for every map; with a calibrated scale, the box threshold marked on it."""
-    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), ax=list(axes.flat), shrink=0.6, pad=0.02)
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), ax=axes, shrink=min(0.6, 3 / len(axes)),
+                       aspect=30)
     if threshold_level is None:
         bar.set_label("each map min-max normalised per image", fontsize=TITLE_SIZE)
         return
@@ -153,7 +154,8 @@ def plot_prediction_grid(
         raise ValueError(f"heatmap_alpha={heatmap_alpha} must lie in [0, 1]")
     g = _check_grid(images, maps, y_true, y_pred, scores, masks, boxes, defect_types)
     n, cols = len(images), 1 + len(g["maps"])
-    fig, axes = plt.subplots(n, cols, figsize=(CELL_INCHES * cols + 1.0, CELL_INCHES * n), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(CELL_INCHES * cols + 1.0, CELL_INCHES * n), squeeze=False,
+                             layout="constrained")  # room for the titles and the colour bar, no gaps
     for i in range(n):
         mask = None if g["masks"] is None else g["masks"][i]
         axes[i, 0].imshow(images[i])
