@@ -82,9 +82,11 @@ def _grid_inputs(n: int = 2, h: int = 16, w: int = 20):
 def test_grid_shape_boxes_and_titles():
     images, maps, masks = _grid_inputs()
     boxes = [np.array([[2.0, 3.0, 7.0, 9.0]]), np.array([[1.0, 1.0, 4.0, 4.0]])]
-    fig = plot_prediction_grid(images, maps, y_true=[1, 0], y_pred=[1, 0], p_anomaly=[0.93, 0.12],
-                               masks=masks, boxes=boxes, defect_types=["crack", "good"])
-    assert len(fig.axes) == 2 * 3
+    fig = plot_prediction_grid(images, maps, y_true=[1, 0], y_pred=[1, 0], scores=[0.93, 0.12],
+                               masks=masks, boxes=boxes, defect_types=["crack", "good"], threshold_level=2 / 3)
+    assert len(fig.axes) == 2 * 3 + 1  # and the colour bar, with the box threshold marked
+    bar = fig.axes[-1]
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["good parts", "box threshold", "1.5x"]
     first, second = fig.axes[0], fig.axes[3]  # row-major: column 0 of rows 0 and 1
     rects = [p for p in first.patches if isinstance(p, Rectangle)]
     assert len(rects) == 1
@@ -92,16 +94,16 @@ def test_grid_shape_boxes_and_titles():
     assert rects[0].get_xy() == pytest.approx((1.5, 2.5))
     assert rects[0].get_width() == pytest.approx(5.0) and rects[0].get_height() == pytest.approx(6.0)
     assert not [p for p in second.patches if isinstance(p, Rectangle)]
-    assert first.get_title() == "true Anomaly/crack · pred Anomaly · p=0.93"
-    assert second.get_title() == "true Good · pred Good · p=0.12"
+    assert first.get_title() == "true Anomaly/crack · pred Anomaly · score=0.93"
+    assert second.get_title() == "true Good · pred Good · score=0.12"
     assert [ax.get_title() for ax in fig.axes[1:3]] == ["cam", "patch_knn"]
     # the mask contour is drawn on every column
-    assert all(ax.collections for ax in fig.axes)
+    assert all(ax.collections for ax in fig.axes[:-1])
 
 
 def test_grid_predicted_good_anomaly_has_no_box_and_red_title():
     images, maps, masks = _grid_inputs(n=1)
-    fig = plot_prediction_grid(images, maps, y_true=[1], y_pred=[0], p_anomaly=[0.4],
+    fig = plot_prediction_grid(images, maps, y_true=[1], y_pred=[0], scores=[0.4],
                                masks=masks, boxes=[np.array([[0.0, 0.0, 3.0, 3.0]])])
     assert not [p for p in fig.axes[0].patches if isinstance(p, Rectangle)]
     assert fig.axes[0].title.get_color() == "red"
@@ -110,7 +112,7 @@ def test_grid_predicted_good_anomaly_has_no_box_and_red_title():
 def test_grid_single_image_without_masks_or_boxes():
     images, maps, _ = _grid_inputs(n=1)
     fig = plot_prediction_grid(images.numpy(), {"cam": maps["cam"]}, [0], [1], [0.7])
-    assert len(fig.axes) == 2
+    assert len(fig.axes) == 2 + 1  # image, map, colour bar
     assert not fig.axes[0].patches and not fig.axes[0].collections
 
 

@@ -160,7 +160,7 @@ def plot_prediction_grid(
         mask = None if g["masks"] is None else g["masks"][i]
         axes[i, 0].imshow(images[i])
         _draw_mask(axes[i, 0], mask)
-        if boxes is not None:
+        if boxes is not None and g["y_pred"][i] == ANOMALY:  # boxes agree with the label
             _draw_boxes(axes[i, 0], boxes[i])
         defect = None if defect_types is None else defect_types[i]
         axes[i, 0].set_title(_title(g["y_true"][i], g["y_pred"][i], float(g["scores"][i]), defect), fontsize=TITLE_SIZE,
