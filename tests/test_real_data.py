@@ -72,7 +72,8 @@ class CrossValidation:
     p_anomaly: np.ndarray  # (N,) out-of-fold Anomaly probability
     fold_auroc: list[float] = field(default_factory=list)  # image AUROC of each held-out fold
     held_out: list[np.ndarray] = field(default_factory=list)  # image indices held out per fold
-    trained_on: list[np.ndarray] = field(default_factory=list)  # image indices trained on per fold
+    trained_on: list[np.ndarray] = field(default_factory=list)  # image indices of each fold's training split
+    calibrated_on: list[np.ndarray] = field(default_factory=list)  # good images held back to calibrate
     memory_info: list[dict] = field(default_factory=list)  # helper.build_patch_memory statistics
     cam: dict[int, np.ndarray] = field(default_factory=dict)  # defective image -> (H, W) raw CAM
     patch_map: dict[int, np.ndarray] = field(default_factory=dict)  # defective image -> (H, W)
@@ -130,6 +131,7 @@ def cv(toothbrush, pretrained_weights, tmp_path_factory) -> CrossValidation:
         result.fold_auroc.append(float(roc_auc_score(y, out.test["p_anomaly"])))
         result.held_out.append(test_idx)
         result.trained_on.append(np.setdiff1d(np.arange(len(samples)), test_idx))
+        result.calibrated_on.append(out.calibration_images.numpy())
         result.memory_info.append(out.memory_info)
         for j in np.flatnonzero(y == ANOMALY):
             result.cam[int(test_idx[j])] = out.test["cam"][j]
@@ -165,12 +167,14 @@ def test_folds_hold_out_every_image_once_and_memory_holds_only_training_good(cv,
     _, _, _, labels = toothbrush
     held = np.concatenate(cv.held_out)
     assert sorted(held.tolist()) == list(range(len(labels)))
-    for train_idx, test_idx, info in zip(cv.trained_on, cv.held_out, cv.memory_info):
+    for train_idx, test_idx, cal_idx, info in zip(cv.trained_on, cv.held_out, cv.calibrated_on, cv.memory_info):
         assert not set(train_idx) & set(test_idx)
-        # e.g. 16 good training images x 784 patches = 12544 on the 50-image copy: exactly the
-        # fold's good training images, no held-out or defective image in the memory.
-        n_good_train = int((labels[train_idx] == GOOD).sum())
-        assert info["n_patches"] == n_good_train * PATCHES_PER_IMAGE
+        # the calibration share is good training images held back from the fit
+        assert set(cal_idx) <= set(train_idx) and (labels[cal_idx] == GOOD).all() and len(cal_idx) > 0
+        # e.g. 38 fitted good images x 784 patches = 29792: exactly the good images the fold fitted
+        # on, no held-out, calibration or defective image in the memory.
+        n_good_fitted = int((labels[train_idx] == GOOD).sum()) - len(cal_idx)
+        assert info["n_patches"] == n_good_fitted * PATCHES_PER_IMAGE
     # An image that is in the memory finds itself (distance ~0); held-out good images do not.
     print(f"median patch distance: good training image {cv.train_good_distance:.3f}, "
           f"held-out good image {cv.held_out_good_distance:.3f}")
