@@ -8,7 +8,6 @@ from utils.patchknn import (
     flatten_patches,
     greedy_coreset,
     greedy_coreset_stepwise,
-    leave_one_image_out_maps,
     memory_nbytes,
     nearest_distances,
     patch_anomaly_maps,
@@ -212,24 +211,3 @@ def test_build_memory_sizes_and_errors():
             build_memory(patches, bad)
     with pytest.raises(ValueError, match="patches"):
         build_memory(patches[None], 10)
-
-
-def test_leave_one_image_out_maps_by_hand():
-    # three good "images" of a 1 x 2 grid in one dimension: image 0 at 0, 0; image 1 at 1, 1; image 2 at 3, 3
-    patches = torch.tensor([[0.0], [0.0], [1.0], [1.0], [3.0], [3.0]])
-    memory = patches  # every patch in memory: in-memory maps would all be 0
-    maps = leave_one_image_out_maps(patches, memory, torch.tensor([0, 0, 1, 1, 2, 2]), (1, 2))
-    assert maps.shape == (3, 1, 2)
-    # without its own rows each image's nearest neighbour is the nearest other image
-    torch.testing.assert_close(maps, torch.tensor([[[1.0, 1.0]], [[1.0, 1.0]], [[2.0, 2.0]]]))
-    assert patch_anomaly_maps(patches.view(3, 1, 2, 1).permute(0, 3, 1, 2), memory)[0].abs().max() == 0
-
-
-def test_leave_one_image_out_maps_rejects_one_image_or_a_wrong_grid():
-    patches = torch.tensor([[0.0], [1.0]])
-    with pytest.raises(ValueError, match="two good images"):
-        leave_one_image_out_maps(patches, patches, torch.tensor([0, 0]), (1, 2))
-    with pytest.raises(ValueError, match="whole number"):
-        leave_one_image_out_maps(patches, patches, torch.tensor([0, 0]), (1, 3))
-    with pytest.raises(ValueError, match="memory_images has 1 entries for 2"):
-        leave_one_image_out_maps(patches, patches, torch.tensor([0]), (1, 1))

@@ -297,33 +297,3 @@ def patch_anomaly_maps(
 def memory_nbytes(memory: torch.Tensor) -> int:
     """Bytes held by the memory tensor's elements (M * D * element size)."""
     return memory.nelement() * memory.element_size()
-
-
-def leave_one_image_out_maps(
-    patches: torch.Tensor, memory: torch.Tensor, memory_images: torch.Tensor, grid: tuple[int, int],
-    chunk_size: int = 4096,
-) -> torch.Tensor:
-    """Patch maps (N, h, w) of N good images (patches (N*h*w, D), image-major as `flatten_patches`
-    returns them), each scored against the memory (M, D) without the rows taken from that image;
-    memory_images (M,) is the image (0..N-1) each memory row came from, -1 for another source.
-
-    A memory built from an image scores that image near 0; a new good image never is. Dropping its
-    own rows gives each image the distance a good image outside the memory would get (slightly
-    more, since nothing replaces the dropped rows: thresholds from these maps err on the side of
-    fewer boxes).
-    """
-    _check_ndim("patches", patches, 2, "(N*h*w, D)")
-    h, w = grid
-    if len(patches) % (h * w):
-        raise ValueError(f"{len(patches)} patches are not a whole number of {h}x{w} grids")
-    if len(memory_images) != len(memory):
-        raise ValueError(f"memory_images has {len(memory_images)} entries for {len(memory)} memory rows")
-    n = len(patches) // (h * w)
-    memory_images = memory_images.to(memory.device)
-    maps = torch.empty(n, h * w)
-    for i in range(n):
-        keep = memory[memory_images != i]
-        if len(keep) == 0:
-            raise ValueError("the memory holds rows of one image only: a leave-one-out map needs two good images")
-        maps[i] = nearest_distances(patches[i * h * w:(i + 1) * h * w], keep, chunk_size).cpu()
-    return maps.view(n, h, w)
