@@ -44,11 +44,9 @@ DEFAULT_DATA = Path(os.environ.get(MVTEC_DIR_ENV, Path(__file__).resolve().paren
                                    / "mvtec_anomaly_detection"))
 # name -> (Training parameters it sets, masks kept per defect type in a fold's training split: None = all)
 VARIANTS: dict[str, tuple[dict, int | None]] = {
-    "published": ({"head": "published"}, None),  # calibration "auto", the default
-    "published_holdout": ({"head": "published", "calibration": "holdout"}, None),
+    "published": ({"head": "published"}, None),  # calibration "holdout", the default
     "published_cross_fit": ({"head": "published", "calibration": "cross_fit"}, None),
     "evidence": ({"head": "evidence"}, None),
-    "evidence_holdout": ({"head": "evidence", "calibration": "holdout"}, None),
     "evidence_cross_fit": ({"head": "evidence", "calibration": "cross_fit"}, None),
     "evidence_masks": ({"head": "evidence", "mask_supervision": True}, None),
     "evidence_masks1": ({"head": "evidence", "mask_supervision": True}, 1),

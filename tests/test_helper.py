@@ -130,16 +130,6 @@ def test_assign_groups_deals_each_type_evenly():
     assert torch.equal(groups, helper.assign_groups(["good"] * 10 + ["crack"] * 5, 5, seed=0))
 
 
-def test_auto_calibration_holds_back_only_what_promises_the_rate(tmp_path):
-    config = _config(tmp_path, calibration="auto", false_alarm_rate=0.05)
-    # a fifth of 95 good images is 19 = 1 / 0.05 - 1, enough; of 94 it is 19 too; of 90, 18 is not
-    assert helper.calibration_method(config, 95) == "holdout" and helper.calibration_method(config, 90) == "cross_fit"
-    assert helper.calibration_method({**config, "false_alarm_rate": 0.2}, 20) == "holdout"  # 4 >= 4
-    # without a rate the boxes' share decides: box_quantile 0.9, 10 %: 9 images
-    assert helper.calibration_method({**config, "false_alarm_rate": None}, 45) == "holdout"
-    assert helper.calibration_method({**config, "calibration": "cross_fit"}, 1000) == "cross_fit"
-
-
 def test_holdout_calibration_images_stay_out_of_the_fit():
     labels = torch.tensor([0] * 10 + [1] * 4)
     fit, cal = helper.calibration_split(labels, 0.2, seed=3)

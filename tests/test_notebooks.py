@@ -191,7 +191,7 @@ def evidence_run(tmp_path_factory):
     """Training with head="evidence" (MobileNetV2, random weights, 64 px), then Evaluation with its default map."""
     tmp = tmp_path_factory.mktemp("evidence")
     dirs = {"data_dir": str(tmp / "data"), "weights_dir": str(tmp / "weights"), "results_dir": str(tmp / "results")}
-    params = {**TRAIN_PARAMS, "backbone": "mobilenet_v2", "head": "evidence", "calibration": "auto", **dirs}
+    params = {**TRAIN_PARAMS, "backbone": "mobilenet_v2", "head": "evidence", "calibration": "cross_fit", **dirs}
     pm.execute_notebook(ROOT / "Training.ipynb", tmp / "Training.ipynb", cwd=str(ROOT), parameters=params,
                         progress_bar=False)
     pm.execute_notebook(ROOT / "Evaluation.ipynb", tmp / "Evaluation.ipynb", cwd=str(ROOT),
@@ -208,7 +208,7 @@ def test_evidence_head_notebooks_write_its_checkpoint_and_metrics(evidence_run, 
     assert all(k.startswith(("frozen.", "evidence_head.")) for k in ckpt["state_dict"])
     assert any(k.startswith("evidence_head.") for k in ckpt["state_dict"])
     assert set(ckpt["calibration"]["thresholds"]) == {"evidence", "patch_knn"}
-    # 64 good training images: a held-back fifth (13) cannot promise 5 %, so "auto" cross-fits all 64
+    # calibration="cross_fit": every one of the 64 good training images calibrates, scored without its group
     assert ckpt["calibration"]["method"] == "cross_fit" and ckpt["calibration"]["decision"]["n_images"] == 64
     m = json.loads((evidence_run / "results" / "synthetic_mobilenet_v2" / "metrics.json").read_text())
     assert CONTRACT_KEYS <= set(m) and m["head"] == "evidence"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -253,19 +252,6 @@ def calibration_split(labels: torch.Tensor, share: float, seed: int) -> tuple[to
     return torch.nonzero(keep).flatten(), cal
 
 
-def calibration_method(config: dict[str, Any], n_good: int) -> str:
-    """The calibration a run uses: config["calibration"], with "auto" resolved by the training split's
-    n_good good images. "holdout" when its held-back share is enough to promise the stated
-    false-alarm rate r (at least 1 / r - 1 images, `calibration.decision_threshold`; without a rate,
-    r = 1 - box_quantile, the share of good images the boxes may flag), else "cross_fit", which
-    scores every good training image at the cost of GROUPS extra fits."""
-    if config["calibration"] != "auto":
-        return config["calibration"]
-    rate = config["false_alarm_rate"] or (1.0 - config["box_quantile"]) or 0.1
-    needed = math.ceil(round(1.0 / rate, 9)) - 1  # rounded: 1 / (1 - 0.9) is 10.000000000000002
-    return "holdout" if max(1, round(config["calibration_share"] * n_good)) >= needed else "cross_fit"
-
-
 @dataclass
 class Fitted:
     """What one fit produced: the network (its head trained, its explanation reference or evidence
@@ -465,14 +451,13 @@ def run_fold(
     (N, H, W) bool, read with mask_supervision; images (N, 3, H, W) uint8, needed only without
     the cache (cache_features=False, the plain loop). With calibration "holdout" a share of the
     good training images is held back from the fit and calibrates it; with "cross_fit" every good
-    training image is scored by a model fitted without its group; "auto" picks one
-    (`calibration_method`). `test_maps`: score the held-out images with every map, not only the
+    training image is scored by a model fitted without its group. `test_maps`: score the held-out images with every map, not only the
     decision. Returns a `Fold`.
     """
     types = [str(int(v)) for v in labels.tolist()] if types is None else list(types)
     size, run = (config["image_size"],) * 2, dict(device=device, precision=precision)
     seconds, clock = {}, time.perf_counter()
-    method = calibration_method(config, int((labels[train] == GOOD).sum()))
+    method = config["calibration"]
     if method == "holdout":
         kept, held = calibration_split(labels[train], config["calibration_share"], config["seed"])
         fit_idx, cal = train[kept], train[held]
