@@ -254,7 +254,8 @@ def tables(report: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     rows = ["| data | backbone | variant | calibration | image AUROC | argmax accuracy | false alarms (5 %) | "
             "recall (5 %) | map | pixel AUROC | AUPRO | pointing game |", "|" + "---|" * 12]
-    rates = ["| data | backbone | variant | " + " | ".join(f"{r:g}: false alarms / recall" for r in RATES) + " |",
+    rates = ["| data | backbone | variant | " + " | ".join(f"{r:.0%}: promised / measured / recall" for r in RATES)
+             + " |",
              "|" + "---|" * (3 + len(RATES))]
     for key, r in report.items():
         head = "evidence" if r["variant"].startswith("evidence") else "published"
@@ -268,9 +269,16 @@ def tables(report: dict) -> str:
                     "| | | | | | | | |")
             rows.append(f"{lead} {name} | {fmt(m['pixel_auroc'])} | {fmt(m['aupro'])} | {fmt(m['pointing_game'])} |")
         rates.append(f"| {data} | {r['backbone']} | {r['variant']} | " + " | ".join(
-            f"{fmt(r['decision'][f'{rate:g}']['false_alarms'])} / {fmt(r['decision'][f'{rate:g}']['recall'])}"
-            for rate in RATES) + " |")
+            f"{fmt(promised(r, rate))} / {fmt(r['decision'][f'{rate:g}']['false_alarms'])} / "
+            f"{fmt(r['decision'][f'{rate:g}']['recall'])}" for rate in RATES) + " |")
     return "\n".join(rows + ["", *rates])
+
+
+def promised(entry: dict, rate: float) -> float:
+    """The false-alarm share the folds' calibrations promise at `rate`, averaged over folds: below
+    1 / rate - 1 calibration images a fold can promise only 1 / (n + 1) (`calibration.decision_threshold`)."""
+    return float(np.mean([calibration.decision_threshold(np.arange(f["n_calibration"], dtype=float), rate)
+                          ["expected_false_alarms"] for f in entry["fold_details"]]))
 
 
 if __name__ == "__main__":
