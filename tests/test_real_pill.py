@@ -74,7 +74,10 @@ def test_official_split_patch_memory_alone_localises_pill_defects(pill, real_sub
     frozen = helper.frozen_pass(template, images[used], config["mean"], config["std"], batch_size=10, **cpu)
     fold = helper.run_fold(config, template, frozen, labels[used], torch.arange(len(train)),
                            torch.arange(len(train), len(used)), test_maps=True, **cpu)
-    assert not fold.classifier and fold.memory_info["n_patches"] == N_TRAIN * (IMAGE_SIZE // 8) ** 2
+    # the memory holds the good training images the fold fitted on: all but the held-back calibration fifth
+    n_fitted = N_TRAIN - len(fold.calibration_images)
+    assert len(fold.calibration_images) == round(0.2 * N_TRAIN)
+    assert not fold.classifier and fold.memory_info["n_patches"] == n_fitted * (IMAGE_SIZE // 8) ** 2
     assert fold.memory_info["size"] == MEMORY and set(fold.calibration["thresholds"]) == {"patch_knn"}
     path = tmp_path / "pill_mobilenet_v2.pt"
     torch.save(fold.checkpoint(config, [s.path for s in test], n_train=len(train)), path)
