@@ -481,3 +481,12 @@ def test_evaluation_refuses_batch_size_zero_first(tmp_path: Path) -> None:
                                 "batch_size": 0, "weights_dir": str(tmp_path / "none"),
                                 "results_dir": str(tmp_path / "results")})
     assert "batch_size=0" in str(info.value)
+
+
+def test_grid_maps_takes_one_name_or_a_list_and_names_a_bad_value():
+    assert parameters.map_names("patch_knn") == ["patch_knn"]  # papermill -p grid_maps patch_knn
+    assert parameters.map_names(["patch_knn", "cam"]) == ["patch_knn", "cam"]
+    assert parameters.map_names([]) == []
+    for bad in (3, ["patch_knn", 2], None):
+        with pytest.raises(ValueError, match="grid_maps"):
+            parameters.map_names(bad)

@@ -183,8 +183,8 @@ def train_model(
         model.train()
         batches = tqdm(batch_order(len(labels), batch_size, generator), desc=f"Epoch {epoch + 1}/{epochs}",
                        leave=False, disable=not progress)
-        loss, correct = _epoch(model, features, images, labels, batches=batches, step=step, cache=use_cache, device=device, precision=precision, mean=mean, std=std,
-                               augment=augment)
+        loss, correct = _epoch(model, features, images, labels, batches=batches, step=step, cache=use_cache,
+                               device=device, precision=precision, mean=mean, std=std, augment=augment)
         history["loss"].append(loss / len(labels))
         history["accuracy"].append(correct / len(labels))
         if on_epoch_end is not None:
@@ -451,8 +451,8 @@ def run_fold(
     (N, H, W) bool, read with mask_supervision; images (N, 3, H, W) uint8, needed only without
     the cache (cache_features=False, the plain loop). With calibration "holdout" a share of the
     good training images is held back from the fit and calibrates it; with "cross_fit" every good
-    training image is scored by a model fitted without its group. `test_maps`: score the held-out images with every map, not only the
-    decision. Returns a `Fold`.
+    training image is scored by a model fitted without its group. `test_maps`: score the held-out
+    images with every map, not only the decision. Returns a `Fold`.
     """
     types = [str(int(v)) for v in labels.tolist()] if types is None else list(types)
     size, run = (config["image_size"],) * 2, dict(device=device, precision=precision)

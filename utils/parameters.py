@@ -47,6 +47,15 @@ def check_output_dir(folder: Any, name: str) -> None:
                          f"Choose a folder this user can write to.")
 
 
+def map_names(value: str | Sequence[str], name: str = "grid_maps") -> list[str]:
+    """A list of map names from one name or a list of them (papermill's `-p grid_maps patch_knn`
+    passes one name as a string); anything else raises a ValueError naming the parameter."""
+    names = [value] if isinstance(value, str) else value
+    check(isinstance(names, (list, tuple)) and all(isinstance(v, str) for v in names), name, value,
+          'a map name or a list of them, e.g. ["patch_knn"]')
+    return list(names)
+
+
 def check_evaluation_parameters(
     *, batch_size: int, n_samples: int, heatmap_thres: float, results_dir: str | None = None
 ) -> None:
