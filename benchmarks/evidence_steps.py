@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils import dataloader, evidence, helper, metrics  # noqa: E402
+from utils import dataloader, evidence, helper, metrics, patchknn  # noqa: E402
 from utils import model as model_lib  # noqa: E402
 from utils.checkpoint import save_json  # noqa: E402
 from utils.constants import GOOD  # noqa: E402
@@ -62,7 +62,8 @@ def run(args, subset: str, backbone: str, penalty: float) -> dict:
     y = labels[fit_idx]
     memory, memory_images, _ = helper.patch_memory_of(config, frozen, fit_idx[y == GOOD])
     inputs = helper.evidence_training_inputs(config, frozen, labels, fit_idx, memory, memory_images, cpu)
-    held = evidence.evidence_inputs(lambda i: frozen.embeddings_of(test[i]), len(test), memory)
+    rule = patchknn.patch_rule_of(config)
+    held = evidence.evidence_inputs(lambda i: frozen.embeddings_of(test[i], rule), len(test), memory)
     y_test, m_test = labels[test].numpy(), masks[test].numpy()
     evidence.CORRECTION_PENALTY = penalty
     head = evidence.EvidenceHead(memory.shape[1])

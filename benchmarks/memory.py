@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=None, help="use the first N training images (default: all)")
     p.add_argument("--test-every", type=int, default=1, help="use every k-th test image (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="coreset seed (default: %(default)s)")
+    p.add_argument("--patch-layers", default=patchknn.PatchRule().layers, choices=patchknn.PATCH_LAYERS,
+                   help="layers of the patch embedding (default: Training's, %(default)s)")
     p.add_argument("--cache", default=None, help="file to keep the extracted patches in between runs (default: none)")
     p.add_argument("--extra", action="store_true",
                    help="also 32 dims, greedy on a random half, and the whole patch set as memory (slow to score)")
@@ -95,7 +97,7 @@ def extract(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     for name, part in (("train", train), ("test", test)):
         images = load_images(args.data_dir, part, args.image_size)
         frozen = helper.frozen_pass(net, images, mean, std, batch_size=10, device=device, precision=precision)
-        out[name] = frozen.patches_of(torch.arange(len(part)))
+        out[name] = frozen.patches_of(torch.arange(len(part)), patchknn.PatchRule(args.patch_layers))
     side = int(round((len(out["test"]) / len(test)) ** 0.5))
     out["test"] = out["test"].view(len(test), side, side, -1)
     masks = load_masks(args.data_dir, test, args.image_size)

@@ -53,6 +53,9 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "evidence_masks5": ({"head": "evidence", "mask_supervision": True}, 5),
     "evidence_448": ({"head": "evidence", "image_size": 448}, None),
     "evidence_random_memory": ({"head": "evidence", "patch_memory_method": "random"}, None),
+    # the patch rule before the official-split study (both layers, no blur): what the new default changed
+    "evidence_both_layers": ({"head": "evidence", "patch_layers": "both", "patch_map_sigma": 0.0}, None),
+    "published_both_layers": ({"head": "published", "patch_layers": "both", "patch_map_sigma": 0.0}, None),
 }
 RATES = (0.01, 0.05, 0.1, 0.2)  # false-alarm rates the decision is also measured at (from the same folds)
 

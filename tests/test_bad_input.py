@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -292,6 +293,21 @@ def test_unwritable_output_folder_is_refused_by_training_config(tmp_path: Path, 
     with pytest.raises(ValueError, match=f"{name}=.*a_file"):
         parameters.training_config(**{**_TRAIN_DEFAULTS, name: str(blocker)})
     assert blocker.read_text() == "" and not (tmp_path / "weights").exists()
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("patch_layers", "all", "patch_layers='all' is invalid: expected None (the head's choice) or one of ('fine', 'both')"),
+    ("patch_map_sigma", -0.5, "patch_map_sigma=-0.5 is invalid: expected a blur in patch cells"),
+    ("patch_map_sigma", "4px", "patch_map_sigma='4px' is invalid"),
+])
+def test_bad_patch_rule_is_named_before_anything_is_read(name: str, value, expected: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        parameters.training_config(**{**_TRAIN_DEFAULTS, name: value})
+    # None resolves by head, and the checkpoint records the layers its memory was built from
+    config = parameters.training_config(**_TRAIN_DEFAULTS)
+    assert (config["patch_layers"], config["patch_map_sigma"]) == ("fine", 0.5)
+    assert parameters.training_config(**_TRAIN_DEFAULTS, head="evidence")["patch_layers"] == "both"
+    assert parameters.training_config(**_TRAIN_DEFAULTS, head="evidence", patch_layers="fine")["patch_layers"] == "fine"
 
 
 def test_failed_save_keeps_checkpoint_and_log_in_agreement(tmp_path: Path, make_model) -> None:

@@ -14,8 +14,8 @@ from utils.synthetic import generate_synthetic_subset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_under_test", ROOT / "benchmarks" / "benchmark.py")
+def load_benchmark(name: str = "benchmark"):
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -41,3 +41,27 @@ def test_mirror_holds_exactly_the_chosen_images_and_the_split_matches_the_notebo
     notebook_train, _ = split_subset(seen, "pooled", test_size=0.2, seed=3)
     assert [s.path for s in bench.notebook_train_split(chosen, args)] == [s.path for s in notebook_train]
     assert len(notebook_train) < len(chosen)
+
+
+def test_official_split_study_measures_the_rules_the_library_runs():
+    """The lever study's own embedding code is the library's for the rule before it and the default
+    since: its table describes the map Training builds."""
+    import torch
+
+    from utils.patchknn import PatchRule
+
+    study = load_benchmark("official_split")
+    g = torch.Generator().manual_seed(0)
+    taps = {6: torch.randn(2, 32, 8, 8, generator=g), 13: torch.randn(2, 96, 4, 4, generator=g)}
+    before, default = study.BEFORE, study.DEFAULT
+    torch.testing.assert_close(study.embed(taps, before.layers, before.aggregation),
+                               PatchRule("both").embed(taps[6], taps[13]))
+    torch.testing.assert_close(study.embed(taps, default.layers, default.aggregation),
+                               PatchRule().embed(taps[6], taps[13]))
+    assert default.sigma == PatchRule().sigma and before.sigma == 0
+    # PatchCore's aggregation keeps each position's 3x3 neighbourhood: a one-cell change moves 9 rows
+    moved = dict(taps)
+    moved[6] = taps[6].clone()
+    moved[6][0, :, 4, 4] += 1
+    diff = (study.embed(moved, (6, 13), "patchcore") - study.embed(taps, (6, 13), "patchcore")).abs().sum(dim=1)
+    assert int((diff[0] > 0).sum()) == 9 and not bool((diff[1] > 0).any())

@@ -13,6 +13,7 @@ import torch
 from utils.constants import CLASS_NAMES
 from utils.checkpoint import CHECKPOINT_FORMAT, has_classifier, load_checkpoint, save_checkpoint
 from utils.inference import predict
+from utils.patchknn import PatchRule, patch_rule_of
 from utils.parameters import trains_classifier, training_config
 
 # The Training.ipynb defaults from CONTRACT.md, shrunk to a tiny run.
@@ -202,7 +203,7 @@ def test_patch_only_checkpoint_keeps_the_frozen_layers_and_their_patch_map(tmp_p
         for p in model.frozen.parameters():
             p.add_(0.01)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    memory = torch.randn(50, 32 + 96, generator=torch.Generator().manual_seed(1))
+    memory = torch.randn(50, 32, generator=torch.Generator().manual_seed(1))  # the stride-8 layer's 32 channels
     path = tmp_path / "pill_mobilenet_v2.pt"
     config = _config(backbone="mobilenet_v2", split="official")
     save_checkpoint(path, model, config, TEST_FILES, extra={"patch_memory": memory}, classifier=False)
@@ -214,12 +215,15 @@ def test_patch_only_checkpoint_keeps_the_frozen_layers_and_their_patch_map(tmp_p
     assert not has_classifier(ckpt) and ckpt["config"]["split"] == "official"
     kwargs = dict(batch_size=2, device=torch.device("cpu"), precision="fp32", progress=False)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    before = predict(model, images, mean, std, patch_memory=memory, **kwargs)
-    after = predict(loaded, images, mean, std, patch_memory=ckpt["patch_memory"], classifier=False, **kwargs)
+    before = predict(model, images, mean, std, patch_memory=memory, patch_rule=PatchRule(), **kwargs)
+    after = predict(loaded, images, mean, std, patch_memory=ckpt["patch_memory"], classifier=False,
+                    patch_rule=patch_rule_of(ckpt["config"]), **kwargs)
     assert set(after) == {"patch_map", "patch_score"}
     assert np.array_equal(before["patch_map"], after["patch_map"])
     with pytest.raises(ValueError, match="needs a patch_memory"):
         predict(loaded, images, mean, std, classifier=False, **kwargs)
+    with pytest.raises(ValueError, match="needs the patch_rule it was built with"):
+        predict(loaded, images, mean, std, patch_memory=memory, classifier=False, **kwargs)
 
 
 def test_older_checkpoints_have_a_classifier(vgg16_checkpoint: Path) -> None:

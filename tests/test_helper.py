@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 from utils import calibration, dataloader, evidence, helper, inference, parameters
 from utils.constants import GOOD
 from utils.metrics import pixel_auroc
+from utils.patchknn import PatchRule
 from utils.synthetic import generate_synthetic_subset
 
 CPU = torch.device("cpu")
@@ -43,7 +44,9 @@ def test_frozen_pass_keeps_the_taps_it_is_asked_for(subset, make_model):
                               progress=False)
     idx = torch.tensor([9, 0, 3])
     torch.testing.assert_close(frozen.tap_of(idx), full.tap_of(idx))
-    assert frozen.patches_of(idx).shape == (3 * 8 * 8, 32 + 96)
+    # the default embedding is the stride-8 tap's 32 channels; "both" adds the stride-16 output's 96
+    assert frozen.patches_of(idx, PatchRule()).shape == (3 * 8 * 8, 32)
+    assert frozen.patches_of(idx, PatchRule("both")).shape == (3 * 8 * 8, 32 + 96)
     with pytest.raises(ValueError, match="no stride-8 tap"):
         frozen.tap_of(torch.tensor([1]))
 
@@ -66,7 +69,7 @@ def test_a_fold_scores_from_the_cache_what_predict_scores_from_the_images(subset
     assert len(held) == 1 and set(held.tolist()) <= set(train.tolist()) and bool((labels[held] == GOOD).all())
     assert fold.memory_info["n_patches"] == (n_good - 1) * 8 * 8 and len(fold.patch_memory) == 150
     direct = inference.predict(fold.model, images[test], config["mean"], config["std"], batch_size=5, device=CPU,
-                               precision="fp32", patch_memory=fold.patch_memory, explain=True)
+                               precision="fp32", patch_memory=fold.patch_memory, patch_rule=PatchRule(), explain=True)
     assert set(fold.test) == set(direct)
     for key, value in direct.items():
         np.testing.assert_allclose(fold.test[key], value, rtol=1e-4, atol=1e-5, err_msg=key)

@@ -17,6 +17,7 @@ from utils.metrics import (
     per_defect_type,
     pixel_auroc,
     pointing_game,
+    ranking_metrics,
 )
 
 Y_TRUE = [1, 1, 1, 0, 0, 0]
@@ -47,6 +48,16 @@ def test_classification_metrics_single_class_is_none():
     assert out["image_auroc"] is None and out["image_ap"] is None
     out = classification_metrics([1, 1], [1, 1], [0.9, 0.7])
     assert out["image_auroc"] is None and out["image_ap"] == pytest.approx(1.0)
+
+
+def test_ranking_metrics_take_any_score_larger_for_anomaly():
+    # distances, not probabilities: the same ranking as P_ANOMALY gives the same 8/9 and 11/12
+    distances = [12.0, 4.0, 11.0, 7.5, 3.0, 2.0]
+    out = ranking_metrics(Y_TRUE, distances)
+    assert out == {"image_auroc": pytest.approx(8 / 9), "image_ap": pytest.approx(11 / 12)}
+    assert ranking_metrics([1, 1], [3.0, 9.0]) == {"image_auroc": None, "image_ap": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="same, non-zero length"):
+        ranking_metrics([0, 1], [0.5])
 
 
 def test_classification_metrics_rejects_bad_input():

@@ -10,8 +10,10 @@ from utils.patchknn import (
     greedy_coreset_stepwise,
     memory_nbytes,
     nearest_distances,
+    PatchRule,
     patch_anomaly_maps,
     patch_embeddings,
+    patch_rule_of,
     random_subsample,
 )
 
@@ -60,6 +62,33 @@ def test_patch_embeddings_upsamples_coarse_bilinearly():
     emb = patch_embeddings(torch.zeros(1, 1, 4, 4), coarse, kernel_size=1)
     # Half-pixel-centred bilinear x2: columns at source coordinates -0.25, 0.25, 0.75, 1.25 (clamped).
     assert torch.allclose(emb[0, 1], torch.tensor([0.0, 0.25, 0.75, 1.0]).expand(4, 4))
+
+
+def test_patch_embeddings_of_the_fine_layer_alone():
+    fine = torch.zeros(1, 1, 3, 3)
+    fine[0, 0, 1, 1] = 9.0
+    emb = patch_embeddings(fine)  # no coarse layer: the locally averaged fine map, nothing beside it
+    assert emb.shape == (1, 1, 3, 3) and torch.allclose(emb[0, 0, 1, 1], torch.tensor(1.0))
+
+
+def test_patch_rule_picks_the_layers_and_old_checkpoints_keep_theirs():
+    fine, coarse = torch.full((2, 3, 8, 8), 2.5), torch.full((2, 5, 4, 4), -1.0)
+    assert PatchRule().embed(fine, coarse).shape == (2, 3, 8, 8)  # Training's default: the fine layer
+    assert PatchRule("both").embed(fine, coarse).shape == (2, 8, 8, 8)
+    # a configuration from before the rule built its memory from both layers and never blurred
+    assert patch_rule_of({}) == PatchRule("both", 0.0)
+    assert patch_rule_of({"patch_layers": "fine", "patch_map_sigma": 1}) == PatchRule("fine", 1.0)
+
+
+def test_patch_rule_blurs_a_one_pixel_spike_by_sigma_cells():
+    spike = torch.zeros(1, 65, 65)
+    spike[0, 32, 32] = 1.0
+    blurred = PatchRule(sigma=0.5).smooth(spike)  # 0.5 cells of 8 px: a Gaussian of sigma 4 px
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-4)  # mass kept
+    centre = blurred[0, 32]
+    # a sampled Gaussian: the value 4 px (one sigma) away is exp(-1/2) of the peak
+    assert (centre[36] / centre[32]).item() == pytest.approx(0.6065, abs=2e-3)
+    assert torch.equal(PatchRule(sigma=0.0).smooth(spike), spike)
 
 
 def test_patch_embeddings_rejects_bad_input():

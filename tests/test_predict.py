@@ -23,6 +23,7 @@ from utils import dataloader, helper, inference, parameters
 from utils.checkpoint import load_checkpoint
 from utils.constants import GOOD_FOLDER
 from utils.model import CAMClassifier, normalisation, weights_file
+from utils.patchknn import patch_rule_of
 from utils.synthetic import generate_synthetic_subset
 
 CPU = torch.device("cpu")
@@ -245,7 +246,8 @@ def test_real_pill_files_score_as_evaluation_does(pill, tmp_path):
     model, ckpt = load_checkpoint(checkpoint)
     mean, std = normalisation("mobilenet_v2", True)
     pred = inference.predict(model, dataloader.load_images(data_dir, test, 224), mean, std, batch_size=10,
-                          device=CPU, precision="fp32", patch_memory=ckpt["patch_memory"])
+                          device=CPU, precision="fp32", patch_memory=ckpt["patch_memory"],
+                          patch_rule=patch_rule_of(ckpt["config"]))
     np.testing.assert_allclose([float(r["p_anomaly"]) for r in rows], pred["p_anomaly"], atol=1e-5)
     np.testing.assert_allclose([float(r["image_score"]) for r in rows], pred["patch_score"], rtol=1e-5)
     # the label is the checkpoint's calibrated decision on the Anomaly probability, not the argmax

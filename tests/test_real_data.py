@@ -29,6 +29,7 @@ from utils.constants import ANOMALY, GOOD
 from utils.metrics import aupro, pixel_auroc, pointing_game
 from utils import offline_weights
 from utils.model import CAMClassifier, WeightsUnavailableError
+from utils.patchknn import patch_rule_of
 from utils.offline_weights import (
     PIP_COMMAND,
     OfflineWeightsError,
@@ -141,6 +142,7 @@ def cv(toothbrush, pretrained_weights, tmp_path_factory) -> CrossValidation:
             seen = torch.from_numpy(result.trained_on[0][labels[result.trained_on[0]].numpy() == GOOD][:2])
             seen_map = inference.predict(out.model, images[seen], config["mean"], config["std"], batch_size=2,
                                          device=device, precision=precision, patch_memory=out.patch_memory,
+                                         patch_rule=patch_rule_of(config),
                                          progress=False)["patch_map"]
             result.train_good_distance = float(np.median(seen_map))
             result.held_out_good_distance = float(np.median(out.test["patch_map"][y == GOOD]))

@@ -21,6 +21,7 @@ from utils.dataloader import index_subset, positions, split_subset
 from sklearn.metrics import roc_auc_score
 
 from utils.metrics import localisation_metrics, pixel_auroc
+from utils.patchknn import patch_rule_of
 from utils.offline_weights import PIP_COMMAND, has_expected_hash, target_file
 from utils.postprocess import boxes_for_maps
 
@@ -84,7 +85,8 @@ def test_official_split_patch_memory_alone_localises_pill_defects(pill, real_sub
 
     loaded, ckpt = load_checkpoint(path, backbone=BACKBONE)
     pred = inference.predict(loaded, images[test_idx], config["mean"], config["std"], batch_size=10,
-                             patch_memory=ckpt["patch_memory"], classifier=False, **cpu)
+                             patch_memory=ckpt["patch_memory"], patch_rule=patch_rule_of(ckpt["config"]),
+                             classifier=False, **cpu)
     np.testing.assert_allclose(pred["patch_map"], fold.test["patch_map"], rtol=1e-4, atol=1e-4)
     maps = localizers.maps_of(pred)
     scores = localizers.localizer_image_scores(maps, None, pred["patch_score"])

@@ -22,7 +22,7 @@ from .inference import predict_frozen
 from .localizers import image_score_of, maps_of
 from .metrics import classification_metrics
 from .model import BackboneWeights, CAMClassifier
-from .patchknn import build_memory, flatten_patches, memory_nbytes, patch_embeddings
+from .patchknn import PatchRule, build_memory, flatten_patches, memory_nbytes, patch_rule_of
 from .runtime import autocast, cache_dtype, prepare_model, to_input, to_layout
 
 
@@ -46,13 +46,13 @@ class Frozen:
         rows = torch.cumsum(self.has_tap.long(), 0) - 1  # image -> row of `tap`
         return self.tap[rows[idx]]
 
-    def embeddings_of(self, idx: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings (K, D, h8, w8) float32 of images `idx` (K,) (`patchknn.patch_embeddings`)."""
-        return patch_embeddings(self.tap_of(idx).float(), self.features[idx].float())
+    def embeddings_of(self, idx: torch.Tensor, rule: PatchRule) -> torch.Tensor:
+        """Patch embeddings (K, D, h8, w8) float32 of images `idx` (K,) under `rule` (`patchknn.PatchRule.embed`)."""
+        return rule.embed(self.tap_of(idx).float(), self.features[idx].float())
 
-    def patches_of(self, idx: torch.Tensor) -> torch.Tensor:
+    def patches_of(self, idx: torch.Tensor, rule: PatchRule) -> torch.Tensor:
         """Patch embeddings (K * h8 * w8, D) float32 of images `idx` (K,), image-major."""
-        return flatten_patches(self.embeddings_of(idx))
+        return flatten_patches(self.embeddings_of(idx, rule))
 
 
 @torch.no_grad()
@@ -262,6 +262,7 @@ class Fitted:
     memory: torch.Tensor | None
     memory_info: dict[str, Any] | None
     history: dict[str, Any]
+    patch_rule: PatchRule  # how its memory's patches were embedded, and how its patch map is blurred
 
 
 def _train_classifier(config, model, frozen, labels, fit, images, device, precision, progress, on_epoch_end):
@@ -278,7 +279,7 @@ def _train_classifier(config, model, frozen, labels, fit, images, device, precis
 def patch_memory_of(config: dict[str, Any], frozen: Frozen, good: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The patch memory of the good images `good` (K,): (memory (M, D), the position in `good` of
     each row's image (M,), its statistics), per config's patch_memory_size and _method."""
-    memory, rows, info = build_patch_memory(frozen.patches_of(good), config["patch_memory_size"],
+    memory, rows, info = build_patch_memory(frozen.patches_of(good, patch_rule_of(config)), config["patch_memory_size"],
                                             config["patch_memory_method"], config["seed"])
     return memory, rows // frozen.tap.shape[-2:].numel(), info
 
@@ -292,7 +293,8 @@ def evidence_training_inputs(config: dict[str, Any], frozen: Frozen, labels: tor
     good_groups = assign_groups(["good"] * int((y == GOOD).sum()), GROUPS, config["seed"])
     image_groups = torch.full((len(fit),), -1, dtype=torch.long)
     image_groups[y == GOOD] = good_groups
-    return evidence_lib.evidence_inputs(lambda i: frozen.embeddings_of(fit[i]), len(fit), memory.to(device),
+    rule = patch_rule_of(config)
+    return evidence_lib.evidence_inputs(lambda i: frozen.embeddings_of(fit[i], rule), len(fit), memory.to(device),
                                         image_groups=image_groups, memory_groups=good_groups[memory_images])
 
 
@@ -343,7 +345,7 @@ def fit(
     elif classifier:
         history = _train_evidence(config, model, frozen, labels, fit_idx, memory, memory_images, masks, device,
                                   progress, on_epoch_end)
-    return Fitted(model, classifier, memory, memory_info, history)
+    return Fitted(model, classifier, memory, memory_info, history, patch_rule_of(config))
 
 
 def score(fitted: Fitted, frozen: Frozen, idx: torch.Tensor, *, size: tuple[int, int], batch_size: int,
@@ -354,7 +356,8 @@ def score(fitted: Fitted, frozen: Frozen, idx: torch.Tensor, *, size: tuple[int,
     tapped = maps or evidence or not fitted.classifier
     return predict_frozen(fitted.model, frozen.features[idx], frozen.tap_of(idx) if tapped else None, size=size,
                           batch_size=batch_size, device=device, precision=precision,
-                          patch_memory=fitted.memory if tapped else None, classifier=fitted.classifier,
+                          patch_memory=fitted.memory if tapped else None, patch_rule=fitted.patch_rule,
+                          classifier=fitted.classifier,
                           explain=maps and fitted.classifier and not evidence)
 
 

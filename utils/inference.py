@@ -29,7 +29,7 @@ from .localizers import (MEMORY_LOCALIZERS, check_checkpoint_localizer, default_
                          localizer_image_scores, maps_of)
 from .model import CAMClassifier, checkpoint_normalisation, check_input_size
 from .evidence import evidence_scores, residuals
-from .patchknn import patch_embeddings
+from .patchknn import PatchRule, patch_rule_of
 from .postprocess import BOX_THRESHOLDS, upsample_maps
 from .runtime import autocast, to_input, to_layout
 
@@ -91,9 +91,9 @@ def decision_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()  # the explanations switch gradients on for themselves
 def _score_batch(model: CAMClassifier, frozen: torch.Tensor, tap8: torch.Tensor | None, size: tuple[int, int],
-                 memory: torch.Tensor | None, classifier: bool, explain: bool) -> dict[str, torch.Tensor]:
+                 memory: torch.Tensor | None, rule: PatchRule, classifier: bool, explain: bool) -> dict[str, torch.Tensor]:
     """Everything of one batch from its frozen output (B, C, h, w) and stride-8 tap (B, C8, h8, w8):
-    the patch map and its image score (with a memory); with the published head the Anomaly
+    the patch map (embedded and blurred by `rule`) and its image score (with a memory); with the published head the Anomaly
     probability, the raw CAM and the explanations; with the evidence head its probability and
     its map. Runs inside the caller's autocast."""
     out: dict[str, torch.Tensor] = {}
@@ -106,9 +106,11 @@ def _score_batch(model: CAMClassifier, frozen: torch.Tensor, tap8: torch.Tensor 
             _, explanations = explain_lib.explanation_maps(model, tap8, model.spec.taps[0])
             out.update({name: upsample_maps(m, size) for name, m in explanations.items()})
     if memory is not None:
-        residual, distance = residuals(patch_embeddings(tap8.float(), frozen.float()), memory)  # (B, D, h8, w8)
-        # the image score is the patch map's maximum at feature resolution, before upsampling
-        out["patch_map"], out["patch_score"] = upsample_maps(distance, size), distance.flatten(1).amax(dim=1)
+        residual, distance = residuals(rule.embed(tap8.float(), frozen.float()), memory)  # (B, D, h8, w8)
+        # the image score is the patch map's maximum at feature resolution, before upsampling and blur
+        # (PatchCore's): the blur serves localisation, and would dilute a one-patch defect's score
+        out["patch_map"] = rule.smooth(upsample_maps(distance, size))
+        out["patch_score"] = distance.flatten(1).amax(dim=1)
         if classifier and evidence:
             out["p_anomaly"], patch = evidence_scores(model.evidence_head, residual, distance)
             out["evidence"] = upsample_maps(patch, size)
@@ -124,7 +126,10 @@ def _concatenate(batches) -> dict[str, np.ndarray]:
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
-def _check_predict(model: CAMClassifier, classifier: bool, patch_memory) -> None:
+def _check_predict(model: CAMClassifier, classifier: bool, patch_memory, patch_rule) -> None:
+    if patch_memory is not None and patch_rule is None:
+        raise ValueError("a patch_memory needs the patch_rule it was built with: pass "
+                         "patch_rule=patchknn.patch_rule_of(checkpoint['config'])")
     if not classifier and patch_memory is None:
         raise ValueError("predict(classifier=False) needs a patch_memory: without a classifier it is the only map")
     if classifier and model.evidence_head is not None and patch_memory is None:
@@ -141,6 +146,7 @@ def predict(
     device: torch.device,
     precision: str,
     patch_memory: torch.Tensor | None = None,
+    patch_rule: PatchRule | None = None,
     classifier: bool = True,
     explain: bool = False,
     desc: str = "Predicting",
@@ -149,14 +155,15 @@ def predict(
     """Score (N, 3, H, W) uint8 images in one pass through the network.
 
     Returns "p_anomaly" (N,), "cam" (N, H, W) raw CAM heatmaps (not normalised), with a
-    `patch_memory` (M, D) "patch_map" (N, H, W) nearest-neighbour distances and "patch_score" (N,),
+    `patch_memory` (M, D) and the `patch_rule` it was built with (`patchknn.patch_rule_of`) "patch_map"
+    (N, H, W) nearest-neighbour distances, blurred as the rule says, and "patch_score" (N,),
     and with `explain` one raw (N, H, W) map per name of `explain.EXPLANATIONS` (gradients of the
     decision from the stride-8 tap up). A model with an evidence head (head="evidence") gives its
     "p_anomaly" and "evidence" (N, H, W) map instead of the CAM and explanations, and needs the
     patch memory. With classifier=False (a model trained without one) only the frozen layers run:
     no "p_anomaly", "cam" or explanations, so a patch_memory is required.
     """
-    _check_predict(model, classifier, patch_memory)
+    _check_predict(model, classifier, patch_memory, patch_rule)
     model.eval()
     size = tuple(images.shape[-2:])
     check_input_size(size[1], size[0])
@@ -169,7 +176,8 @@ def predict(
             with autocast(device, precision), torch.no_grad():
                 frozen, taps = model.frozen_features(x, (model.spec.taps[0],) if tapped else ())
             with autocast(device, precision):
-                yield _score_batch(model, frozen, taps[0] if tapped else None, size, memory, classifier, explain)
+                yield _score_batch(model, frozen, taps[0] if tapped else None, size, memory, patch_rule, classifier,
+                                   explain)
 
     return _concatenate(batches())
 
@@ -184,13 +192,14 @@ def predict_frozen(
     device: torch.device,
     precision: str,
     patch_memory: torch.Tensor | None = None,
+    patch_rule: PatchRule | None = None,
     classifier: bool = True,
     explain: bool = False,
 ) -> dict[str, np.ndarray]:
     """`predict` of images whose frozen layers already ran (`helper.frozen_pass`): their frozen
     outputs (N, C, h, w) and stride-8 taps (N, C8, h8, w8) (None when neither the patch memory nor
     the explanations are asked for); `size` is the input size. The same keys and values as `predict`."""
-    _check_predict(model, classifier, patch_memory)
+    _check_predict(model, classifier, patch_memory, patch_rule)
     model.eval()
     memory = patch_memory.to(device) if patch_memory is not None else None
 
@@ -199,7 +208,7 @@ def predict_frozen(
             frozen = to_layout(features[start:start + batch_size], device, precision)
             tap8 = None if tap is None else to_layout(tap[start:start + batch_size], device, precision)
             with autocast(device, precision):
-                yield _score_batch(model, frozen, tap8, size, memory, classifier, explain)
+                yield _score_batch(model, frozen, tap8, size, memory, patch_rule, classifier, explain)
 
     return _concatenate(batches())
 
@@ -272,7 +281,8 @@ def needs(checkpoint: dict[str, Any], localizer: str) -> dict[str, Any]:
     the explanations (for theirs)."""
     classifier = has_classifier(checkpoint)
     memory = localizer in MEMORY_LOCALIZERS or not classifier or head_of(checkpoint) == "evidence"
-    return {"patch_memory": checkpoint.get("patch_memory") if memory else None, "classifier": classifier,
+    return {"patch_memory": checkpoint.get("patch_memory") if memory else None,
+            "patch_rule": patch_rule_of(checkpoint.get("config") or {}), "classifier": classifier,
             "explain": localizer in (*EXPLANATIONS, "explain")}
 
 

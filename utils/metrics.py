@@ -42,7 +42,8 @@ def confusion_counts(y_true, y_pred) -> dict:
     return {"TP": int(tp), "FN": int(fn), "FP": int(fp), "TN": int(tn)}
 
 
-# The keys of classification_metrics: they describe the classifier, so they are null without one.
+# The keys of classification_metrics. Without a classifier there is no argmax, so the first three are
+# null; image_auroc and image_ap are then those of the patch map's image score (`ranking_metrics`).
 CLASSIFICATION_KEYS = ("accuracy", "balanced_accuracy", "confusion_matrix", "image_auroc", "image_ap")
 
 
@@ -59,7 +60,6 @@ def classification_metrics(y_true, y_pred, p_anomaly) -> dict:
             f"y_true ({len(y_true)}), y_pred ({len(y_pred)}) and p_anomaly ({len(p_anomaly)}) "
             "must have the same, non-zero length"
         )
-    both_classes = len(np.unique(y_true)) == 2
     with warnings.catch_warnings():
         # with one class in y_true sklearn warns, yet balanced accuracy is still that class's recall
         warnings.simplefilter("ignore", UserWarning)
@@ -68,8 +68,20 @@ def classification_metrics(y_true, y_pred, p_anomaly) -> dict:
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": balanced,
         "confusion_matrix": confusion_counts(y_true, y_pred),
-        "image_auroc": float(roc_auc_score(y_true, p_anomaly)) if both_classes else None,
-        "image_ap": float(average_precision_score(y_true, p_anomaly)) if y_true.any() else None,
+        **ranking_metrics(y_true, p_anomaly),
+    }
+
+
+def ranking_metrics(y_true, scores) -> dict:
+    """How well image scores (N,) rank labels (N,): image_auroc (None with one class) and image_ap
+    (None without an Anomaly image). Any score larger for Anomaly works: a probability, a distance."""
+    y_true = _labels(y_true, "y_true")
+    scores = to_numpy(scores).astype(np.float64).reshape(-1)
+    if not len(y_true) == len(scores) > 0:
+        raise ValueError(f"y_true ({len(y_true)}) and scores ({len(scores)}) must have the same, non-zero length")
+    return {
+        "image_auroc": float(roc_auc_score(y_true, scores)) if len(np.unique(y_true)) == 2 else None,
+        "image_ap": float(average_precision_score(y_true, scores)) if y_true.any() else None,
     }
 
 

@@ -1,12 +1,43 @@
 """Patch-memory anomaly maps (PatchCore, Roth et al. 2022): distance of each test patch to its nearest good patch."""
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .postprocess import upsample_maps
+from .postprocess import gaussian_smooth, upsample_maps
 
 MEMORY_METHODS = ("random", "coreset")
+# Which frozen layers make a patch embedding: "fine", the stride-8 tap alone, or "both", with the
+# stride-16 frozen output bilinearly upsampled beside it (the rule before the official-split study).
+PATCH_LAYERS = ("fine", "both")
+PATCH_STRIDE = 8  # input pixels per cell of the patch grid: the stride-8 tap of either backbone
+
+
+@dataclass(frozen=True)
+class PatchRule:
+    """How patches become the patch map: the layers of an embedding (`PATCH_LAYERS`), and the
+    Gaussian blur of the map, sigma in cells of the patch grid (0: none). The defaults are the rule
+    that localises best (benchmarks/official_split.py): the fine layer alone, a half-cell blur."""
+
+    layers: str = "fine"
+    sigma: float = 0.5
+
+    def embed(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings (B, D, h8, w8) of a stride-8 tap (B, C8, h8, w8) and the stride-16 output (B, C16, h16, w16)."""
+        return patch_embeddings(fine, coarse if self.layers == "both" else None)
+
+    def smooth(self, maps: torch.Tensor) -> torch.Tensor:
+        """Upsampled maps (B, H, W) blurred by sigma cells (`postprocess.gaussian_smooth`)."""
+        return gaussian_smooth(maps, self.sigma * PATCH_STRIDE)
+
+
+def patch_rule_of(config: Mapping[str, Any]) -> PatchRule:
+    """The PatchRule a checkpoint's configuration was trained with; checkpoints from before the
+    rule had both layers and no blur, and their memory and calibration keep that rule."""
+    return PatchRule(config.get("patch_layers", "both"), float(config.get("patch_map_sigma", 0.0)))
 
 
 def _check_ndim(name: str, tensor: torch.Tensor, ndim: int, shape: str) -> None:
@@ -24,18 +55,21 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def patch_embeddings(fine: torch.Tensor, coarse: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
-    """Locally averaged fine (B,C1,H1,W1) and coarse (B,C2,H2,W2) maps on the fine grid -> (B,C1+C2,H1,W1) float32."""
+def patch_embeddings(fine: torch.Tensor, coarse: torch.Tensor | None = None, kernel_size: int = 3) -> torch.Tensor:
+    """Locally averaged fine (B,C1,H1,W1) and coarse (B,C2,H2,W2) maps on the fine grid -> (B,C1+C2,H1,W1)
+    float32; without coarse, the fine map alone -> (B,C1,H1,W1)."""
     _check_ndim("fine", fine, 4, "(B, C1, H1, W1)")
-    _check_ndim("coarse", coarse, 4, "(B, C2, H2, W2)")
-    if fine.shape[0] != coarse.shape[0]:
-        raise ValueError(f"fine and coarse need the same batch size, got {fine.shape[0]} and {coarse.shape[0]}")
     _check_positive("kernel_size", kernel_size)
     if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd so the map keeps its size, got {kernel_size}")
     # count_include_pad=False: border patches average only real neighbours, so a constant map stays constant.
     pool = dict(kernel_size=kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=False)
     fine = F.avg_pool2d(fine.float(), **pool)
+    if coarse is None:
+        return fine
+    _check_ndim("coarse", coarse, 4, "(B, C2, H2, W2)")
+    if fine.shape[0] != coarse.shape[0]:
+        raise ValueError(f"fine and coarse need the same batch size, got {fine.shape[0]} and {coarse.shape[0]}")
     coarse = F.avg_pool2d(coarse.float(), **pool)
     coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
     return torch.cat([fine, coarse], dim=1)

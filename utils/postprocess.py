@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torchvision.ops import masks_to_boxes
+from torchvision.transforms.functional import gaussian_blur
 
 # 8-connectivity: diagonal neighbours belong to the same region, as in MVTec AD's region definition.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -26,6 +27,23 @@ def upsample_maps(maps, size: tuple[int, int]) -> torch.Tensor:
     # interpolate wants a channel axis: (B, 1, h, w) -> (B, 1, H, W)
     out = F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)
     return out[:, 0]
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Maps (B, H, W) each blurred by a Gaussian of sigma_px pixels (0: returned as they are).
+
+    torchvision's blur, its kernel cut at 4 sigma as scipy.ndimage.gaussian_filter cuts it, borders
+    mirrored (scipy's mode="mirror"). PatchCore blurs its upsampled map the same way (sigma 4 px at 224 px)."""
+    if sigma_px < 0:
+        raise ValueError(f"sigma_px={sigma_px} must be >= 0")
+    if sigma_px == 0:
+        return maps
+    if maps.ndim != 3:
+        raise ValueError(f"maps must have shape (B, H, W), got {tuple(maps.shape)}")
+    radius = int(4 * sigma_px + 0.5)
+    # the reflected border needs the map to be larger than the kernel's radius
+    radius = min(radius, min(maps.shape[-2:]) - 1)
+    return gaussian_blur(maps[:, None], [2 * radius + 1] * 2, [float(sigma_px)] * 2)[:, 0]
 
 
 def minmax_normalise(maps) -> np.ndarray:
