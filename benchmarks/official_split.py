@@ -39,16 +39,15 @@ from utils import metrics, patchknn, runtime  # noqa: E402
 from utils.checkpoint import atomic_write_bytes, save_json  # noqa: E402
 from utils.constants import MVTEC_DIR_ENV  # noqa: E402
 from utils.dataloader import index_subset, load_images, load_masks, official_split  # noqa: E402
-from utils.model import CAMClassifier, normalisation  # noqa: E402
+from utils.model import CAMClassifier, load_backbone_weights, normalisation  # noqa: E402
 from utils.postprocess import upsample_maps  # noqa: E402
 
 DEFAULT_DATA_DIR = os.environ.get(MVTEC_DIR_ENV) or REPO_ROOT.parent / "shared" / "data" / "mvtec_anomaly_detection"
-BACKBONE = "mobilenet_v2"
-# MobileNetV2 modules whose outputs may feed the patch embedding: the ends of the stride-4 stage
-# (3: 24 ch), the stride-8 stage (6: 32 ch), the first stride-16 stage (10: 64 ch) and the stride-16
-# stage the repository taps (13: 96 ch).
-MODULES = (3, 6, 10, 13)
-STRIDES = {3: 4, 6: 8, 10: 16, 13: 16}  # input pixels per feature cell
+# Frozen modules whose outputs may feed the patch embedding. MobileNetV2 (the study): the ends of
+# the stride-4 stage (3: 24 ch), the stride-8 stage (6: 32 ch), the first stride-16 stage (10: 64 ch)
+# and the stride-16 stage the repository taps (13: 96 ch). VGG16 (the check that the rule carries):
+# conv4_3 (22: 512 ch, stride 8) and pool4 (23: 512 ch, stride 16), the repository's taps.
+MODULES = {"mobilenet_v2": (3, 6, 10, 13), "vgg16": (22, 23)}
 CELL = 8  # sigma is given in cells of the stride-8 grid
 
 
@@ -76,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subsets", nargs="+", default=["pill", "toothbrush"], help="categories (default: %(default)s)")
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 448], help="input sides in px (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="coreset seed (default: %(default)s)")
+    p.add_argument("--backbone", default="mobilenet_v2", choices=sorted(MODULES),
+                   help="mobilenet_v2: every lever; vgg16: the rule before against the default (default: %(default)s)")
+    p.add_argument("--backbone-weights", default=None,
+                   help="backbone weights file (the offline VGG16: python -m utils.offline_weights --vgg16-oxford PATH)")
     p.add_argument("--cache", default=None, help="folder to keep the extracted features in between runs (default: none)")
     p.add_argument("--out", default="results/official_split_levers.json", help="JSON with every figure (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="smoke run: 12 training and 12 test images, 500-row memory")
@@ -93,7 +96,8 @@ def machine() -> dict[str, Any]:
 
 
 @torch.no_grad()
-def extract(data_dir: str, subset: str, image_size: int, quick: bool) -> dict[str, Any]:
+def extract(data_dir: str, subset: str, image_size: int, quick: bool, backbone: str,
+            weights_path: str | None) -> dict[str, Any]:
     """Frozen outputs {module: (N, C, h, w)} of the official train (good) and test images, the test
     masks (T, S, S) bool and labels (T,), and the frozen pass's seconds."""
     train, test = official_split(index_subset(data_dir, subset))
@@ -101,18 +105,20 @@ def extract(data_dir: str, subset: str, image_size: int, quick: bool) -> dict[st
         train, test = train[:12], test[:: max(1, len(test) // 12)]
     device = torch.device("cpu")
     precision = runtime.resolve_precision("auto", device)
-    net = runtime.prepare_model(CAMClassifier(BACKBONE, pretrained=True), device, precision).eval()
-    mean, std = normalisation(BACKBONE, True)
+    weights = load_backbone_weights(weights_path, backbone) if weights_path else None
+    net = runtime.prepare_model(CAMClassifier(backbone, pretrained=True, weights=weights), device, precision).eval()
+    mean, std = (weights.mean, weights.std) if weights else normalisation(backbone, True)
+    modules = MODULES[backbone]
     out: dict[str, Any] = {"precision": precision}
     start = time.perf_counter()
     for name, part in (("train", train), ("test", test)):
         images = load_images(data_dir, part, image_size)
-        taps: dict[int, list[torch.Tensor]] = {m: [] for m in MODULES}
+        taps: dict[int, list[torch.Tensor]] = {m: [] for m in modules}
         for lo in range(0, len(images), 10):
             x = runtime.to_input(images[lo:lo + 10], mean, std, device, precision)
             with runtime.autocast(device, precision):
-                _, tapped = net.frozen_features(x, MODULES)
-            for m, t in zip(MODULES, tapped):
+                _, tapped = net.frozen_features(x, modules)
+            for m, t in zip(modules, tapped):
                 taps[m].append(t.float().cpu())
         out[name] = {m: torch.cat(v) for m, v in taps.items()}
     out["frozen_seconds"] = time.perf_counter() - start
@@ -221,8 +227,14 @@ def evaluate(data: dict[str, Any], v: Variant, seed: int, quick: bool) -> dict[s
             "pointing_game": metrics.pointing_game(maps[labels == 1], masks[labels == 1]), "image_auroc": image, "memory_seconds": memory_seconds, "score_seconds": score_seconds}
 
 
-def levers(sizes: list[int]) -> dict[str, list[tuple[str, Variant]]]:
-    """Lever -> [(label, variant)], each changing one thing of BEFORE; the first is BEFORE itself."""
+def levers(sizes: list[int], backbone: str = "mobilenet_v2") -> dict[str, list[tuple[str, Variant]]]:
+    """Lever -> [(label, variant)], each changing one thing of BEFORE; the first is BEFORE itself.
+    For VGG16, the rule before, the layers and the blur on its own taps (its default keeps both)."""
+    if backbone == "vgg16":
+        both, fine = Variant(layers=(22, 23)), Variant(layers=(22,))
+        return {"before": [("224 px, conv4_3 + pool4, 3x3 mean, 10,000 rows, no blur, max", both)],
+                "layers": [("conv4_3 alone", fine), ("conv4_3 alone, sigma 0.5 cells", replace(fine, sigma=0.5))],
+                "blur": [("conv4_3 + pool4, sigma 0.5 cells: the default", replace(both, sigma=0.5))]}
     out = {
         "before": [("224 px, layers 6+13, 3x3 mean, 10,000 rows, no blur, max", BEFORE)],
         "smoothing": [(f"sigma {s:g} cells ({s * CELL:g} px)", replace(BEFORE, sigma=s)) for s in (0.25, 0.5, 1.0, 2.0)],
@@ -257,12 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report: dict[str, Any] = {
         "command": "python benchmarks/official_split.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "machine": machine(), "backbone": BACKBONE, "pretrained": "torchvision ImageNet", "results": {}}
+        "machine": machine(), "backbone": args.backbone,
+        "weights": Path(args.backbone_weights).name if args.backbone_weights else "torchvision ImageNet", "results": {}}
     print(report["command"], "\nmachine:", report["machine"], flush=True)
     for subset in args.subsets:
         data = {s: load_features(args, subset, s) for s in sorted(set([224, *args.sizes]))}
         rows = report["results"][subset] = {"frozen_seconds": {s: d["frozen_seconds"] for s, d in data.items()}}
-        for lever, variants in levers(args.sizes).items():
+        for lever, variants in levers(args.sizes, args.backbone).items():
             for label, v in variants:
                 row = evaluate(data[v.image_size], v, args.seed, args.quick)
                 rows.setdefault(lever, {})[label] = row
@@ -305,7 +318,8 @@ def print_summary(report: dict[str, Any]) -> None:
     print(f"\n{'category':<12}{'map':<10}{'pixel AUROC':>12}{'AUPRO':>8}{'pointing':>9}{'image AUROC':>12}")
     for subset, rows in report["results"].items():
         before = rows["before"][next(iter(rows["before"]))]
-        default = rows["layer 6 with"]["sigma 0.5 cells: the default"]
+        default = next(r for group in rows.values() if isinstance(group, dict)
+                       for label, r in group.items() if isinstance(r, dict) and "the default" in str(label))
         for name, r in (("before", before), ("default", default)):
             img = "n/a" if r["image_auroc"] is None else f"{r['image_auroc']:.3f}"
             print(f"{subset:<12}{name:<10}{r['pixel_auroc']:>12.3f}{r['aupro']:>8.3f}{r['pointing_game']:>9.3f}{img:>12}")
@@ -317,11 +331,11 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def load_features(args: argparse.Namespace, subset: str, size: int) -> dict[str, Any]:
     """`extract`, kept in --cache between runs."""
-    name = f"{subset}_{size}_m{'-'.join(map(str, MODULES))}{'_quick' if args.quick else ''}.pt"
+    name = f"{subset}_{size}_m{'-'.join(map(str, MODULES[args.backbone]))}{'_quick' if args.quick else ''}.pt"
     cache = Path(args.cache) / name if args.cache else None
     if cache is not None and cache.is_file():
         return torch.load(cache, weights_only=True)
-    data = extract(args.data_dir, subset, size, args.quick)
+    data = extract(args.data_dir, subset, size, args.quick, args.backbone, args.backbone_weights)
     if cache is not None:
         atomic_write_bytes(cache, lambda f: torch.save(data, f))
     return data

@@ -303,11 +303,13 @@ def test_unwritable_output_folder_is_refused_by_training_config(tmp_path: Path, 
 def test_bad_patch_rule_is_named_before_anything_is_read(name: str, value, expected: str) -> None:
     with pytest.raises(ValueError, match=re.escape(expected)):
         parameters.training_config(**{**_TRAIN_DEFAULTS, name: value})
-    # None resolves by head, and the checkpoint records the layers its memory was built from
-    config = parameters.training_config(**_TRAIN_DEFAULTS)
+    # None resolves by head and backbone, and the checkpoint records the layers its memory was built from
+    mobilenet = {**_TRAIN_DEFAULTS, "backbone": "mobilenet_v2"}
+    config = parameters.training_config(**mobilenet)
     assert (config["patch_layers"], config["patch_map_sigma"]) == ("fine", 0.5)
-    assert parameters.training_config(**_TRAIN_DEFAULTS, head="evidence")["patch_layers"] == "both"
-    assert parameters.training_config(**_TRAIN_DEFAULTS, head="evidence", patch_layers="fine")["patch_layers"] == "fine"
+    assert parameters.training_config(**_TRAIN_DEFAULTS)["patch_layers"] == "both"  # VGG16
+    assert parameters.training_config(**mobilenet, head="evidence")["patch_layers"] == "both"
+    assert parameters.training_config(**mobilenet, head="evidence", patch_layers="fine")["patch_layers"] == "fine"
 
 
 def test_failed_save_keeps_checkpoint_and_log_in_agreement(tmp_path: Path, make_model) -> None:

@@ -176,14 +176,14 @@ TRAINING_DEFAULTS = dict(precision="auto", cache_features=True, patch_memory_siz
                          calibration_share=0.2, patch_layers=None, patch_map_sigma=0.5)
 
 
-def resolve_patch_layers(patch_layers: str | None, head: str) -> str:
-    """The patch embedding's layers: `patch_layers`, or for None the head's choice. Measured on pill
-    and toothbrush (docs/results.md): the fine layer alone localises best (pixel AUROC and AUPRO of
-    the patch map), but the evidence head decides better with the stride-16 layer beside it (its
-    context), so "both" with head="evidence" and "fine" otherwise."""
+def resolve_patch_layers(patch_layers: str | None, head: str, backbone: str) -> str:
+    """The patch embedding's layers: `patch_layers`, or for None what was measured best on pill and
+    toothbrush (docs/results.md): with head="evidence", "both" (the head decides better with the
+    stride-16 context); otherwise the backbone's `patch_layers`, the taps its patch map localises
+    best with ("fine" for MobileNetV2, "both" for VGG16)."""
     if patch_layers is not None:
         return patch_layers
-    return "both" if head == "evidence" else "fine"
+    return "both" if head == "evidence" else get_spec(backbone).patch_layers
 
 
 def training_config(**params: Any) -> dict[str, Any]:
@@ -216,7 +216,7 @@ def training_config(**params: Any) -> dict[str, Any]:
         class_weight=[float(w) for w in p["class_weight"]], backbone_weights=weights_info, mean=mean, std=std,
         target_train_accuracy=None if p["target_train_accuracy"] is None else float(p["target_train_accuracy"]),
         false_alarm_rate=None if p["false_alarm_rate"] is None else float(p["false_alarm_rate"]),
-        patch_layers=resolve_patch_layers(p["patch_layers"], p["head"]),
+        patch_layers=resolve_patch_layers(p["patch_layers"], p["head"], p["backbone"]),
     )
     config.pop("mvtec_url", None)
     return config

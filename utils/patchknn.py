@@ -20,7 +20,8 @@ PATCH_STRIDE = 8  # input pixels per cell of the patch grid: the stride-8 tap of
 class PatchRule:
     """How patches become the patch map: the layers of an embedding (`PATCH_LAYERS`), and the
     Gaussian blur of the map, sigma in cells of the patch grid (0: none). The defaults are the rule
-    that localises best (benchmarks/official_split.py): the fine layer alone, a half-cell blur."""
+    MobileNetV2's map localises best with (benchmarks/official_split.py): the fine layer alone, a
+    half-cell blur; Training picks the layers per backbone and head (`parameters.resolve_patch_layers`)."""
 
     layers: str = "fine"
     sigma: float = 0.5
