@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "evidence_random_memory": ({"head": "evidence", "patch_memory_method": "random"}, None),
     # the patch rule before the official-split study (both layers, no blur): what the new default changed
     "evidence_both_layers": ({"head": "evidence", "patch_layers": "both", "patch_map_sigma": 0.0}, None),
+    "evidence_fine_layer": ({"head": "evidence", "patch_layers": "fine"}, None),
     "published_both_layers": ({"head": "published", "patch_layers": "both", "patch_map_sigma": 0.0}, None),
 }
 RATES = (0.01, 0.05, 0.1, 0.2)  # false-alarm rates the decision is also measured at (from the same folds)
