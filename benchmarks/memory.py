@@ -59,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=None, help="use the first N training images (default: all)")
     p.add_argument("--test-every", type=int, default=1, help="use every k-th test image (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="coreset seed (default: %(default)s)")
-    p.add_argument("--patch-layers", default=patchknn.PatchRule().layers, choices=patchknn.PATCH_LAYERS,
-                   help="layers of the patch embedding (default: Training's, %(default)s)")
+    p.add_argument("--patch-layers", default="both", choices=patchknn.PATCH_LAYERS,
+                   help="layers of the patch embedding (default: %(default)s, 128 dims for MobileNetV2, so the "
+                        "coreset's 128- and 64-dim projections are what is compared; the reference file used it)")
     p.add_argument("--cache", default=None, help="file to keep the extracted patches in between runs (default: none)")
     p.add_argument("--extra", action="store_true",
                    help="also 32 dims, greedy on a random half, and the whole patch set as memory (slow to score)")
