@@ -31,7 +31,6 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # so `utils` imports when run as `python benchmarks/official_split.py`
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -48,7 +47,6 @@ DEFAULT_DATA_DIR = os.environ.get(MVTEC_DIR_ENV) or REPO_ROOT.parent / "shared" 
 # and the stride-16 stage the repository taps (13: 96 ch). VGG16 (the check that the rule carries):
 # conv4_3 (22: 512 ch, stride 8) and pool4 (23: 512 ch, stride 16), the repository's taps.
 MODULES = {"mobilenet_v2": (3, 6, 10, 13), "vgg16": (22, 23)}
-CELL = 8  # sigma is given in cells of the stride-8 grid
 
 
 @dataclass(frozen=True)
@@ -188,14 +186,6 @@ def spreads(taps: dict[int, torch.Tensor], layers: tuple[int, ...]) -> dict[int,
     return out
 
 
-def smooth(maps: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Each map of (T, S, S) blurred by a Gaussian of sigma_px pixels (scipy, truncated at 4 sigma)."""
-    from scipy.ndimage import gaussian_filter
-    if sigma_px <= 0:
-        return maps
-    return np.stack([gaussian_filter(m, sigma=sigma_px) for m in maps])
-
-
 def evaluate(data: dict[str, Any], v: Variant, seed: int, quick: bool) -> dict[str, Any]:
     """Pixel AUROC, AUPRO, image AUROC and seconds of variant v on one category's features."""
     scales = spreads(data["train"], v.layers) if v.balance else None
@@ -212,8 +202,8 @@ def evaluate(data: dict[str, Any], v: Variant, seed: int, quick: bool) -> dict[s
     start = time.perf_counter()
     nearest, distance = patchknn.nearest_rows(queries.reshape(-1, d), memory)
     nearest, distance = nearest.view(t, h * w), distance.view(t, h * w)
-    maps = upsample_maps(distance.view(t, h, w), (v.image_size, v.image_size)).numpy()
-    maps = smooth(maps, v.sigma * CELL)
+    # the library's blur (patchknn.PatchRule.smooth), so each row measures the map Training would give
+    maps = patchknn.PatchRule(sigma=v.sigma).smooth(upsample_maps(distance.view(t, h, w), (v.image_size,) * 2)).numpy()
     if v.image_score == "max":
         scores = distance.amax(dim=1)
     else:
@@ -237,7 +227,7 @@ def levers(sizes: list[int], backbone: str = "mobilenet_v2") -> dict[str, list[t
                 "blur": [("conv4_3 + pool4, sigma 0.5 cells: the default", replace(both, sigma=0.5))]}
     out = {
         "before": [("224 px, layers 6+13, 3x3 mean, 10,000 rows, no blur, max", BEFORE)],
-        "smoothing": [(f"sigma {s:g} cells ({s * CELL:g} px)", replace(BEFORE, sigma=s)) for s in (0.25, 0.5, 1.0, 2.0)],
+        "smoothing": [(f"sigma {s:g} cells ({s * patchknn.PATCH_STRIDE:g} px)", replace(BEFORE, sigma=s)) for s in (0.25, 0.5, 1.0, 2.0)],
         "memory": [(f"{s:.0%} of the good patches", replace(BEFORE, memory=s)) for s in (0.01, 0.1, 0.25)],
         "aggregation": [("PatchCore 3x3 neighbourhood, 1024 dims", replace(BEFORE, aggregation="patchcore"))],
         "image score": [("reweighted (PatchCore eq. 7, b=9)", replace(BEFORE, image_score="reweighted"))],

@@ -296,7 +296,8 @@ def test_unwritable_output_folder_is_refused_by_training_config(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("name, value, expected", [
-    ("patch_layers", "all", "patch_layers='all' is invalid: expected None (the head's choice) or one of ('fine', 'both')"),
+    ("patch_layers", "all", "patch_layers='all' is invalid: expected None (the measured choice for the backbone "
+                            "and head) or one of ('fine', 'both')"),
     ("patch_map_sigma", -0.5, "patch_map_sigma=-0.5 is invalid: expected a blur in patch cells"),
     ("patch_map_sigma", "4px", "patch_map_sigma='4px' is invalid"),
 ])

@@ -120,7 +120,8 @@ def _check_maps(p: dict[str, Any]) -> None:
     check(p["patch_memory_method"] in MEMORY_METHODS, "patch_memory_method", p["patch_memory_method"],
           f"one of {MEMORY_METHODS}")
     check(p["patch_layers"] is None or p["patch_layers"] in PATCH_LAYERS, "patch_layers", p["patch_layers"],
-          f"None (the head's choice) or one of {PATCH_LAYERS} (the stride-8 layer alone, or with the stride-16 one)")
+          f"None (the measured choice for the backbone and head) or one of {PATCH_LAYERS} (the stride-8 layer "
+          f"alone, or with the stride-16 one)")
     check(is_number(p["patch_map_sigma"]) and 0 <= p["patch_map_sigma"] <= 8, "patch_map_sigma", p["patch_map_sigma"],
           "a blur in patch cells in [0, 8], e.g. 0.5 (0: none)")
     check(is_number(p["box_quantile"]) and 0 <= p["box_quantile"] <= 1, "box_quantile", p["box_quantile"],
