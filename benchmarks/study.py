@@ -44,6 +44,7 @@ DEFAULT_DATA = Path(os.environ.get(MVTEC_DIR_ENV, Path(__file__).resolve().paren
                                    / "mvtec_anomaly_detection"))
 # name -> (Training parameters it sets, masks kept per defect type in a fold's training split: None = all)
 VARIANTS: dict[str, tuple[dict, int | None]] = {
+    "auto": ({"head": "auto"}, None),  # the default: chooses from out-of-fold scores of each fold's training split
     "published": ({"head": "published"}, None),  # calibration "holdout", the default
     "published_cross_fit": ({"head": "published", "calibration": "cross_fit"}, None),
     "evidence": ({"head": "evidence"}, None),
@@ -122,17 +123,51 @@ def run_variant(args, subset, backbone, variant, weights, samples, masks, device
         out = helper.run_fold({**config, "seed": args.seed + fold}, template, frozen, labels, train, test,
                               types=types, masks=fold_masks, device=device, precision=precision, test_maps=True,
                               progress=False)
-        for key, value in out.test.items():
+        shown = shown_map(out)
+        # what the fold decides with and shows: with head="auto" folds may choose differently
+        scored = {**out.test, "decision_score": localizers.image_score_of(out.test),
+                  "shown_map": localizers.maps_of(out.test)[shown]}
+        for key, value in scored.items():
             pooled.setdefault(key, []).append(value)
         pooled.setdefault("index", []).append(test.numpy())
         pooled.setdefault("fold", []).append(np.full(len(test), fold))
         folds.append({"seconds": out.seconds, "calibration": out.calibration, "epochs_run": out.history["epochs_run"],
                       "n_calibration": len(out.calibration_images),
-                      "calibration_scores": out.calibration_scores.tolist()})
+                      "calibration_scores": out.calibration_scores.tolist(), "head": out.head, "shown": shown,
+                      "selection": out.selection})
         print(f"  fold {fold + 1}/{args.folds}: " + ", ".join(f"{k} {v:.1f} s" for k, v in out.seconds.items()),
               flush=True)
-    oof = {k: np.concatenate(v) for k, v in pooled.items()}
+    # keys every fold has (head="auto" folds that chose different heads have different maps)
+    oof = {k: np.concatenate(v) for k, v in pooled.items() if len(v) == args.folds}
     return {"oof": oof, "folds": folds, "frozen_seconds": frozen_seconds, "config": config}
+
+
+def shown_map(out: helper.Fold) -> str:
+    """The map a fold's checkpoint shows by default (`localizers.default_localizer`)."""
+    return localizers.default_localizer({"selection": out.selection, "classifier": out.classifier,
+                                         "config": {"head": out.head or "auto"}})
+
+
+def fold_means(oof: dict, samples, masks_full: torch.Tensor) -> dict:
+    """Per-fold image AUROC of the decision score and of the patch map's score alone, and per-fold
+    pixel AUROC, AUPRO and pointing game of the map shown and the patch map, averaged over folds:
+    comparable across variants even where folds decide or show on different scales (head="auto")."""
+    per_fold: dict[str, list] = {}
+    for k in np.unique(oof["fold"]):
+        sel = oof["fold"] == k
+        y = np.array([samples[i].label for i in oof["index"][sel]])
+        masks = masks_full[oof["index"][sel]].numpy()
+        per_fold.setdefault("image_auroc", []).append(metrics.ranking_metrics(y, oof["decision_score"][sel])
+                                                      ["image_auroc"])
+        per_fold.setdefault("patch_image_auroc", []).append(metrics.ranking_metrics(y, oof["patch_score"][sel])
+                                                            ["image_auroc"])
+        for name, key in (("shown", "shown_map"), ("patch_knn", "patch_map")):
+            m = oof[key][sel]
+            for metric, value in (("pixel_auroc", metrics.pixel_auroc(m, masks)), ("aupro", metrics.aupro(m, masks)),
+                                  ("pointing_game", metrics.pointing_game(m[y == ANOMALY], masks[y == ANOMALY]))):
+                per_fold.setdefault(f"{name}/{metric}", []).append(value)
+    return {k: (None if any(v is None for v in values) else float(np.mean(values)))
+            for k, values in per_fold.items()}
 
 
 def decisions(y: np.ndarray, score: np.ndarray, fold: np.ndarray, folds: list, stated: float | None) -> dict:
@@ -166,16 +201,18 @@ def measure(result: dict, samples, masks_full: torch.Tensor, heatmap_thres: floa
     y = np.array([samples[i].label for i in index])
     types = np.array([samples[i].defect_type for i in index])
     masks = masks_full[index].numpy()
-    score = localizers.image_score_of(oof)
+    score = oof["decision_score"]
     decided = decide_per_fold(score, fold, [f["calibration"]["decision"] for f in folds])
     out = {"n_images": len(y), "n_defective": int(y.sum()),
            "classification": metrics.classification_metrics(y, (score >= 0.5).astype(int), score),
            "decision": decisions(y, score, fold, folds, result["config"]["false_alarm_rate"]), "maps": {}}
     maps = localizers.maps_of(oof)
     image_scores = localizers.localizer_image_scores(maps, oof.get("p_anomaly"), oof.get("patch_score"))
+    maps["shown"], image_scores["shown"] = oof["shown_map"], score  # each fold's default map
     min_area = folds[0]["calibration"]["min_area"]
+    out["fold_means"] = fold_means(oof, samples, masks_full)
     for name, m in maps.items():
-        thresholds = [f["calibration"]["thresholds"][name] for f in folds]
+        thresholds = [f["calibration"]["thresholds"][f["shown"] if name == "shown" else name] for f in folds]
         boxes = [postprocess.label_boxes(m[i], bool(decided[i]), thresholds[fold[i]], min_area, heatmap_thres)[0]
                  for i in range(len(m))]
         row = metrics.localisation_metrics(m, masks, boxes, image_scores[name], y)
@@ -245,8 +282,13 @@ def summary_line(r: dict) -> str:
     c, d = r["classification"], r["decision"]["run"]
     maps = "  ".join(f"{k} {v['pointing_game']:.2f}/{v['pixel_auroc']:.3f}/{v['aupro']:.3f}"
                      for k, v in r["maps"].items() if v["pointing_game"] is not None)
+    fm = r["fold_means"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    chosen = ", ".join(f"{f['head'] or 'patch map'}/{f['shown']}" for f in r["fold_details"])
     return (f"  acc {c['accuracy']:.3f} AUROC {c['image_auroc']:.3f} | rate {d['false_alarm_rate']}: false alarms "
-            f"{d['false_alarms']:.3f} recall {d['recall']:.3f} | point/pixAUROC/AUPRO: {maps}")
+            f"{d['false_alarms']:.3f} recall {d['recall']:.3f} | point/pixAUROC/AUPRO: {maps}\n"
+            f"  fold means: image AUROC {fmt(fm['image_auroc'])} (patch map alone {fmt(fm['patch_image_auroc'])}), "
+            f"shown map pixel AUROC {fmt(fm['shown/pixel_auroc'])} AUPRO {fmt(fm['shown/aupro'])}; folds: {chosen}")
 
 
 OWN_MAP = {"published": ("cam", "explain"), "evidence": ("evidence",)}  # the maps a head's table shows

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from . import calibration as calibration_lib
 from . import evidence as evidence_lib
 from . import explain as explain_lib
+from . import selection as selection_lib
 from .checkpoint import checkpoint_dict
 from .constants import ANOMALY, GOOD
 from .dataloader import batch_order, kfold_splits, positions
@@ -22,7 +23,8 @@ from .inference import predict_frozen
 from .localizers import image_score_of, maps_of
 from .metrics import classification_metrics
 from .model import BackboneWeights, CAMClassifier
-from .patchknn import PatchRule, build_memory, flatten_patches, memory_nbytes, patch_rule_of
+from .patchknn import PATCH_LAYERS, PatchRule, build_memory, flatten_patches, memory_nbytes, patch_rule_of
+from .postprocess import upsample_maps
 from .runtime import autocast, cache_dtype, prepare_model, to_input, to_layout
 
 
@@ -263,6 +265,16 @@ class Fitted:
     memory_info: dict[str, Any] | None
     history: dict[str, Any]
     patch_rule: PatchRule  # how its memory's patches were embedded, and how its patch map is blurred
+    # head="auto": what was chosen and the out-of-fold evidence for it (`_fit_auto`), else None
+    selection: dict[str, Any] | None = None
+
+    def resolved(self, config: dict[str, Any]) -> dict[str, Any]:
+        """`config` as this fit was trained: with head="auto", the chosen head ("auto" still when the
+        patch map alone decides: no head was trained) and patch rule."""
+        if self.selection is None:
+            return config
+        return {**config, "head": self.selection["head"] or "auto", "patch_layers": self.patch_rule.layers,
+                "patch_map_sigma": self.patch_rule.sigma}
 
 
 def _train_classifier(config, model, frozen, labels, fit, images, device, precision, progress, on_epoch_end):
@@ -321,6 +333,7 @@ def fit(
     labels: torch.Tensor,
     fit_idx: torch.Tensor,
     *,
+    types: Sequence[str] | None = None,
     masks: torch.Tensor | None = None,
     images: torch.Tensor | None = None,
     device: torch.device,
@@ -330,7 +343,12 @@ def fit(
 ) -> Fitted:
     """Everything a model learns from the images `fit_idx` (K,): the patch memory of their good
     images, and, when they include anomalies, the run's head (`config["head"]`): the published
-    fine-tuned layers and dense layer with the explanation reference, or the evidence head."""
+    fine-tuned layers and dense layer with the explanation reference, or the evidence head; with
+    "auto", whichever of the two heads and the patch map alone out-of-fold evidence prefers
+    (`_fit_auto`; types (N,): each image's defect type, to stratify its groups)."""
+    if config["head"] == "auto":
+        return _fit_auto(config, template, frozen, labels, fit_idx, types=types, masks=masks, images=images,
+                         device=device, precision=precision, progress=progress, on_epoch_end=on_epoch_end)
     model = fresh_copy(template, config["seed"])
     y = labels[fit_idx]
     classifier = bool((y != GOOD).any())
@@ -346,6 +364,168 @@ def fit(
         history = _train_evidence(config, model, frozen, labels, fit_idx, memory, memory_images, masks, device,
                                   progress, on_epoch_end)
     return Fitted(model, classifier, memory, memory_info, history, patch_rule_of(config))
+
+
+# --- head="auto": out-of-fold evidence inside the training split ------------------------------
+
+@dataclass
+class _Candidates:
+    """The patch memory of one patch-layer choice over a fit's images and what was scored with it:
+    memory (M, D), its statistics, the residuals of every fit image to the memory rows of the
+    other groups (`evidence.EvidenceInputs`, (K, D, h8, w8) and (K, h8, w8))."""
+
+    memory: torch.Tensor
+    info: dict[str, Any]
+    inputs: evidence_lib.EvidenceInputs
+
+    def patch_scores(self) -> np.ndarray:
+        """Out-of-fold patch-map image scores (K,): the maximum distance at feature resolution."""
+        return self.inputs.distance.flatten(1).amax(dim=1).numpy()
+
+    def patch_maps(self, sigma: float, size: tuple[int, int]) -> torch.Tensor:
+        """Out-of-fold patch maps (K, H, W), upsampled and blurred by sigma cells as inference makes them."""
+        return PatchRule("fine", sigma).smooth(upsample_maps(self.inputs.distance, size))
+
+
+def _candidates(config, frozen, labels, fit_idx, groups, layers, device) -> _Candidates:
+    """The memory of fit's good images under `layers` and each fit image's residuals to the rows of
+    the other groups' images: a good image is never compared with itself, and defective images are
+    compared as good ones are, so both see the memory a new image sees, less a group."""
+    good = torch.nonzero(labels[fit_idx] == GOOD).flatten()
+    rule_config = {**config, "patch_layers": layers, "patch_map_sigma": 0.0}
+    memory, memory_images, info = patch_memory_of(rule_config, frozen, fit_idx[good])
+    rule = patch_rule_of(rule_config)
+    inputs = evidence_lib.evidence_inputs(lambda i: frozen.embeddings_of(fit_idx[i], rule), len(fit_idx),
+                                          memory.to(device), image_groups=groups,
+                                          memory_groups=groups[good[memory_images]])
+    return _Candidates(memory, info, inputs)
+
+
+def _oof_evidence(config, inputs, y, groups, size, device) -> tuple[np.ndarray, torch.Tensor]:
+    """Out-of-fold Anomaly probabilities (K,) and maps (K, H, W) of the evidence head: each group
+    scored by a head trained on the other groups' images."""
+    p, patch = torch.empty(len(y)), torch.empty_like(inputs.distance)
+    for g in groups.unique().tolist():
+        held = groups == g
+        head = evidence_lib.EvidenceHead(inputs.residual.shape[1])
+        rest = evidence_lib.EvidenceInputs(inputs.residual[~held], inputs.distance[~held])
+        evidence_lib.train_head(head, rest, y[~held], class_weight=config["class_weight"], device=device)
+        for idx in torch.nonzero(held).flatten().split(evidence_lib.CHUNK):
+            r, d = inputs.batch(idx)
+            prob, logits = evidence_lib.evidence_scores(head, r.to(device), d.to(device))
+            p[idx], patch[idx] = prob.cpu(), logits.cpu()
+    return p.numpy(), upsample_maps(patch, size)
+
+
+def _oof_published(config, template, frozen, labels, fit_idx, groups, images, size, device, precision):
+    """Out-of-fold Anomaly probabilities (K,) and CAM maps (K, H, W) of the published head: each
+    group scored by a head fitted on the other groups' images."""
+    p, cams = np.empty(len(fit_idx), np.float32), None
+    for g in groups.unique().tolist():
+        held = groups == g
+        model = fresh_copy(template, config["seed"])
+        _train_classifier(config, model, frozen, labels, fit_idx[~held], images, device, precision, False, None)
+        out = predict_frozen(model, frozen.features[fit_idx[held]], None, size=size, batch_size=config["batch_size"],
+                             device=device, precision=precision)
+        cam = maps_of(out)["cam"]
+        cams = np.empty((len(fit_idx), *cam.shape[1:]), np.float32) if cams is None else cams
+        p[held.numpy()], cams[held.numpy()] = out["p_anomaly"], cam
+    return p, torch.from_numpy(cams)
+
+
+def _choose_maps(candidates, layers, decision, own_maps, masks, size) -> tuple[str, float, str, dict]:
+    """The patch layers, blur and map of the checkpoint, by out-of-fold pixel AUROC and AUPRO on the
+    fit images' masks (K, H, W) bool (`selection.map_quality`). `layers`: the layer choices still
+    open; own_maps ({name: (K, H, W)}): the maps of the chosen head. Without masks: the first
+    layers, PatchCore's blur, the head's own map (the patch map for the published head's)."""
+    report: dict[str, dict] = {}
+    if masks is None or not bool(masks.any()):
+        own = "evidence" if "evidence" in own_maps else "patch_knn"
+        return layers[0], selection_lib.SIGMAS[0], own, report
+    for name in layers:
+        for sigma in selection_lib.SIGMAS:
+            report[f"patch_knn/{name}/{sigma:g}"] = selection_lib.map_quality(
+                candidates[name].patch_maps(sigma, size), masks)
+    best = selection_lib.choose({k: v["score"] for k, v in report.items()}, list(report))
+    _, best_layers, best_sigma = best.split("/")
+    for name, m in own_maps.items():
+        report[name] = selection_lib.map_quality(m, masks)
+    order = ("evidence", best, "cam") if "evidence" in own_maps else (best, "cam")
+    chosen = selection_lib.choose({k: report[k]["score"] for k in order if k in report}, order)
+    return best_layers, float(best_sigma), "patch_knn" if chosen == best else chosen, report
+
+
+def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images, device, precision, progress,
+              on_epoch_end) -> Fitted:
+    """head="auto": choose the decision (the patch map alone, the evidence head or the published
+    head), the patch layers, the blur and the map shown from out-of-fold scores of the images
+    `fit_idx` (K,) in `selection.INNER_FOLDS` groups stratified by defect type, then fit what was
+    chosen on all of them. Patch layers or blur set in `config` (not None) are kept as given."""
+    y = labels[fit_idx]
+    size = (config["image_size"],) * 2
+    n_defects, n_good = int((y != GOOD).sum()), int((y == GOOD).sum())
+    layers = PATCH_LAYERS if config["patch_layers"] is None else (config["patch_layers"],)
+    default = template.spec.patch_layers
+    layers = tuple(sorted(layers, key=lambda name: name != default))  # the backbone's measured choice first
+    if not config["patch_memory_size"]:
+        raise ValueError("head='auto' chooses among the patch map and the heads that read it: set "
+                         "patch_memory_size > 0 (e.g. 10000), or choose head='published'.")
+    if n_good < 2:
+        raise ValueError(f"head='auto' needs at least 2 good training images to score each against the others, "
+                         f"got {n_good}: add good images or choose head='published'.")
+    types = [str(int(v)) for v in labels.tolist()] if types is None else list(types)
+    groups = assign_groups([types[i] for i in fit_idx.tolist()], min(selection_lib.INNER_FOLDS, n_good),
+                           config["seed"])
+    y_np = y.numpy()
+    start = time.perf_counter()
+    candidates = {name: _candidates(config, frozen, labels, fit_idx, groups, name, device) for name in layers}
+    aurocs = {f"patch_knn/{name}": selection_lib.oof_auroc(y_np, c.patch_scores()) for name, c in candidates.items()}
+    decision_layers = layers[0] if n_defects == 0 else selection_lib.choose(
+        {name: aurocs[f"patch_knn/{name}"] for name in layers}, layers)
+    # every inner fit needs a defect image: the heads are candidates from two defect images on
+    heads = n_defects >= 2 and all(bool((y[groups != g] != GOOD).any()) for g in groups.unique().tolist())
+    own: dict[str, dict[str, torch.Tensor]] = {"evidence": {}, "published": {}}
+    decided = {"patch_knn": aurocs[f"patch_knn/{decision_layers}"]}
+    # Scored cheapest first; a head is not fitted when it could not win: it would need an AUROC above 1.
+    for head in ("evidence", "published") if heads else ():
+        if max(v for v in decided.values() if v is not None) + selection_lib.TOLERANCE >= 1.0:
+            break
+        if head == "evidence":
+            p, own[head]["evidence"] = _oof_evidence(config, candidates[decision_layers].inputs, y, groups, size,
+                                                     device)
+        else:
+            p, own[head]["cam"] = _oof_published(config, template, frozen, labels, fit_idx, groups, images, size,
+                                                 device, precision)
+        aurocs[head] = decided[head] = selection_lib.oof_auroc(y_np, p)
+    decision = "patch_knn" if n_defects == 0 else selection_lib.choose(decided, selection_lib.DECISIONS)
+    open_layers = layers if decision == "published" else (decision_layers,)
+    fit_masks = None if masks is None else masks[fit_idx]
+    chosen_layers, sigma, shown, map_report = _choose_maps(
+        candidates, open_layers, decision, own.get(decision, {}), fit_masks, size)
+    if config["patch_map_sigma"] is not None:
+        sigma = float(config["patch_map_sigma"])
+    chosen = candidates[chosen_layers]
+    # the chosen memory is the fit's own (Fold.seconds["memory"]); the rest is the price of choosing
+    selection_seconds = time.perf_counter() - start - chosen.info["seconds"]
+    model = fresh_copy(template, config["seed"])
+    history = NO_TRAINING
+    if decision == "published":
+        history = _train_classifier(config, model, frozen, labels, fit_idx, images, device, precision, progress,
+                                    on_epoch_end)
+        model.explain_reference = explain_lib.reference_features(frozen.features[fit_idx], y)
+    elif decision == "evidence":
+        head = evidence_lib.EvidenceHead(chosen.memory.shape[1])
+        history = evidence_lib.train_head(head, chosen.inputs, y, class_weight=config["class_weight"], device=device,
+                                          progress=progress, on_epoch_end=on_epoch_end)
+        model.evidence_head = head.eval()
+    selection = {
+        "requested": "auto", "decision": decision, "head": None if decision == "patch_knn" else decision,
+        "map": shown, "patch_layers": chosen_layers, "patch_map_sigma": sigma, "inner_folds": int(groups.max()) + 1,
+        "n_images": len(fit_idx), "n_defects": n_defects, "heads_eligible": heads, "image_auroc": aurocs,
+        "maps": map_report, "tolerance": selection_lib.TOLERANCE, "seconds": selection_seconds,
+    }
+    return Fitted(model, decision != "patch_knn", chosen.memory, chosen.info, history,
+                  PatchRule(chosen_layers, sigma), selection)
 
 
 def score(fitted: Fitted, frozen: Frozen, idx: torch.Tensor, *, size: tuple[int, int], batch_size: int,
@@ -371,7 +551,7 @@ def _cross_fit_scores(config, template, frozen, labels, train, types, *, masks, 
         held = train[(groups == g) & (labels[train] == GOOD)]
         if len(held) == 0:
             continue
-        rest = fit(config, template, frozen, labels, train[groups != g], masks=masks, images=images,
+        rest = fit(config, template, frozen, labels, train[groups != g], types=types, masks=masks, images=images,
                    device=device, precision=precision)
         if not rest.classifier and bool((labels[train] != GOOD).any()):
             raise ValueError(f"cross-fit calibration: the training images outside group {g} hold no anomaly, so "
@@ -416,15 +596,30 @@ class Fold:
     def history(self) -> dict[str, Any]:
         return self.fitted.history
 
+    @property
+    def selection(self) -> dict[str, Any] | None:
+        """head="auto": what was chosen, with its out-of-fold evidence (`_fit_auto`); else None."""
+        return self.fitted.selection
+
+    @property
+    def head(self) -> str | None:
+        """The head trained ("published" or "evidence"), None when the patch map alone decides."""
+        if not self.classifier:
+            return None
+        return "evidence" if self.model.evidence_head is not None else "published"
+
     def checkpoint(self, config: dict[str, Any], test_files: Sequence[str], n_train: int) -> dict[str, Any]:
         """The checkpoint of this fold (`checkpoint.checkpoint_dict`): the model, `config`, the held-out
         `test_files`, and beside them the calibration, the patch memory and the explanation reference."""
         extra: dict[str, Any] = {"n_train": int(n_train), "calibration": self.calibration}
+        if self.fitted.selection is not None:
+            extra["selection"] = self.fitted.selection
         if self.patch_memory is not None:
             extra["patch_memory"] = self.patch_memory
         if self.model.explain_reference is not None:
             extra["explain_reference"] = self.model.explain_reference
-        return checkpoint_dict(self.model, config, test_files, extra, classifier=self.classifier)
+        return checkpoint_dict(self.model, self.fitted.resolved(config), test_files, extra,
+                               classifier=self.classifier)
 
 
 def run_fold(
@@ -466,12 +661,14 @@ def run_fold(
         fit_idx, cal = train[kept], train[held]
     else:
         fit_idx, cal = train, train[labels[train] == GOOD]
-    fitted = fit(config, template, frozen, labels, fit_idx, masks=masks, images=images, progress=progress,
-                 on_epoch_end=on_epoch_end, **run)
+    fitted = fit(config, template, frozen, labels, fit_idx, types=types, masks=masks, images=images,
+                 progress=progress, on_epoch_end=on_epoch_end, **run)
     fit_seconds, clock = time.perf_counter() - clock, time.perf_counter()
     seconds["memory"] = fitted.memory_info["seconds"] if fitted.memory_info else 0.0
     seconds["epochs"] = fitted.history.get("seconds", 0.0)
-    seconds["inputs"] = fit_seconds - seconds["memory"] - seconds["epochs"]  # the evidence head's residuals
+    # head="auto": the out-of-fold scores its choice was made from (the other memory, the inner fits)
+    seconds["selection"] = fitted.selection["seconds"] if fitted.selection else 0.0
+    seconds["inputs"] = fit_seconds - seconds["memory"] - seconds["epochs"] - seconds["selection"]
     if method == "holdout":
         cal_pred = score(fitted, frozen, cal, size=size, batch_size=config["batch_size"], **run)
     else:

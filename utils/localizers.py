@@ -51,13 +51,18 @@ def check_checkpoint_localizer(localizer: str, checkpoint: dict[str, Any], where
 
 
 def head_of(checkpoint: dict[str, Any]) -> str:
-    """The head a checkpoint's configuration names ("published" for checkpoints that predate heads)."""
+    """The head a checkpoint's configuration names ("published" for checkpoints that predate heads).
+    A head="auto" run records the head it chose there (and "auto" when it chose none: then the
+    checkpoint has no classifier)."""
     return (checkpoint.get("config") or {}).get("head", "published")
 
 
 def default_localizer(checkpoint: dict[str, Any]) -> str:
-    """The map a checkpoint shows by default: the published CAM, the evidence head's own map, or
-    the patch map when no classifier was trained."""
+    """The map a checkpoint shows by default: the one head="auto" chose (`selection["map"]`), the
+    published CAM, the evidence head's own map, or the patch map when no classifier was trained."""
+    chosen = (checkpoint.get("selection") or {}).get("map")
+    if chosen is not None:
+        return chosen
     if not checkpoint.get("classifier", True):
         return "patch_knn"
     return "evidence" if head_of(checkpoint) == "evidence" else "cam"

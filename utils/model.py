@@ -30,8 +30,10 @@ BACKBONE_WEIGHTS_FORMAT = "cam-defect-detector/backbone-weights/1"
 POOLINGS = ("avg", "max", "topk")
 # The classifier head: "published" (the fine-tuned last block, pooling and dense layer, whose CAM
 # and explanations show the evidence after the fact) or "evidence" (utils/evidence.py: the decision
-# is computed from a map of per-patch evidence, which is then its explanation by construction).
-HEADS = ("published", "evidence")
+# is computed from a map of per-patch evidence, which is then its explanation by construction);
+# "auto", the default, chooses one of them or none (the patch map alone) from out-of-fold scores of
+# the training split (helper._fit_auto), and its checkpoint records the head it chose.
+HEADS = ("auto", "published", "evidence")
 TOPK_FRACTION = 0.1  # "topk": the mean of the top 10 % of positions (20 of 196 at 224 px)
 
 

@@ -99,12 +99,16 @@ CALIBRATIONS = ("holdout", "cross_fit")
 
 def _check_decision(p: dict[str, Any]) -> None:
     """The head, its decision and its calibration (see `training_config`)."""
-    check(p["head"] in HEADS, "head", p["head"], f"one of {HEADS} ('published' is the seed's head)")
+    check(p["head"] in HEADS, "head", p["head"], f"one of {HEADS} ('auto' chooses from the training split, "
+          f"'published' is the seed's head)")
     check(isinstance(p["mask_supervision"], bool), "mask_supervision", p["mask_supervision"], "True or False")
     check(not p["mask_supervision"] or p["head"] == "evidence", "mask_supervision", p["mask_supervision"],
           "False unless head='evidence' (only the evidence head learns from masks)")
     check(p["head"] != "evidence" or p["patch_memory_size"] > 0, "patch_memory_size", p["patch_memory_size"],
           "a positive number of patches with head='evidence' (its evidence is the residual to the memory)")
+    check(p["head"] != "auto" or p["patch_memory_size"] > 0, "patch_memory_size", p["patch_memory_size"],
+          "a positive number of patches with head='auto' (it chooses among the patch map and the heads; "
+          "set head='published' for none)")
     rate = p["false_alarm_rate"]
     check(rate is None or (is_number(rate) and 0 < rate < 1), "false_alarm_rate", rate,
           "None (the published argmax) or a share of good parts in (0, 1), e.g. 0.05")
@@ -122,8 +126,9 @@ def _check_maps(p: dict[str, Any]) -> None:
     check(p["patch_layers"] is None or p["patch_layers"] in PATCH_LAYERS, "patch_layers", p["patch_layers"],
           f"None (the measured choice for the backbone and head) or one of {PATCH_LAYERS} (the stride-8 layer "
           f"alone, or with the stride-16 one)")
-    check(is_number(p["patch_map_sigma"]) and 0 <= p["patch_map_sigma"] <= 8, "patch_map_sigma", p["patch_map_sigma"],
-          "a blur in patch cells in [0, 8], e.g. 0.5 (0: none)")
+    sigma = p["patch_map_sigma"]
+    check(sigma is None or (is_number(sigma) and 0 <= sigma <= 8), "patch_map_sigma", sigma,
+          "None (head='auto' chooses it, otherwise 0.5) or a blur in patch cells in [0, 8], e.g. 0.5 (0: none)")
     check(is_number(p["box_quantile"]) and 0 <= p["box_quantile"] <= 1, "box_quantile", p["box_quantile"],
           "a number in [0, 1]")
     check(is_int(p["box_min_area"]) and p["box_min_area"] >= 1, "box_min_area", p["box_min_area"],
@@ -172,17 +177,22 @@ TRAINING_PARAMETERS = ("data_dir", "subset_name", "download", "backbone", "pretr
                        "n_cv_folds", "weights_dir", "results_dir", "device")
 TRAINING_DEFAULTS = dict(precision="auto", cache_features=True, patch_memory_size=10000,
                          patch_memory_method="coreset", backbone_weights=None, pooling="avg", split="pooled",
-                         box_quantile=0.9, box_min_area=64, mvtec_url=None, head="published",
+                         box_quantile=0.9, box_min_area=64, mvtec_url=None, head="auto",
                          mask_supervision=False, false_alarm_rate=0.05, calibration="holdout",
-                         calibration_share=0.2, patch_layers=None, patch_map_sigma=0.5)
+                         calibration_share=0.2, patch_layers=None, patch_map_sigma=None)
+
+# The patch map's blur with an explicit head when none is given: PatchCore's 4 px at 224 px, which
+# the official-split study measured best at 224 px (docs/results.md); head="auto" chooses it.
+DEFAULT_PATCH_MAP_SIGMA = 0.5
 
 
-def resolve_patch_layers(patch_layers: str | None, head: str, backbone: str) -> str:
-    """The patch embedding's layers: `patch_layers`, or for None what was measured best on pill and
-    toothbrush (docs/results.md): with head="evidence", "both" (the head decides better with the
-    stride-16 context); otherwise the backbone's `patch_layers`, the taps its patch map localises
-    best with ("fine" for MobileNetV2, "both" for VGG16)."""
-    if patch_layers is not None:
+def resolve_patch_layers(patch_layers: str | None, head: str, backbone: str) -> str | None:
+    """The patch embedding's layers: `patch_layers`, or for None: with head="auto" None (it chooses
+    them from the training split); otherwise what was measured best on pill and toothbrush
+    (docs/results.md): with head="evidence", "both" (the head decides better with the stride-16
+    context); otherwise the backbone's `patch_layers`, the taps its patch map localises best with
+    ("fine" for MobileNetV2, "both" for VGG16)."""
+    if patch_layers is not None or head == "auto":
         return patch_layers
     return "both" if head == "evidence" else get_spec(backbone).patch_layers
 
@@ -209,8 +219,7 @@ def training_config(**params: Any) -> dict[str, Any]:
     weights_info, mean, std = _backbone_weights(p["backbone"], p["pretrained"], p["backbone_weights"])
     numbers_of = {"image_size": int, "batch_size": int, "epochs": int, "lr": float, "test_size": float,
                   "seed": int, "heatmap_thres": float, "n_cv_folds": int, "patch_memory_size": int,
-                  "box_quantile": float, "box_min_area": int, "calibration_share": float,
-                  "patch_map_sigma": float}
+                  "box_quantile": float, "box_min_area": int, "calibration_share": float}
     config = {k: numbers_of[k](v) if k in numbers_of else v for k, v in p.items()}
     config.update(
         data_dir=str(p["data_dir"]), weights_dir=str(p["weights_dir"]), results_dir=str(p["results_dir"]),
@@ -218,6 +227,8 @@ def training_config(**params: Any) -> dict[str, Any]:
         target_train_accuracy=None if p["target_train_accuracy"] is None else float(p["target_train_accuracy"]),
         false_alarm_rate=None if p["false_alarm_rate"] is None else float(p["false_alarm_rate"]),
         patch_layers=resolve_patch_layers(p["patch_layers"], p["head"], p["backbone"]),
+        patch_map_sigma=(None if p["head"] == "auto" else DEFAULT_PATCH_MAP_SIGMA) if p["patch_map_sigma"] is None
+        else float(p["patch_map_sigma"]),
     )
     config.pop("mvtec_url", None)
     return config

@@ -1,0 +1,90 @@
+"""head="auto": choosing the decision and the map from out-of-fold evidence inside the training split.
+
+Pure functions: scores in, a choice out. `helper.fit` computes the out-of-fold scores (each
+training image scored by models and memory rows that never saw it) and calls these.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .metrics import aupro, pixel_auroc, ranking_metrics
+
+# Groups of the training split for the out-of-fold scores: each group is scored by models fitted on
+# the other. Two cost one fit of each head on all images (two on halves), the least that scores
+# every image out of fold: the whole notebook stays near 1.5x the published head's time, where three
+# groups cost two fits more (docs/method.md#the-default-head). A head fitted on half the defect
+# images is judged a little pessimistically, so the patch map keeps near-ties: the safe side.
+INNER_FOLDS = 2
+# The decisions, simplest first: the patch map learns nothing from defect images, the evidence head
+# starts as the patch map and departs from it a little, the published head learns from scratch.
+DECISIONS = ("patch_knn", "evidence", "published")
+# Blurs of the patch map tried, in patch cells (0.5: PatchCore's 4 px at 224 px, the default first).
+SIGMAS = (0.5, 0.0, 1.0)
+# Out-of-fold differences this small are noise at the sizes of a training split (one defect image
+# among five moves an AUROC by 0.2 / n_good): within it, the simpler candidate wins.
+TOLERANCE = 0.005
+# Pixel metrics of the candidate maps are computed at half the input resolution: the choice needs
+# their order, and a quarter of the pixels makes it four times cheaper (maps are smooth at 8 px).
+MAP_POOL = 2
+
+
+def choose(scores: Mapping[str, float | None], order: Sequence[str], tolerance: float = TOLERANCE) -> str:
+    """The name in `order` with the highest score, the earliest one unless a later one is more than
+    `tolerance` higher. Names without a score (None, or absent) are skipped; raises without any."""
+    best = None
+    for name in order:
+        value = scores.get(name)
+        if value is None:
+            continue
+        if best is None or value > scores[best] + tolerance:
+            best = name
+    if best is None:
+        raise ValueError(f"no candidate among {list(order)} has a score")
+    return best
+
+
+def oof_auroc(y: np.ndarray, scores: np.ndarray | None) -> float | None:
+    """Image AUROC (None with one class or without scores) of out-of-fold scores (N,) for labels (N,)."""
+    return None if scores is None else ranking_metrics(y, scores)["image_auroc"]
+
+
+def pooled(maps: torch.Tensor, masks: torch.Tensor, factor: int = MAP_POOL) -> tuple[np.ndarray, np.ndarray]:
+    """Maps (N, H, W) float and masks (N, H, W) bool at 1/factor resolution: the maps averaged, a
+    pixel defective when at least half of its cell is."""
+    small = F.avg_pool2d(maps[:, None].float(), factor)[:, 0]
+    defect = F.avg_pool2d(masks[:, None].float(), factor)[:, 0] >= 0.5
+    return small.numpy(), defect.numpy()
+
+
+def map_quality(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float | None]:
+    """Out-of-fold pixel AUROC and AUPRO of maps (N, H, W) against masks (N, H, W) bool, at
+    1/MAP_POOL resolution, and "score", their mean (None without defect pixels)."""
+    small, defect = pooled(maps, masks)
+    auc, pro = pixel_auroc(small, defect), aupro(small, defect)
+    score = None if auc is None or pro is None else (auc + pro) / 2
+    return {"pixel_auroc": auc, "aupro": pro, "score": score}
+
+
+def describe(selection: dict) -> str:
+    """A few lines saying what head="auto" chose and the out-of-fold figures it chose from."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"decision: {selection['decision']} (out-of-fold image AUROC over {selection['n_images']} training "
+             f"images, {selection['n_defects']} defective, {selection['inner_folds']} groups)"]
+    lines += [f"  {name:<18}{fmt(value)}" for name, value in selection["image_auroc"].items()]
+    if not selection["heads_eligible"]:
+        lines.append("  the heads were not scored: every inner fit needs a defect image (at least 2 in all)")
+    else:
+        lines += [f"  {name:<18}not fitted: the simpler decisions leave it no room to win (AUROC above 1)"
+                  for name in DECISIONS[1:] if name not in selection["image_auroc"]]
+    lines.append(f"map: {selection['map']}, patch layers {selection['patch_layers']!r}, blur "
+                 f"{selection['patch_map_sigma']:g} cells")
+    lines += [f"  {name:<18}pixel AUROC {fmt(m['pixel_auroc'])}  AUPRO {fmt(m['aupro'])}"
+              for name, m in selection["maps"].items()]
+    if not selection["maps"]:
+        lines.append("  no training defect has a mask: the head's own map, or the patch map")
+    return "\n".join(lines)
