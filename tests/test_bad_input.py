@@ -296,19 +296,23 @@ def test_unwritable_output_folder_is_refused_by_training_config(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("name, value, expected", [
-    ("patch_layers", "all", "patch_layers='all' is invalid: expected None (the measured choice for the backbone "
-                            "and head) or one of ('fine', 'both')"),
-    ("patch_map_sigma", -0.5, "patch_map_sigma=-0.5 is invalid: expected a blur in patch cells"),
+    ("patch_layers", "all", "patch_layers='all' is invalid: expected None (head='auto' chooses; else the measured "
+                            "choice for the backbone and head) or one of ('fine', 'both')"),
+    ("patch_map_sigma", -0.5, "patch_map_sigma=-0.5 is invalid: expected None (head='auto' chooses it, otherwise "
+                              "0.5) or a blur in patch cells"),
     ("patch_map_sigma", "4px", "patch_map_sigma='4px' is invalid"),
 ])
 def test_bad_patch_rule_is_named_before_anything_is_read(name: str, value, expected: str) -> None:
     with pytest.raises(ValueError, match=re.escape(expected)):
         parameters.training_config(**{**_TRAIN_DEFAULTS, name: value})
-    # None resolves by head and backbone, and the checkpoint records the layers its memory was built from
+    # None stays open for head="auto" (it chooses from the training split), else resolves by head and
+    # backbone, and the checkpoint records the layers its memory was built from
     mobilenet = {**_TRAIN_DEFAULTS, "backbone": "mobilenet_v2"}
     config = parameters.training_config(**mobilenet)
+    assert (config["head"], config["patch_layers"], config["patch_map_sigma"]) == ("auto", None, None)
+    config = parameters.training_config(**mobilenet, head="published")
     assert (config["patch_layers"], config["patch_map_sigma"]) == ("fine", 0.5)
-    assert parameters.training_config(**_TRAIN_DEFAULTS)["patch_layers"] == "both"  # VGG16
+    assert parameters.training_config(**_TRAIN_DEFAULTS, head="published")["patch_layers"] == "both"  # VGG16
     assert parameters.training_config(**mobilenet, head="evidence")["patch_layers"] == "both"
     assert parameters.training_config(**mobilenet, head="evidence", patch_layers="fine")["patch_layers"] == "fine"
 
@@ -472,7 +476,8 @@ def _run_training(tmp_path: Path, png, **params) -> tuple[str, Path]:
     with pytest.raises(pm.PapermillExecutionError) as info:
         pm.execute_notebook(ROOT / "Training.ipynb", out, cwd=str(ROOT), progress_bar=False, parameters={
             "subset_name": "widget", "download": False, "backbone": "mobilenet_v2", "pretrained": False,
-            "image_size": 64, "epochs": 1, "batch_size": 4, "patch_memory_size": 0, **dirs, **params})
+            "image_size": 64, "epochs": 1, "batch_size": 4, "patch_memory_size": 0, "head": "published", **dirs,
+            **params})
     return str(info.value), out
 
 

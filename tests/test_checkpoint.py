@@ -21,7 +21,7 @@ DEFAULTS = dict(
     data_dir="data/mvtec_anomaly_detection", subset_name="hazelnut", download=True, backbone="vgg16",
     pretrained=False, image_size=64, batch_size=10, epochs=10, lr=0.0001, class_weight=[1, 3],
     target_train_accuracy=0.98, test_size=0.2, seed=42, heatmap_thres=0.7, n_cv_folds=0,
-    weights_dir="weights", results_dir="results", device="auto",
+    weights_dir="weights", results_dir="results", device="auto", head="published",
 )
 TEST_FILES = ["hazelnut/test/crack/000.png", "hazelnut/train/good/001.png"]
 

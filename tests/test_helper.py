@@ -30,7 +30,8 @@ def _config(tmp_path, **overrides):
         "pretrained": False, "image_size": 64, "batch_size": 5, "epochs": 2, "lr": 1e-3, "class_weight": [1, 3],
         "target_train_accuracy": None, "test_size": 0.2, "seed": 0, "heatmap_thres": 0.7, "n_cv_folds": 0,
         "weights_dir": str(tmp_path), "results_dir": str(tmp_path), "device": "cpu", "precision": "fp32",
-        "patch_memory_size": 150, "patch_memory_method": "random", "calibration": "holdout", **overrides})
+        "patch_memory_size": 150, "patch_memory_method": "random", "calibration": "holdout", "head": "published",
+        **overrides})
 
 
 def test_frozen_pass_keeps_the_taps_it_is_asked_for(subset, make_model):

@@ -124,7 +124,7 @@ def _check_maps(p: dict[str, Any]) -> None:
     check(p["patch_memory_method"] in MEMORY_METHODS, "patch_memory_method", p["patch_memory_method"],
           f"one of {MEMORY_METHODS}")
     check(p["patch_layers"] is None or p["patch_layers"] in PATCH_LAYERS, "patch_layers", p["patch_layers"],
-          f"None (the measured choice for the backbone and head) or one of {PATCH_LAYERS} (the stride-8 layer "
+          f"None (head='auto' chooses; else the measured choice for the backbone and head) or one of {PATCH_LAYERS} (the stride-8 layer "
           f"alone, or with the stride-16 one)")
     sigma = p["patch_map_sigma"]
     check(sigma is None or (is_number(sigma) and 0 <= sigma <= 8), "patch_map_sigma", sigma,
