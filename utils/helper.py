@@ -482,8 +482,8 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     aurocs = {f"patch_knn/{name}": selection_lib.oof_auroc(y_np, c.patch_scores()) for name, c in candidates.items()}
     decision_layers = layers[0] if n_defects == 0 else selection_lib.choose(
         {name: aurocs[f"patch_knn/{name}"] for name in layers}, layers)
-    # every inner fit needs a defect image: the heads are candidates from two defect images on
-    heads = n_defects >= 2 and all(bool((y[groups != g] != GOOD).any()) for g in groups.unique().tolist())
+    # every inner fit needs a defect image to learn from (so the heads are candidates from two on)
+    heads = all(bool((y[groups != g] != GOOD).any()) for g in groups.unique().tolist())
     own: dict[str, dict[str, torch.Tensor]] = {"evidence": {}, "published": {}}
     decided = {"patch_knn": aurocs[f"patch_knn/{decision_layers}"]}
     # Scored cheapest first; a head is not fitted when it could not win: it would need an AUROC above 1.
