@@ -1,7 +1,7 @@
 """Run Training.ipynb and Evaluation.ipynb for several subsets and backbones, then tabulate.
 
 Example:
-    python sweep.py --subsets hazelnut leather --backbones vgg16 mobilenet_v2
+    python sweep.py --subsets hazelnut leather --backbones vgg16 mobilenet_v2   # head="auto", the default
     python sweep.py --subsets hazelnut --train head=evidence      # the evidence head
     python sweep.py --subsets toothbrush --backbones mobilenet_v2 \
         --data-dir ../shared/data/mvtec_anomaly_detection --eval localizer=patch_knn
@@ -55,6 +55,8 @@ def summary_row(subset: str, backbone: str, metrics: dict | None, error: str | N
     metrics = metrics or {}
     for column in COLUMNS:
         row[column] = metrics.get(column)
+    # what head="auto" chose to decide with and to show ("" for a head given by hand)
+    row["decided_by"] = (metrics.get("selection") or {}).get("decision", "")
     decision = metrics.get("decision") or {}
     for column in DECISION_COLUMNS:  # the calibrated decision users act on
         row[column] = decision.get(column)

@@ -112,7 +112,7 @@ def _config(**overrides):
     params = dict(data_dir="data", subset_name="synthetic", download=False, backbone="mobilenet_v2",
                   pretrained=True, image_size=64, batch_size=4, epochs=1, lr=1e-3, class_weight=[1, 3],
                   target_train_accuracy=None, test_size=0.2, seed=0, heatmap_thres=0.7, n_cv_folds=0,
-                  weights_dir="w", results_dir="r", device="cpu")
+                  weights_dir="w", results_dir="r", device="cpu", head="published")
     params.update(overrides)
     return parameters.training_config(**params)
 
@@ -163,7 +163,8 @@ def test_training_notebook_with_a_weights_file(tmp_path: Path, weights_file: Pat
     dirs = {"data_dir": str(tmp_path / "data"), "weights_dir": str(tmp_path / "weights"),
             "results_dir": str(tmp_path / "results")}
     params = dict(subset_name="synthetic", backbone="mobilenet_v2", backbone_weights=str(weights_file),
-                  image_size=64, epochs=1, lr=0.001, patch_memory_size=0, calibration="holdout", **dirs)
+                  image_size=64, epochs=1, lr=0.001, patch_memory_size=0, calibration="holdout", head="published",
+                  **dirs)
     pm.execute_notebook(ROOT / "Training.ipynb", tmp_path / "Training.ipynb", cwd=str(ROOT),
                         parameters=params, progress_bar=False)
     ckpt = torch.load(tmp_path / "weights" / "synthetic_mobilenet_v2.pt", weights_only=True)

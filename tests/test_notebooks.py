@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small settings: 64 px, random weights (no download), 3 epochs. lr 1e-3 because a randomly
 # initialised VGG16 at the published 1e-4 needs more than 3 epochs to leave the all-Anomaly start.
 TRAIN_PARAMS = dict(subset_name="synthetic", pretrained=False, image_size=64, epochs=3, lr=0.001,
-                    patch_memory_size=2000, calibration="holdout")
+                    patch_memory_size=2000, calibration="holdout", head="published")
 
 CONTRACT_KEYS = {
     "subset", "backbone", "n_train", "n_test", "n_test_anomalies", "accuracy", "balanced_accuracy",
@@ -227,6 +227,34 @@ def test_evidence_head_notebooks_write_its_checkpoint_and_metrics(evidence_run, 
         assert [box[:4] for box in boxes_a] == [box[:4] for box in boxes_b]
         assert [box[4] for box in boxes_a] == pytest.approx([box[4] for box in boxes_b], rel=1e-5)
     assert json.loads((tmp_path / "predictions.json").read_text())["settings"]["localizer"] == "evidence"
+
+
+def test_the_default_head_records_its_choice_in_checkpoint_log_and_metrics(tmp_path):
+    # Training and Evaluation with their defaults (head="auto"; small settings). Catches a checkpoint
+    # that records "auto" or an open patch rule instead of what was fitted, a choice lost on the way
+    # to training.json or metrics.json, and an Evaluation that shows another map than the one chosen.
+    dirs = {"data_dir": str(tmp_path / "data"), "weights_dir": str(tmp_path / "weights"),
+            "results_dir": str(tmp_path / "results")}
+    params = {k: v for k, v in TRAIN_PARAMS.items() if k != "head"}
+    pm.execute_notebook(ROOT / "Training.ipynb", tmp_path / "Training.ipynb", cwd=str(ROOT),
+                        parameters={**params, "backbone": "mobilenet_v2", **dirs}, progress_bar=False)
+    pm.execute_notebook(ROOT / "Evaluation.ipynb", tmp_path / "Evaluation.ipynb", cwd=str(ROOT),
+                        parameters={"subset_name": "synthetic", "backbone": "mobilenet_v2", "n_samples": 4, **dirs},
+                        progress_bar=False)
+    ckpt = torch.load(tmp_path / "weights" / "synthetic_mobilenet_v2.pt", weights_only=True)
+    chosen = ckpt["selection"]
+    assert chosen["requested"] == "auto" and chosen["decision"] in ("patch_knn", "evidence", "published")
+    assert ckpt["classifier"] == (chosen["decision"] != "patch_knn")
+    assert ckpt["config"]["head"] == (chosen["head"] or "auto")
+    assert (ckpt["config"]["patch_layers"], ckpt["config"]["patch_map_sigma"]) == (
+        chosen["patch_layers"], chosen["patch_map_sigma"]) and chosen["patch_layers"] in ("fine", "both")
+    assert chosen["image_auroc"] and chosen["maps"]  # the synthetic defects have masks
+    log = json.loads((tmp_path / "results" / "synthetic_mobilenet_v2" / "training.json").read_text())
+    assert log["selection"] == json.loads(json.dumps(chosen)) and log["config"]["head"] == "auto"
+    m = json.loads((tmp_path / "results" / "synthetic_mobilenet_v2" / "metrics.json").read_text())
+    assert CONTRACT_KEYS <= set(m) and m["selection"]["decision"] == chosen["decision"]
+    assert m["localizer"] == chosen["map"] and m["classifier"] == ckpt["classifier"]
+    assert "decision: " in json.dumps(json.loads((tmp_path / "Training.ipynb").read_text()))  # the choice is printed
 
 
 @pytest.mark.slow  # re-executes both notebooks: run with `pytest -m slow`

@@ -39,7 +39,7 @@ def train_checkpoint(path: Path, data_dir: Path, subset: str, *, backbone: str, 
         image_size=image_size, batch_size=10, epochs=10, lr=lr, class_weight=[1, 3], target_train_accuracy=0.98,
         test_size=0.2, seed=seed, heatmap_thres=0.7, n_cv_folds=0, weights_dir=str(path.parent),
         results_dir="results", device="cpu", precision="fp32", patch_memory_size=memory_size,
-        patch_memory_method="random", calibration="holdout")
+        patch_memory_method="random", calibration="holdout", head="published")
     samples = dataloader.index_subset(data_dir, subset)
     train, test = dataloader.split_samples(samples, test_size=0.2, seed=seed)
     images = dataloader.load_images(data_dir, samples, image_size)

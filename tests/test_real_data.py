@@ -118,7 +118,7 @@ def cv(toothbrush, pretrained_weights, tmp_path_factory) -> CrossValidation:
         data_dir=str(tmp), subset_name=SUBSET, download=False, backbone=BACKBONE, pretrained=True,
         image_size=IMAGE_SIZE, batch_size=BATCH_SIZE, test_size=0.2, seed=SEED, heatmap_thres=0.7,
         n_cv_folds=N_FOLDS, weights_dir=str(tmp), results_dir=str(tmp), device=str(device), precision=precision,
-        patch_memory_size=10**6, patch_memory_method="random", calibration="holdout", **RECIPE)
+        patch_memory_size=10**6, patch_memory_method="random", calibration="holdout", head="published", **RECIPE)
     template = helper.new_model(config, None, device, precision)
     frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=BATCH_SIZE,
                                 device=device, precision=precision, progress=False)
