@@ -55,8 +55,8 @@ def summary_row(subset: str, backbone: str, metrics: dict | None, error: str | N
     metrics = metrics or {}
     for column in COLUMNS:
         row[column] = metrics.get(column)
-    # what head="auto" chose to decide with and to show ("" for a head given by hand)
-    row["decided_by"] = (metrics.get("selection") or {}).get("decision", "")
+    # what head="auto" chose to decide with (empty for a head given by hand)
+    row["decided_by"] = (metrics.get("selection") or {}).get("decision")
     decision = metrics.get("decision") or {}
     for column in DECISION_COLUMNS:  # the calibrated decision users act on
         row[column] = decision.get(column)

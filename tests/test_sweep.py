@@ -27,7 +27,10 @@ def test_markdown_table_formats_numbers_and_missing_values():
     rows = [sweep.summary_row("toothbrush", "mobilenet_v2", _metrics(0.9123), None)]
     table = sweep.markdown_table(rows).splitlines()
     assert table[0].startswith("| subset | backbone | n_train |") and table[0].endswith("| error |")
-    assert "| toothbrush | mobilenet_v2 | 40 | 10 | 0.900 | 0.875 | 0.950 | 0.970 | 0.050 | 0.250 | 1.000 | 0.912 | 0.500 | – | 0.250 |  |" == table[2]
+    assert "| toothbrush | mobilenet_v2 | 40 | 10 | 0.900 | 0.875 | 0.950 | 0.970 | – | 0.050 | 0.250 | 1.000 | 0.912 | 0.500 | – | 0.250 |  |" == table[2]
+    # head="auto" runs say what decided (metrics.json's selection)
+    chosen = sweep.summary_row("pill", "vgg16", {**_metrics(0.9), "selection": {"decision": "evidence"}}, None)
+    assert chosen["decided_by"] == "evidence" and "| evidence |" in sweep.markdown_table([chosen])
 
 
 def test_failed_subset_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch):
