@@ -239,9 +239,12 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/study_scratch", help="weights_dir/results_dir of the configs")
     parser.add_argument("--out", default="results/study.json")
     parser.add_argument("--table", action="store_true", help="print the tables of --out and stop")
+    parser.add_argument("--auto-table", action="store_true",
+                        help="print the table of head='auto' against the other variants of --out and stop")
     args = parser.parse_args()
-    if args.table:
-        print(tables(json.loads(Path(args.out).read_text())))
+    if args.table or args.auto_table:
+        report = json.loads(Path(args.out).read_text())
+        print(auto_table(report) if args.auto_table else tables(report))
         return
     device = runtime.resolve_device(args.device)
     args.precision = runtime.resolve_precision(args.precision, device)
@@ -318,6 +321,29 @@ def tables(report: dict) -> str:
             f"{fmt(promised(r, rate))} / {fmt(r['decision'][f'{rate:g}']['false_alarms'])} / "
             f"{fmt(r['decision'][f'{rate:g}']['recall'])}" for rate in RATES) + " |")
     return "\n".join(rows + ["", *rates])
+
+
+def auto_table(report: dict) -> str:
+    """docs/results.md's table of the default head: per category and backbone, each variant's
+    per-fold mean image AUROC (and the patch map alone's), the map it shows and that map's per-fold
+    mean pixel AUROC, AUPRO and pointing game, what each fold decided with and showed."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = ["| data | backbone | variant | image AUROC | patch map alone | map shown | pixel AUROC | AUPRO | "
+            "pointing game | folds: decision / map |", "|" + "---|" * 10]
+    order = {"auto": 0, "published": 1, "evidence": 2}
+    for key in sorted(report, key=lambda k: (report[k]["subset"], report[k]["backbone"],
+                                             order.get(report[k]["variant"], 9))):
+        r, fm = report[key], report[key]["fold_means"]
+        shown = sorted({f["shown"] for f in r["fold_details"]})
+        counts: dict[str, int] = {}
+        for f in r["fold_details"]:
+            name = f"{f['head'] or 'patch map'} / {f['shown']}"
+            counts[name] = counts.get(name, 0) + 1
+        rows.append(f"| {r['subset']} ({r['image_size']} px) | {r['backbone']} | {r['variant']} | "
+                    f"{fmt(fm['image_auroc'])} | {fmt(fm['patch_image_auroc'])} | {', '.join(shown)} | "
+                    f"{fmt(fm['shown/pixel_auroc'])} | {fmt(fm['shown/aupro'])} | {fmt(fm['shown/pointing_game'])} | "
+                    + ", ".join(f"{n} x{c}" for n, c in counts.items()) + " |")
+    return "\n".join(rows)
 
 
 def promised(entry: dict, rate: float) -> float:
