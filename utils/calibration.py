@@ -44,9 +44,6 @@ def calibrate(good_maps: dict[str, np.ndarray], quantile: float, min_area: int) 
     }
 
 
-DECISION_RULES = ("calibrated", "argmax")
-
-
 def decision_threshold(good_scores, false_alarm_rate: float | None) -> dict:
     """The image decision from scores (N,) of good images the model never trained on.
 
