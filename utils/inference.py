@@ -286,6 +286,16 @@ def needs(checkpoint: dict[str, Any], localizer: str) -> dict[str, Any]:
             "explain": localizer in (*EXPLANATIONS, "explain")}
 
 
+def check_image_batch(images: torch.Tensor, checkpoint: dict[str, Any]) -> None:
+    """Raise a ValueError unless `images` is (N, 3, S, S) at the checkpoint's image_size S: at another
+    size the calibrated thresholds and the evidence head's top-k pooling would mean something else."""
+    size = checkpoint["config"]["image_size"]
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+        raise ValueError(f"images of shape {tuple(images.shape)} cannot be scored by this checkpoint: it was "
+                         f"trained and calibrated on (N, 3, {size}, {size}) images. Decode them with "
+                         f"dataloader.read_image(path, {size}), or score each with inference.score_image.")
+
+
 def score_batch(
     images: torch.Tensor,
     model: CAMClassifier,
@@ -301,7 +311,9 @@ def score_batch(
 ) -> list[dict[str, Any]]:
     """Score (N, 3, S, S) uint8 images (decoded like training's, S the checkpoint's image_size)
     in one pass per batch; returns one result per image (see `results_from_predictions`).
-    localizer None: the checkpoint's default map (`localizers.default_localizer`)."""
+    localizer None: the checkpoint's default map (`localizers.default_localizer`). Images of another
+    size raise a ValueError (`check_image_batch`)."""
+    check_image_batch(images, checkpoint)
     localizer = default_localizer(checkpoint) if localizer is None else localizer
     check_localizer(localizer, checkpoint)
     rule = box_rule(checkpoint, localizer, box_threshold, heatmap_thres, box_mode)
