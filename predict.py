@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parameters.check_output_dir(args.out, "--out")
         model, checkpoint = checkpoints.load_checkpoint(args.checkpoint)
+        inference.check_scorable(model, checkpoint, where=args.checkpoint)
         if args.localizer is None:
             args.localizer = localizers.default_localizer(checkpoint)
         inference.check_localizer(args.localizer, checkpoint, where=args.checkpoint)

@@ -187,6 +187,44 @@ def test_a_folder_as_checkpoint_or_an_unusable_out_stops_before_scoring(syntheti
     assert not (tmp_path / "a").exists() and blocker.read_text() == ""
 
 
+def _classifier_free_without_calibration(ckpt):
+    ckpt["classifier"] = False
+    del ckpt["calibration"]
+
+
+def _classifier_free_without_memory(ckpt):
+    ckpt["classifier"] = False
+    del ckpt["patch_memory"]
+
+
+def _memory_of_another_rule(ckpt):
+    ckpt["config"]["patch_layers"] = "fine"  # VGG16's stride-8 layer alone: 512 dims, the memory has 1024
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_classifier_free_without_calibration, "no classifier and no calibrated patch map, so nothing decides"),
+    (_classifier_free_without_memory, "has no patch memory, but its decision is computed from it"),
+    (_memory_of_another_rule, "its patch memory has 1024 dims per row, but its patch rule (patch_layers='fine') "
+                              "embeds vgg16 patches in 512"),
+])
+def test_checkpoint_that_cannot_be_scored_stops_before_anything_is_written(synthetic, tmp_path, capsys, damage,
+                                                                          message):
+    """predict.py validates everything scoring reads before it scores: exit 2, a message, no output.
+    Catches: predict.main without `inference.check_scorable` (the run then fails mid-way with a
+    traceback, from the decision or from the memory's width)."""
+    checkpoint, data_dir = synthetic
+    ckpt = torch.load(checkpoint, weights_only=True)
+    damage(ckpt)
+    path = tmp_path / "damaged.pt"
+    torch.save(ckpt, path)
+    out = tmp_path / "out"
+    status = predict.main(["--checkpoint", str(path), "--images", str(data_dir / "synthetic" / "test" / "good"),
+                           "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and str(path) in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_localizer_the_checkpoint_lacks_is_refused(synthetic, tmp_path, capsys):
     checkpoint, data_dir = synthetic
     ckpt = torch.load(checkpoint, weights_only=True)

@@ -216,6 +216,48 @@ def predict_frozen(
 check_localizer = check_checkpoint_localizer  # what predict.py and Evaluation call
 
 
+def patch_width(model: CAMClassifier, rule: PatchRule) -> int:
+    """Dims D of the patch embeddings `rule` makes from this network's frozen layers (read from one
+    forward pass of a blank 64 px image)."""
+    weight = next(model.frozen.parameters())
+    with torch.no_grad():
+        frozen, taps = model.frozen_features(torch.zeros(1, 3, 64, 64, dtype=weight.dtype, device=weight.device),
+                                             (model.spec.taps[0],))
+    return int(rule.embed(taps[0], frozen).shape[1])
+
+
+def check_scorable(model: CAMClassifier, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
+    """Raise a ValueError naming `where` unless scoring can use everything it will read: a decision
+    (`decision_of`); the patch memory where the decision or the evidence head needs it; a memory
+    (M, D) of finite values whose width D is that of the patches the checkpoint's patch rule embeds
+    with this network, and the width the evidence head reads. Run before any image is scored, so a
+    damaged checkpoint stops a run before it writes anything."""
+    try:
+        decision_of(checkpoint)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    memory = checkpoint.get("patch_memory")
+    evidence = model.evidence_head is not None
+    if memory is None:
+        if evidence or not has_classifier(checkpoint):
+            raise ValueError(f"{where} has no patch memory, but its {'evidence head' if evidence else 'decision'} "
+                             f"is computed from it: the file is incomplete; train again with Training.ipynb.")
+        return
+    if not isinstance(memory, torch.Tensor) or memory.ndim != 2 or len(memory) == 0 or \
+            not bool(torch.isfinite(memory).all()):
+        raise ValueError(f"{where}: its patch memory is not a finite (M, D) tensor. It is damaged or was edited; "
+                         f"train again.")
+    rule = patch_rule_of(checkpoint["config"])
+    width = patch_width(model, rule)
+    if memory.shape[1] != width:
+        raise ValueError(f"{where}: its patch memory has {memory.shape[1]} dims per row, but its patch rule "
+                         f"(patch_layers={rule.layers!r}) embeds {checkpoint['config']['backbone']} patches in "
+                         f"{width}: the memory was built under another rule or the file was edited. Train again.")
+    if evidence and model.evidence_head.net[0].in_channels != width + 1:
+        raise ValueError(f"{where}: its evidence head reads {model.evidence_head.net[0].in_channels - 1}-dim "
+                         f"residuals, but its patch memory has {width} dims. It is damaged or was edited; train again.")
+
+
 def box_rule(
     checkpoint: dict[str, Any],
     localizer: str,
