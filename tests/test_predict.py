@@ -225,6 +225,59 @@ def test_checkpoint_that_cannot_be_scored_stops_before_anything_is_written(synth
     assert not out.exists()
 
 
+def _files_under(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_interrupted_run_leaves_nothing_or_the_earlier_complete_set(synthetic, tmp_path, monkeypatch):
+    """A run stopped after its first overlays (here: interrupted while writing the third) leaves a new
+    OUT absent and an existing OUT exactly as the earlier run left it; a complete run replaces the
+    earlier set and leaves no hidden folder. Catches: overlays written straight into OUT before the
+    CSV and JSON (the interrupted run then leaves overlays without predictions.csv/json)."""
+    checkpoint, data_dir = synthetic
+    args = ["--checkpoint", str(checkpoint), "--images", str(data_dir / "synthetic" / "test" / "good"),
+            "--batch-size", "2"]
+    real_save_png, calls = predict.plots.save_png, []
+
+    def interrupted_at_the_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_save_png(*a, **k)
+
+    before = sorted(tmp_path.iterdir())
+    with monkeypatch.context() as m:
+        m.setattr(predict.plots, "save_png", interrupted_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            predict.main([*args, "--out", str(tmp_path / "new" / "out")])
+    assert sorted(tmp_path.iterdir()) == before  # nothing: no OUT, no parent folder, no hidden folder
+
+    out = tmp_path / "out"
+    assert predict.main([*args, "--out", str(out)]) == 0
+    earlier = _files_under(out)
+    assert len(earlier) == 2 + 10 and not list(out.glob(".predict-*"))  # CSV, JSON, 10 overlays
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(predict.plots, "save_png", interrupted_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            predict.main([*args, "--out", str(out), "--localizer", "patch_knn"])
+    assert _files_under(out) == earlier and not list(out.glob(".predict-*"))
+    assert predict.main([*args, "--out", str(out), "--localizer", "patch_knn"]) == 0
+    assert json.loads((out / "predictions.json").read_text())["settings"]["localizer"] == "patch_knn"
+    assert set(_files_under(out)) == set(earlier) and not list(out.glob(".predict-*"))
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_heatmap_thres_outside_0_1_is_refused_before_scoring(synthetic, tmp_path, capsys, value):
+    """Catches: inference.box_rule without its range check (predict.py then scores with it, exit 0)."""
+    checkpoint, data_dir = synthetic
+    out = tmp_path / "out"
+    status = predict.main(["--checkpoint", str(checkpoint), "--images", str(data_dir / "synthetic" / "test" / "good"),
+                           "--out", str(out), "--heatmap-thres", value, "--box-threshold", "minmax"])
+    assert status == 2 and f"heatmap_thres={float(value)} must lie in [0, 1]" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_localizer_the_checkpoint_lacks_is_refused(synthetic, tmp_path, capsys):
     checkpoint, data_dir = synthetic
     ckpt = torch.load(checkpoint, weights_only=True)

@@ -271,6 +271,8 @@ def box_rule(
     if box_threshold not in BOX_THRESHOLDS:
         raise ValueError(f"box_threshold={box_threshold!r} must be one of {BOX_THRESHOLDS}.")
     thres = checkpoint["config"]["heatmap_thres"] if heatmap_thres is None else float(heatmap_thres)
+    if not 0.0 <= thres <= 1.0:
+        raise ValueError(f"heatmap_thres={thres} must lie in [0, 1]: it is a share of each map's own range.")
     if box_threshold == "minmax":
         return BoxRule("minmax", thres, 1, box_mode, heatmap_thres=thres)
     calibration = checkpoint.get("calibration") or {}
