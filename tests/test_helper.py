@@ -155,7 +155,7 @@ def larger_subset(tmp_path_factory):
 
 def test_the_evidence_head_learns_and_its_map_is_hotter_inside_the_defects(larger_subset, make_model, tmp_path):
     samples, images, masks, labels = larger_subset
-    config = _config(tmp_path, head="evidence", patch_memory_size=1000)
+    config = _config(tmp_path, head="evidence", patch_memory_size=1000, **parameters.PUBLISHED_RECIPE)
     template = make_model("mobilenet_v2")
     frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=8, device=CPU,
                                 precision="fp32", progress=False)

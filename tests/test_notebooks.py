@@ -4,6 +4,7 @@ they promise, then re-execute the executed notebooks with nbval to prove reruns 
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,12 @@ def test_evaluation_writes_contract_metrics_and_beats_chance(executed):
         assert (out / png).stat().st_size > 0
 
 
+def _stdout(notebook: Path) -> str:
+    """Everything an executed notebook printed."""
+    return "".join("".join(o.get("text", [])) for c in json.loads(notebook.read_text())["cells"]
+                   for o in c.get("outputs", []))
+
+
 def _csv_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -139,9 +146,7 @@ def test_official_split_without_anomalies_builds_the_patch_memory_only(official)
     assert set(ckpt["calibration"]["thresholds"]) == {"patch_knn"}  # the only map without a classifier
     log = json.loads((official / "results" / "synthetic_vgg16" / "training.json").read_text())
     assert log["classifier"] is False and log["epochs_run"] == 0 and log["test"] is None
-    stdout = "".join("".join(o.get("text", [])) for c in json.loads((official / "Training.ipynb").read_text())["cells"]
-                     for o in c.get("outputs", []))
-    assert "classifier skipped: the training split has no Anomaly images" in stdout
+    assert "classifier skipped: the training split has no Anomaly images" in _stdout(official / "Training.ipynb")
 
 
 def test_official_split_evaluation_measures_the_patch_map(official):
@@ -193,7 +198,8 @@ def evidence_run(tmp_path_factory):
     """Training with head="evidence" (MobileNetV2, random weights, 64 px), then Evaluation with its default map."""
     tmp = tmp_path_factory.mktemp("evidence")
     dirs = {"data_dir": str(tmp / "data"), "weights_dir": str(tmp / "weights"), "results_dir": str(tmp / "results")}
-    params = {**TRAIN_PARAMS, "backbone": "mobilenet_v2", "head": "evidence", "calibration": "cross_fit", **dirs}
+    recipe = {k: v for k, v in TRAIN_PARAMS.items() if k not in ("epochs", "lr")}  # the evidence head takes neither
+    params = {**recipe, "backbone": "mobilenet_v2", "head": "evidence", "calibration": "cross_fit", **dirs}
     pm.execute_notebook(ROOT / "Training.ipynb", tmp / "Training.ipynb", cwd=str(ROOT), parameters=params,
                         progress_bar=False)
     pm.execute_notebook(ROOT / "Evaluation.ipynb", tmp / "Evaluation.ipynb", cwd=str(ROOT),
@@ -206,6 +212,9 @@ def test_evidence_head_notebooks_write_its_checkpoint_and_metrics(evidence_run, 
     checkpoint = evidence_run / "weights" / "synthetic_mobilenet_v2.pt"
     ckpt = torch.load(checkpoint, weights_only=True)
     assert ckpt["config"]["head"] == "evidence" and ckpt["classifier"] is True
+    # its log counts its 40 full-batch steps, not the published head's epochs (which it has no use for)
+    logged = re.findall(r"^(\w+) +(\d+)/(\d+)  loss", _stdout(evidence_run / "Training.ipynb"), re.M)
+    assert logged == [("step", str(k), "40") for k in range(1, 41)]
     # the frozen layers the patch features come from, and the evidence head; no untrained published head
     assert all(k.startswith(("frozen.", "evidence_head.")) for k in ckpt["state_dict"])
     assert any(k.startswith("evidence_head.") for k in ckpt["state_dict"])
