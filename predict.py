@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import checkpoint as checkpoints
-from utils import inference, localizers, parameters, plots, runtime
+from utils import calibration, inference, localizers, parameters, plots, runtime
 from utils.download import sha256_of
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if run["rule"].note:
         print(f"note: {run['rule'].note}", file=sys.stderr)
+    warning = calibration.promise_warning(inference.decision_of(run["checkpoint"]))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     out = Path(args.out)
     staging = staging_folder(out)
     try:

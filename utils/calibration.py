@@ -68,6 +68,20 @@ def decision_threshold(good_scores, false_alarm_rate: float | None) -> dict:
             "n_images": n, "expected_false_alarms": expected, "meets_rate": bool(expected <= false_alarm_rate)}
 
 
+def promise_warning(decision: dict) -> str:
+    """What to warn a user of when a calibrated `decision` (`decision_threshold`) cannot promise its
+    stated false-alarm rate (too few calibration images: N of them promise at best 1 / (N + 1));
+    "" when it can, or for the argmax."""
+    if decision.get("rule") != "calibrated" or decision.get("meets_rate") is not False:
+        return ""
+    rate, promised = decision["false_alarm_rate"], decision["expected_false_alarms"]
+    needed = math.ceil(round(1.0 / rate - 1.0, 9))
+    return (f"the calibration cannot promise the stated false_alarm_rate={rate:g}: its {decision['n_images']} good "
+            f"images promise only that at most {promised:.3f} of new good parts are flagged; {needed} would promise "
+            f"{rate:g}. Hold back more good images (calibration_share, or more good training images), or state a "
+            f"rate of at least {promised:.3f}.")
+
+
 def decide(scores, decision: dict) -> np.ndarray:
     """Labels (N,) int64, 1 = Anomaly, of image scores (N,) under a `decision_threshold` rule."""
     scores = to_numpy(scores).astype(np.float64).reshape(-1)

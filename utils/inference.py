@@ -76,17 +76,20 @@ class BoxRule:
 def decision_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The image decision a checkpoint carries (`calibration.decision_threshold`). Checkpoints from
     before it: the published argmax, or without a classifier the patch map's calibrated box
-    threshold (an image was Anomaly when its patch map had a box)."""
+    threshold (an image was Anomaly when its patch map had a box). `expected_false_alarms` and
+    `meets_rate` (what its calibration promises, `calibration.decision_threshold`) are None where
+    nothing was promised."""
     calibration = checkpoint.get("calibration") or {}
+    unpromised = {"expected_false_alarms": None, "meets_rate": None}
     if "decision" in calibration:
-        return calibration["decision"]
+        return {**unpromised, **calibration["decision"]}
     if has_classifier(checkpoint):
-        return {"rule": "argmax", "false_alarm_rate": None, "threshold": 0.5}
+        return {"rule": "argmax", "false_alarm_rate": None, "threshold": 0.5, **unpromised}
     threshold = (calibration.get("thresholds") or {}).get("patch_knn")
     if threshold is None:
         raise ValueError("this checkpoint has no classifier and no calibrated patch map, so nothing decides an "
                          "image's label: train again with Training.ipynb")
-    return {"rule": "calibrated", "false_alarm_rate": None, "threshold": float(threshold)}
+    return {"rule": "calibrated", "false_alarm_rate": None, "threshold": float(threshold), **unpromised}
 
 
 @torch.no_grad()  # the explanations switch gradients on for themselves
