@@ -81,7 +81,7 @@ def synthetic_run(synthetic, tmp_path_factory):
     checkpoint, data_dir = synthetic
     out = tmp_path_factory.mktemp("out")
     status = predict.main(["--checkpoint", str(checkpoint), "--images", str(data_dir / "synthetic" / "test"),
-                           "--out", str(out), "--localizer", "patch_knn", "--batch-size", "7"])
+                           "--out", str(out), "--localizer", "patch_knn", "--batch-size", "7", "--precision", "fp32"])
     return status, out
 
 
@@ -94,10 +94,21 @@ def test_one_row_and_one_overlay_per_image(synthetic, synthetic_run):
     assert len(files) == 40 and [Path(r["path"]) for r in rows] == files
     for row in rows:
         assert row["error"] == "" and row["label"] in ("Good", "Anomaly")
-        assert 0 <= float(row["p_anomaly"]) <= 1 and float(row["image_score"]) >= 0
         assert int(row["n_boxes"]) == len(json.loads(row["boxes"]))
         with Image.open(out / row["overlay"]) as overlay:  # image and map side by side, full size
             assert overlay.size == (2 * SIZE, SIZE) and overlay.format == "PNG"
+    # each row holds its own file's numbers: those of one inference.predict pass over the same files,
+    # labelled by the checkpoint's decision. Catches: rows paired with another file's result, or
+    # images normalised with other statistics than the checkpoint's
+    model, ckpt = load_checkpoint(checkpoint)
+    mean, std = normalisation("vgg16", False)
+    pred = inference.predict(model, torch.stack([dataloader.read_image(f, 64) for f in files]), mean, std,
+                             batch_size=7, device=CPU, precision="fp32", patch_memory=ckpt["patch_memory"],
+                             patch_rule=patch_rule_of(ckpt["config"]))
+    np.testing.assert_allclose([float(r["p_anomaly"]) for r in rows], pred["p_anomaly"], atol=1e-5)
+    np.testing.assert_allclose([float(r["image_score"]) for r in rows], pred["patch_score"], rtol=1e-5)
+    decided = pred["p_anomaly"] > inference.decision_of(ckpt)["threshold"]
+    assert [r["label"] == "Anomaly" for r in rows] == decided.tolist()
     report = json.loads((out / "predictions.json").read_text())
     assert report["checkpoint"]["name"] == checkpoint.name
     assert report["checkpoint"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -153,9 +164,14 @@ def test_bad_files_are_reported_and_the_run_goes_on(synthetic, tmp_path, png, ca
         assert Image.open(out / rows[name]["overlay"]).size == size, name
     # an opaque RGBA image becomes the same RGB image under training's conversion: the same score
     assert float(rows["rgba.png"]["p_anomaly"]) == pytest.approx(float(rows["rgb.png"]["p_anomaly"]), abs=1e-4)
-    assert "truncated.png" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "truncated.png" in err
+    # 40 good training images, 8 held back to calibrate: they promise 1/9, not the stated 5 %
+    assert "warning: the calibration cannot promise the stated false_alarm_rate=0.05" in err
     report = json.loads((out / "predictions.json").read_text())
     assert report["n_failed"] == 2 and report["n_images"] == 6
+    decision = report["settings"]["decision"]
+    assert decision["expected_false_alarms"] == pytest.approx(1 / 9) and decision["meets_rate"] is False
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporary files behind
 
 
