@@ -25,12 +25,14 @@ from utils.checkpoint import load_checkpoint  # noqa: E402
 
 def run(head: str, precision: str, device: torch.device, data_dir: Path, args) -> dict:
     """One fold on the device, the checkpoint round trip, the reloaded model's predictions."""
+    # the evidence head takes the published recipe's defaults only (parameters.PUBLISHED_RECIPE)
+    recipe = dict(epochs=args.epochs, lr=1e-3, target_train_accuracy=None) if head == "published" else \
+        parameters.PUBLISHED_RECIPE
     config = parameters.training_config(
         data_dir=str(data_dir), subset_name="synthetic", download=False, backbone=args.backbone, pretrained=False,
-        image_size=args.image_size, batch_size=10, epochs=args.epochs, lr=1e-3, class_weight=[1, 3],
-        target_train_accuracy=None, test_size=0.2, seed=args.seed, heatmap_thres=0.7, n_cv_folds=0,
-        weights_dir=args.work_dir, results_dir=args.work_dir, device=str(device), precision=precision,
-        patch_memory_size=2000, head=head)
+        image_size=args.image_size, batch_size=10, class_weight=[1, 3], test_size=0.2, seed=args.seed,
+        heatmap_thres=0.7, n_cv_folds=0, weights_dir=args.work_dir, results_dir=args.work_dir, device=str(device),
+        precision=precision, patch_memory_size=2000, head=head, **recipe)
     samples = dataloader.index_subset(data_dir, "synthetic")
     train, test = dataloader.split_samples(samples, 0.2, args.seed)
     images = dataloader.load_images(data_dir, samples, args.image_size)

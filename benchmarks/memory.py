@@ -34,7 +34,9 @@ from utils.checkpoint import atomic_write_bytes, save_json  # noqa: E402
 from utils import helper, metrics, patchknn  # noqa: E402
 from utils.constants import GOOD, MVTEC_DIR_ENV  # noqa: E402
 from utils.dataloader import index_subset, load_images, load_masks  # noqa: E402
+from utils.evidence import residuals  # noqa: E402
 from utils.model import CAMClassifier, normalisation  # noqa: E402
+from utils.postprocess import upsample_maps  # noqa: E402
 
 DEFAULT_DATA_DIR = os.environ.get(MVTEC_DIR_ENV) or REPO_ROOT.parent / "shared" / "data" / "mvtec_anomaly_detection"
 SPEED_TARGET = 10.0  # default coreset over the stepwise loop
@@ -110,9 +112,12 @@ def extract(args: argparse.Namespace) -> dict[str, torch.Tensor]:
 def map_metrics(memory: torch.Tensor, test: torch.Tensor, masks: np.ndarray, labels: np.ndarray,
                 size: int, sigma: float) -> dict[str, float | None]:
     """Pixel AUROC, AUPRO and image AUROC of the patch map of memory (M, D) on test embeddings (T, h, w, D),
-    raw (as Evaluation computes it) and blurred with a Gaussian of `sigma` px (as PatchCore does)."""
-    maps, scores = patchknn.patch_anomaly_maps(test.permute(0, 3, 1, 2), memory, out_size=(size, size))
-    maps = maps.numpy()
+    raw (each patch's distance to its nearest memory row, `evidence.residuals` as inference computes it,
+    upsampled; the image score its maximum on the patch grid) and blurred with a Gaussian of `sigma` px
+    (as PatchCore does)."""
+    _, distance = residuals(test.permute(0, 3, 1, 2), memory)  # (T, h, w)
+    scores = distance.flatten(1).amax(dim=1)
+    maps = upsample_maps(distance, (size, size)).numpy()
     smooth = np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
     return {
         "pixel_auroc": metrics.pixel_auroc(maps, masks), "aupro": metrics.aupro(maps, masks),

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from utils.calibration import calibrate, calibrate_all, calibration_threshold, decide, decision_threshold, floors
+from utils.calibration import (calibrate, calibrate_all, calibration_threshold, decide, decision_threshold, floors,
+                               promise_warning)
 
 
 def test_decision_threshold_flags_the_stated_share_of_new_good_images():
@@ -23,6 +24,16 @@ def test_decision_threshold_flags_the_stated_share_of_new_good_images():
 def test_too_few_images_cannot_promise_the_rate_and_say_so():
     d = decision_threshold([0.1, 0.4, 0.2, 0.3, 0.5], 0.05)  # 5 images: 1 / 6 is the best promise
     assert d["threshold"] == 0.5 and not d["meets_rate"] and d["expected_false_alarms"] == pytest.approx(1 / 6)
+
+
+def test_a_promise_short_of_the_stated_rate_is_warned_of():
+    """toothbrush's 10 held-back images promise 1/11 = 9.1 %, not the stated 5 %; 19 images keep it.
+    Catches: promise_warning returning "" (Training, Evaluation and predict.py then stay silent)."""
+    short = promise_warning(decision_threshold(np.arange(10.0), 0.05))
+    assert "false_alarm_rate=0.05" in short and "its 10 good images" in short and "at most 0.091" in short
+    assert "19 would promise 0.05" in short
+    assert promise_warning(decision_threshold(np.arange(19.0), 0.05)) == ""
+    assert promise_warning(decision_threshold(np.arange(5.0), None)) == ""  # the argmax promises nothing
 
 
 def test_argmax_rule_and_bad_rates():

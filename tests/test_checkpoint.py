@@ -14,6 +14,7 @@ from utils.constants import CLASS_NAMES
 from utils.checkpoint import CHECKPOINT_FORMAT, has_classifier, load_checkpoint, save_checkpoint
 from utils.inference import predict
 from utils.patchknn import PatchRule, patch_rule_of
+from utils import parameters
 from utils.parameters import trains_classifier, training_config
 
 # The Training.ipynb defaults from CONTRACT.md, shrunk to a tiny run.
@@ -192,6 +193,17 @@ def test_training_config_accepts_contract_defaults() -> None:
 def test_training_config_names_bad_parameter(name: str, value) -> None:
     with pytest.raises(ValueError, match=name):
         _config(**{name: value})
+
+
+@pytest.mark.parametrize("name, value", [("epochs", 3), ("lr", 0.001), ("target_train_accuracy", None),
+                                         ("pooling", "max")])
+def test_the_evidence_head_refuses_the_published_recipe_it_has_no_use_for(name: str, value) -> None:
+    """The evidence head trains its own full-batch steps: a recipe value it would ignore is refused.
+    Catches: training_config without `_check_evidence_recipe` (the value was then dropped silently)."""
+    with pytest.raises(ValueError, match=rf"{name}={value!r} is invalid: expected .* with head='evidence'"):
+        _config(head="evidence", **{name: value})
+    assert _config(head="published", **{name: value})[name] == value
+    assert _config(head="evidence")[name] == parameters.PUBLISHED_RECIPE[name]  # the defaults pass
 
 
 # --------------------------------------------------------------------------- checkpoints without a classifier

@@ -75,7 +75,13 @@ def test_a_fold_scores_from_the_cache_what_predict_scores_from_the_images(subset
     for key, value in direct.items():
         np.testing.assert_allclose(fold.test[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
     assert set(fold.calibration["thresholds"]) >= {"cam", "patch_knn", "cam_knn", "gradref", "explain"}
-    assert fold.calibration["thresholds"]["patch_knn"] > 0  # a held-back image is never in the memory
+    # the image that calibrates is the one `calibration_split` holds back, and the memory is exactly the
+    # one built from the other good training images: no calibration image is in it. Catches: the
+    # held-back images fitted too (`run_fold` fitting on all of `train`), or calibration on fitted images
+    kept, held_back = helper.calibration_split(labels[train], config["calibration_share"], config["seed"])
+    assert torch.equal(held, train[held_back])
+    fitted_good = train[kept][labels[train[kept]] == GOOD]
+    assert torch.equal(fold.patch_memory, helper.patch_memory_of(config, frozen, fitted_good)[0])
 
 
 def test_cross_validation_holds_out_every_image_once(subset, make_model, tmp_path):
@@ -154,9 +160,50 @@ def larger_subset(tmp_path_factory):
             torch.tensor([s.label for s in samples]))
 
 
-def test_the_evidence_head_learns_and_its_map_is_hotter_inside_the_defects(larger_subset, make_model, tmp_path):
+def _far_normal_patches(n_plain: int, n_far: int, n_defective: int, seed: int):
+    """The evidence head's inputs for images of 4 x 4 patches with 4-dim residuals (noise 0.05 per
+    dim): `n_plain` good images; `n_far` good images with one normal patch far from the memory
+    (residual 3.0 along dim 0: a shade of good part the memory lacks); `n_defective` images with one
+    defect patch nearer (1.5 along dim 1). The distance alone ranks the far normal patches above the
+    defects; only the residual's direction tells them apart. Returns (inputs, labels (N,), cells (N,))."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_plain + n_far + n_defective
+    residual = 0.05 * torch.randn(n, 4, 4, 4, generator=g)  # (N, D, h, w)
+    cells = torch.randint(0, 16, (n,), generator=g)
+    for i in range(n_plain, n):
+        far = i < n_plain + n_far
+        residual[i, 0 if far else 1, cells[i] // 4, cells[i] % 4] += 3.0 if far else 1.5
+    labels = torch.tensor([GOOD] * (n_plain + n_far) + [1] * n_defective)
+    return evidence.EvidenceInputs(residual.half(), residual.norm(dim=1)), labels, cells
+
+
+def test_training_teaches_the_evidence_head_what_the_patch_distance_gets_wrong():
+    """Before its first step the head is the patch map as a classifier (image AUROC 0.75 on this
+    case: it ranks the far normal patches above the defects); trained with its defaults, it tells
+    them apart on new images, and its map says why: the far normal patch is colder than the defect.
+    Catches: no training (STEPS = 0, or the optimiser's step removed), which leaves the patch map."""
+    train, y, _ = _far_normal_patches(30, 10, 20, seed=0)
+    test, y_test, cells = _far_normal_patches(30, 10, 20, seed=1)
+    scored = {}
+    for name, steps in (("untrained", {"steps": 0}), ("trained", {})):  # trained: the defaults
+        torch.manual_seed(0)
+        head = evidence.EvidenceHead(4)
+        evidence.train_head(head, train, y, class_weight=[1, 3], device=CPU, **steps)
+        scored[name] = evidence.evidence_scores(head, *test.batch(torch.arange(len(test))))
+    (p0, _), (p, patch) = scored["untrained"], scored["trained"]
+    assert roc_auc_score(y_test, p0) <= 0.8  # the starting point: the patch distance, fooled
+    assert roc_auc_score(y_test, p) >= 0.95 and ((p > 0.5).long() == y_test).float().mean() >= 0.95
+    hot = patch.flatten(1)[torch.arange(len(test)), cells]  # each image's planted patch
+    assert hot[30:40].max() < hot[40:].min()  # far normal patches below every defect patch
+
+
+def test_the_evidence_head_in_the_fold_pipeline_decides_and_its_map_is_hotter_inside_the_defects(
+        larger_subset, make_model, tmp_path):
+    """The fold pipeline trains the evidence head on the group-excluded memory and scores with it.
+    Its thresholds are met by the patch map alone as well: that training changes the decision is
+    the test above."""
     samples, images, masks, labels = larger_subset
-    config = _config(tmp_path, head="evidence", patch_memory_size=1000)
+    config = _config(tmp_path, head="evidence", patch_memory_size=1000, **parameters.PUBLISHED_RECIPE)
     template = make_model("mobilenet_v2")
     frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=8, device=CPU,
                                 precision="fp32", progress=False)
@@ -173,6 +220,35 @@ def test_the_evidence_head_learns_and_its_map_is_hotter_inside_the_defects(large
     assert pixel_auroc(fold.test["evidence"][y == 1], m[y == 1]) >= 0.8
     decided = calibration.decide(p, fold.calibration["decision"])
     assert (decided == y).mean() >= 0.8
+
+
+def test_evidence_training_inputs_give_each_memory_row_its_images_group():
+    """Twelve training images (ten good, two defective, in a shuffled order) of a 4 x 4 patch grid whose
+    first channel is 10 x the image's index on every patch (a 3x3 mean keeps it), so each memory
+    row names its image. Every good image's distances must be those to the nearest memory row of
+    another group than its own. Catches: a memory row given another image's group (e.g.
+    `patch_memory_of` mapping rows to images with `rows % len(good)` instead of `rows // cells`),
+    under which a good image meets rows of its own group, its own patches among them."""
+    g = torch.Generator().manual_seed(0)
+    tap = torch.cat([10.0 * torch.arange(12.0).view(12, 1, 1, 1).expand(12, 1, 4, 4),
+                     torch.rand(12, 1, 4, 4, generator=g)], dim=1)  # (12, 2, 4, 4) stride-8 taps
+    frozen = helper.Frozen(torch.zeros(12, 3, 2, 2), tap, torch.ones(12, dtype=torch.bool))
+    labels = torch.tensor([GOOD] * 10 + [1] * 2)
+    fit = torch.randperm(12, generator=g)
+    config = {"seed": 0, "patch_layers": "fine", "patch_map_sigma": 0.0, "patch_memory_size": 60,
+              "patch_memory_method": "coreset"}
+    good = fit[labels[fit] == GOOD]
+    memory, memory_images, _ = helper.patch_memory_of(config, frozen, good)
+    inputs = helper.evidence_training_inputs(config, frozen, labels, fit, memory, memory_images, CPU)
+    group_of = dict(zip(good.tolist(), helper.assign_groups(["good"] * 10, helper.GROUPS, 0).tolist()))
+    row_groups = torch.tensor([group_of[int(v)] for v in (memory[:, 0] / 10).round().long()])  # (M,)
+    for k, image in enumerate(fit.tolist()):
+        if labels[image] != GOOD:
+            continue
+        patches = frozen.patches_of(torch.tensor([image]), PatchRule("fine", 0.0))  # (16, 2)
+        allowed = memory[row_groups != group_of[image]]
+        expected = torch.cdist(patches.double(), allowed.double()).min(dim=1).values.view(4, 4)
+        torch.testing.assert_close(inputs.distance[k].double(), expected, rtol=0, atol=1e-4)
 
 
 def test_group_excluded_memory_never_gives_an_image_its_own_patches():

@@ -132,7 +132,7 @@ def test_calibrated_decision_labels_and_boxes_agree():
 
 
 def test_decision_of_older_checkpoints():
-    assert inference.decision_of(CHECKPOINT) == ARGMAX
+    assert inference.decision_of(CHECKPOINT) == {**ARGMAX, "expected_false_alarms": None, "meets_rate": None}
     patch_only = {**CHECKPOINT, "classifier": False, "calibration": {"thresholds": {"patch_knn": 2.5}}}
     assert inference.decision_of(patch_only)["threshold"] == 2.5
     with pytest.raises(ValueError, match="nothing decides"):
@@ -205,6 +205,20 @@ def test_path_pil_and_array_give_the_same_result(image_file, make_model):
     np.testing.assert_allclose(results[0]["heatmap"], expected, atol=1e-6)
     # an Anomaly gets the boxes of its heatmap at the configuration's threshold
     np.testing.assert_array_equal(results[0]["boxes"], heatmap_to_boxes(expected, 0.7)[0])
+
+
+def test_score_batch_refuses_images_of_another_size(image_file, make_model):
+    """Images at another size than the checkpoint's would be scored against thresholds and a top-k
+    share calibrated at its size. Catches: score_batch without `check_image_batch` (128 px images
+    of a 64 px checkpoint are then scored silently)."""
+    path, _ = image_file
+    model = _set_bias(make_model("vgg16"), -10.0, 10.0).eval()
+    checkpoint = {"config": CONFIG}
+    assert len(inference.score_batch(dataloader.read_image(path, 64)[None], model, checkpoint,
+                                     box_threshold="minmax")) == 1
+    for images in (dataloader.read_image(path, 128)[None], dataloader.read_image(path, 64)):
+        with pytest.raises(ValueError, match=r"trained and calibrated on \(N, 3, 64, 64\) images"):
+            inference.score_batch(images, model, checkpoint, box_threshold="minmax")
 
 
 def test_good_label_gets_no_box_and_grayscale_works(image_file, make_model):

@@ -7,12 +7,15 @@ import pytest
 import torch
 from scipy import ndimage
 
+from utils.calibration import decision_threshold
+
 from utils.metrics import (
     aupro,
     box_detection,
     box_iou_score,
     classification_metrics,
     confusion_counts,
+    decision_metrics,
     localisation_metrics,
     per_defect_type,
     pixel_auroc,
@@ -302,3 +305,17 @@ def test_box_detection_empty_cases():
                                              "good_images_with_boxes": 1.0}
     with pytest.raises(ValueError, match="one box array per image"):
         box_detection(boxes[:2], masks, y)
+
+
+def test_decision_block_records_what_the_calibration_promises():
+    """metrics.json's decision block: the stated rate, what the calibration promises, the measured
+    shares. Catches: decision_metrics without expected_false_alarms and meets_rate (a block that says
+    0.05 where the calibration promised 0.091)."""
+    decision = decision_threshold(np.arange(10.0), 0.05)  # 10 images: 1/11 at best
+    block = decision_metrics(Y_TRUE, Y_PRED, decision)
+    assert block == {"rule": "calibrated", "false_alarm_rate": 0.05, "threshold": 9.0,
+                     "expected_false_alarms": pytest.approx(1 / 11), "meets_rate": False,
+                     "accuracy": pytest.approx(4 / 6), "recall": pytest.approx(2 / 3),
+                     "false_alarms": pytest.approx(1 / 3)}
+    argmax = decision_metrics(Y_TRUE, Y_PRED, decision_threshold([0.1], None))
+    assert argmax["expected_false_alarms"] is None and argmax["meets_rate"] is None

@@ -3,15 +3,17 @@
 import pytest
 import torch
 
+from utils.evidence import residuals
+from utils.postprocess import upsample_maps
+
 from utils.patchknn import (
     build_memory,
     flatten_patches,
     greedy_coreset,
     greedy_coreset_stepwise,
     memory_nbytes,
-    nearest_distances,
+    nearest_rows,
     PatchRule,
-    patch_anomaly_maps,
     patch_embeddings,
     patch_rule_of,
     random_subsample,
@@ -108,21 +110,27 @@ def test_flatten_patches_order():
     assert flat[5].tolist() == [13.0, 17.0, 21.0]
 
 
+def patch_map(emb: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch map (B, H, W) of embeddings (B, D, H, W) and its image scores (B,), as inference computes them."""
+    _, distance = residuals(emb, memory)
+    return distance, distance.flatten(1).amax(dim=1)
+
+
 @pytest.mark.parametrize("method,size", [("coreset", 32), ("random", 32), ("coreset", None)])
 def test_planted_odd_patch_is_the_peak(method, size):
     patches = flatten_patches(good_maps())
     memory = patches[build_memory(patches, size, method=method, seed=1)]
     test = good_maps(n_images=2, seed=2)  # same constant vector, fresh noise
     test[1, :, 5, 2] += 10.0  # distance sqrt(16) * 10 = 40 from every good patch
-    maps, scores = patch_anomaly_maps(test, memory)
+    maps, scores = patch_map(test, memory)
     assert maps.shape == (2, 8, 8)
     assert divmod(int(maps[1].argmax()), 8) == (5, 2)
     others = torch.cat([maps[1].flatten()[: 5 * 8 + 2], maps[1].flatten()[5 * 8 + 3:]])
     assert maps[1, 5, 2] > 39.0 and others.max() < 0.1 and maps[0].max() < 0.1
     assert scores[1] == maps[1, 5, 2] and scores[0] < 0.1
 
-    up, up_scores = patch_anomaly_maps(test, memory, out_size=(32, 32))
-    assert up.shape == (2, 32, 32) and torch.equal(up_scores, scores)  # scores come from the feature grid
+    up = upsample_maps(maps, (32, 32))
+    assert up.shape == (2, 32, 32)
     row, col = divmod(int(up[1].argmax()), 32)
     assert 20 <= row <= 23 and 8 <= col <= 11  # the 4x4 block of feature cell (5, 2)
 
@@ -130,7 +138,7 @@ def test_planted_odd_patch_is_the_peak(method, size):
 def test_image_in_memory_scores_zero():
     train = good_maps(n_images=3)
     memory = flatten_patches(train)[build_memory(flatten_patches(train), None)]
-    maps, scores = patch_anomaly_maps(train[1:2], memory)
+    maps, scores = patch_map(train[1:2], memory)
     assert maps.max() < 1e-4 and scores.max() < 1e-4
 
 
@@ -138,24 +146,26 @@ def test_identical_row_gives_zero_for_large_norms():
     # ReLU-like features of norm ~ 200: the plain expansion would leave about sqrt(1e-3) here.
     g = torch.Generator().manual_seed(0)
     memory = torch.rand(500, 768, generator=g) * 10 + 5
-    dist = nearest_distances(memory[::7], memory, chunk_size=33)
+    _, dist = nearest_rows(memory[::7], memory, chunk_size=33)
     assert dist.max() < 1e-4
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
-def test_nearest_distances_matches_brute_force(chunk_size):
+def test_nearest_rows_matches_brute_force(chunk_size):
     g = torch.Generator().manual_seed(0)
     queries = torch.randn(103, 24, generator=g)
     memory = torch.randn(57, 24, generator=g)
-    expected = torch.cdist(queries.double(), memory.double()).min(dim=1).values.float()
-    assert torch.allclose(nearest_distances(queries, memory, chunk_size), expected, atol=1e-5)
+    expected = torch.cdist(queries.double(), memory.double()).min(dim=1)
+    index, distance = nearest_rows(queries, memory, chunk_size)
+    assert torch.allclose(distance, expected.values.float(), atol=1e-5)
+    assert torch.equal(index, expected.indices)
 
 
-def test_nearest_distances_rejects_mismatch():
+def test_nearest_rows_rejects_mismatch():
     with pytest.raises(ValueError, match="dims"):
-        nearest_distances(torch.zeros(3, 4), torch.zeros(2, 5))
+        nearest_rows(torch.zeros(3, 4), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="empty"):
-        nearest_distances(torch.zeros(3, 4), torch.zeros(0, 4))
+        nearest_rows(torch.zeros(3, 4), torch.zeros(0, 4))
 
 
 def test_greedy_coreset_on_a_line_by_hand():

@@ -81,7 +81,7 @@ def synthetic_run(synthetic, tmp_path_factory):
     checkpoint, data_dir = synthetic
     out = tmp_path_factory.mktemp("out")
     status = predict.main(["--checkpoint", str(checkpoint), "--images", str(data_dir / "synthetic" / "test"),
-                           "--out", str(out), "--localizer", "patch_knn", "--batch-size", "7"])
+                           "--out", str(out), "--localizer", "patch_knn", "--batch-size", "7", "--precision", "fp32"])
     return status, out
 
 
@@ -94,10 +94,21 @@ def test_one_row_and_one_overlay_per_image(synthetic, synthetic_run):
     assert len(files) == 40 and [Path(r["path"]) for r in rows] == files
     for row in rows:
         assert row["error"] == "" and row["label"] in ("Good", "Anomaly")
-        assert 0 <= float(row["p_anomaly"]) <= 1 and float(row["image_score"]) >= 0
         assert int(row["n_boxes"]) == len(json.loads(row["boxes"]))
         with Image.open(out / row["overlay"]) as overlay:  # image and map side by side, full size
             assert overlay.size == (2 * SIZE, SIZE) and overlay.format == "PNG"
+    # each row holds its own file's numbers: those of one inference.predict pass over the same files,
+    # labelled by the checkpoint's decision. Catches: rows paired with another file's result, or
+    # images normalised with other statistics than the checkpoint's
+    model, ckpt = load_checkpoint(checkpoint)
+    mean, std = normalisation("vgg16", False)
+    pred = inference.predict(model, torch.stack([dataloader.read_image(f, 64) for f in files]), mean, std,
+                             batch_size=7, device=CPU, precision="fp32", patch_memory=ckpt["patch_memory"],
+                             patch_rule=patch_rule_of(ckpt["config"]))
+    np.testing.assert_allclose([float(r["p_anomaly"]) for r in rows], pred["p_anomaly"], atol=1e-5)
+    np.testing.assert_allclose([float(r["image_score"]) for r in rows], pred["patch_score"], rtol=1e-5)
+    decided = pred["p_anomaly"] > inference.decision_of(ckpt)["threshold"]
+    assert [r["label"] == "Anomaly" for r in rows] == decided.tolist()
     report = json.loads((out / "predictions.json").read_text())
     assert report["checkpoint"]["name"] == checkpoint.name
     assert report["checkpoint"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -153,9 +164,14 @@ def test_bad_files_are_reported_and_the_run_goes_on(synthetic, tmp_path, png, ca
         assert Image.open(out / rows[name]["overlay"]).size == size, name
     # an opaque RGBA image becomes the same RGB image under training's conversion: the same score
     assert float(rows["rgba.png"]["p_anomaly"]) == pytest.approx(float(rows["rgb.png"]["p_anomaly"]), abs=1e-4)
-    assert "truncated.png" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "truncated.png" in err
+    # 40 good training images, 8 held back to calibrate: they promise 1/9, not the stated 5 %
+    assert "warning: the calibration cannot promise the stated false_alarm_rate=0.05" in err
     report = json.loads((out / "predictions.json").read_text())
     assert report["n_failed"] == 2 and report["n_images"] == 6
+    decision = report["settings"]["decision"]
+    assert decision["expected_false_alarms"] == pytest.approx(1 / 9) and decision["meets_rate"] is False
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporary files behind
 
 
@@ -185,6 +201,97 @@ def test_a_folder_as_checkpoint_or_an_unusable_out_stops_before_scoring(syntheti
     assert predict.main(["--checkpoint", str(checkpoint), "--images", images, "--out", str(blocker / "out")]) == 2
     assert "--out=" in capsys.readouterr().err and not scored  # refused before any image is scored
     assert not (tmp_path / "a").exists() and blocker.read_text() == ""
+
+
+def _classifier_free_without_calibration(ckpt):
+    ckpt["classifier"] = False
+    del ckpt["calibration"]
+
+
+def _classifier_free_without_memory(ckpt):
+    ckpt["classifier"] = False
+    del ckpt["patch_memory"]
+
+
+def _memory_of_another_rule(ckpt):
+    ckpt["config"]["patch_layers"] = "fine"  # VGG16's stride-8 layer alone: 512 dims, the memory has 1024
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_classifier_free_without_calibration, "no classifier and no calibrated patch map, so nothing decides"),
+    (_classifier_free_without_memory, "has no patch memory, but its decision is computed from it"),
+    (_memory_of_another_rule, "its patch memory has 1024 dims per row, but its patch rule (patch_layers='fine') "
+                              "embeds vgg16 patches in 512"),
+])
+def test_checkpoint_that_cannot_be_scored_stops_before_anything_is_written(synthetic, tmp_path, capsys, damage,
+                                                                          message):
+    """predict.py validates everything scoring reads before it scores: exit 2, a message, no output.
+    Catches: predict.main without `inference.check_scorable` (the run then fails mid-way with a
+    traceback, from the decision or from the memory's width)."""
+    checkpoint, data_dir = synthetic
+    ckpt = torch.load(checkpoint, weights_only=True)
+    damage(ckpt)
+    path = tmp_path / "damaged.pt"
+    torch.save(ckpt, path)
+    out = tmp_path / "out"
+    status = predict.main(["--checkpoint", str(path), "--images", str(data_dir / "synthetic" / "test" / "good"),
+                           "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and str(path) in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def _files_under(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_interrupted_run_leaves_nothing_or_the_earlier_complete_set(synthetic, tmp_path, monkeypatch):
+    """A run stopped after its first overlays (here: interrupted while writing the third) leaves a new
+    OUT absent and an existing OUT exactly as the earlier run left it; a complete run replaces the
+    earlier set and leaves no hidden folder. Catches: overlays written straight into OUT before the
+    CSV and JSON (the interrupted run then leaves overlays without predictions.csv/json)."""
+    checkpoint, data_dir = synthetic
+    args = ["--checkpoint", str(checkpoint), "--images", str(data_dir / "synthetic" / "test" / "good"),
+            "--batch-size", "2"]
+    real_save_png, calls = predict.plots.save_png, []
+
+    def interrupted_at_the_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_save_png(*a, **k)
+
+    before = sorted(tmp_path.iterdir())
+    with monkeypatch.context() as m:
+        m.setattr(predict.plots, "save_png", interrupted_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            predict.main([*args, "--out", str(tmp_path / "new" / "out")])
+    assert sorted(tmp_path.iterdir()) == before  # nothing: no OUT, no parent folder, no hidden folder
+
+    out = tmp_path / "out"
+    assert predict.main([*args, "--out", str(out)]) == 0
+    earlier = _files_under(out)
+    assert len(earlier) == 2 + 10 and not list(out.glob(".predict-*"))  # CSV, JSON, 10 overlays
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(predict.plots, "save_png", interrupted_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            predict.main([*args, "--out", str(out), "--localizer", "patch_knn"])
+    assert _files_under(out) == earlier and not list(out.glob(".predict-*"))
+    assert predict.main([*args, "--out", str(out), "--localizer", "patch_knn"]) == 0
+    assert json.loads((out / "predictions.json").read_text())["settings"]["localizer"] == "patch_knn"
+    assert set(_files_under(out)) == set(earlier) and not list(out.glob(".predict-*"))
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_heatmap_thres_outside_0_1_is_refused_before_scoring(synthetic, tmp_path, capsys, value):
+    """Catches: inference.box_rule without its range check (predict.py then scores with it, exit 0)."""
+    checkpoint, data_dir = synthetic
+    out = tmp_path / "out"
+    status = predict.main(["--checkpoint", str(checkpoint), "--images", str(data_dir / "synthetic" / "test" / "good"),
+                           "--out", str(out), "--heatmap-thres", value, "--box-threshold", "minmax"])
+    assert status == 2 and f"heatmap_thres={float(value)} must lie in [0, 1]" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_localizer_the_checkpoint_lacks_is_refused(synthetic, tmp_path, capsys):

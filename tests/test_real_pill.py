@@ -35,8 +35,11 @@ N_TRAIN, TEST_EVERY, MEMORY = 60, 4, 2000
 PIXEL_AUROC_MIN, AUPRO_MIN, IMAGE_AUROC_MIN = 0.93, 0.85, 0.75
 AUPRO_GAIN_MIN = 0.01  # the default patch rule over the rule before it (here 0.945 against 0.901; whole split +0.024)
 # The evidence head on a few real images (see its test), measured once (CPU, fp32): image AUROC 0.923,
-# pixel AUROC on the defective images 0.965 (the patch map's 0.950); chance is 0.5 for both.
-EVIDENCE_IMAGE_AUROC_MIN, EVIDENCE_PIXEL_AUROC_MIN = 0.80, 0.90
+# where the head as it starts (no step: the patch map as a classifier) has 0.852 and the patch map's
+# own image score 0.812; its map's pixel AUROC on the defective images 0.965, where the blurred patch
+# map has 0.953 and the head as it starts 0.950. The thresholds sit between trained and untrained.
+EVIDENCE_IMAGE_AUROC_MIN = 0.89
+EVIDENCE_PIXEL_GAIN_MIN = 0.005  # evidence map over the patch map, pixel AUROC on the defective images
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +111,8 @@ def test_official_split_patch_memory_alone_localises_pill_defects(pill, real_sub
 def test_evidence_head_on_a_few_real_pill_images(pill, real_subset, tmp_path: Path):
     """The evidence head through the fold pipeline on 119 real pill images (80 good, 13 of each of
     three defect types), 79 to train (a fifth of the good ones held back to calibrate) and 40 held
-    out: it decides, and its map is at the defects."""
+    out: trained, it decides better than it starts (as the patch map), and its map localises
+    better than the patch map. Catches: no training (evidence.STEPS = 0), under which both fail."""
     samples, images, masks, labels = real_subset(SUBSET, IMAGE_SIZE)
     picked = {"good": 80, "crack": 13, "contamination": 13, "color": 13}
     chosen = [s for kind, n in picked.items() for s in [s for s in pill if s.defect_type == kind][:n]]
@@ -133,4 +137,4 @@ def test_evidence_head_on_a_few_real_pill_images(pill, real_subset, tmp_path: Pa
     print(f"evidence head on {len(train)} / {len(test)} real pill images: image AUROC {image_auroc:.3f}, "
           f"pixel AUROC on defective images {evidence_pixel:.3f} (patch map {patch_pixel:.3f})")
     assert image_auroc >= EVIDENCE_IMAGE_AUROC_MIN
-    assert evidence_pixel >= EVIDENCE_PIXEL_AUROC_MIN
+    assert evidence_pixel >= patch_pixel + EVIDENCE_PIXEL_GAIN_MIN

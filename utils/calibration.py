@@ -44,9 +44,6 @@ def calibrate(good_maps: dict[str, np.ndarray], quantile: float, min_area: int) 
     }
 
 
-DECISION_RULES = ("calibrated", "argmax")
-
-
 def decision_threshold(good_scores, false_alarm_rate: float | None) -> dict:
     """The image decision from scores (N,) of good images the model never trained on.
 
@@ -69,6 +66,20 @@ def decision_threshold(good_scores, false_alarm_rate: float | None) -> dict:
     expected = (n + 1 - k) / (n + 1)
     return {"rule": "calibrated", "false_alarm_rate": float(false_alarm_rate), "threshold": float(scores[k - 1]),
             "n_images": n, "expected_false_alarms": expected, "meets_rate": bool(expected <= false_alarm_rate)}
+
+
+def promise_warning(decision: dict) -> str:
+    """What to warn a user of when a calibrated `decision` (`decision_threshold`) cannot promise its
+    stated false-alarm rate (too few calibration images: N of them promise at best 1 / (N + 1));
+    "" when it can, or for the argmax."""
+    if decision.get("rule") != "calibrated" or decision.get("meets_rate") is not False:
+        return ""
+    rate, promised = decision["false_alarm_rate"], decision["expected_false_alarms"]
+    needed = math.ceil(round(1.0 / rate - 1.0, 9))
+    return (f"the calibration cannot promise the stated false_alarm_rate={rate:g}: its {decision['n_images']} good "
+            f"images promise only that at most {promised:.3f} of new good parts are flagged; {needed} would promise "
+            f"{rate:g}. Hold back more good images (calibration_share, or more good training images), or state a "
+            f"rate of at least {promised:.3f}.")
 
 
 def decide(scores, decision: dict) -> np.ndarray:

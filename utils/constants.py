@@ -37,5 +37,4 @@ GOOD_SYNONYMS = ("ok", "normal", "pass", "passed", "nominal", "defect_free", "no
 SUBSET_FOLDERS = ("train", "test", "ground_truth")  # the only folders of a subset that are read
 MASK_SUFFIX = "_mask"
 
-DEFAULT_IMAGE_SIZE = 224
 SIZE_MULTIPLE = 32  # both backbones downsample by 32 before the head

@@ -205,6 +205,13 @@ GROUPS = 5  # groups of a training split: the evidence head's memory exclusion, 
 NO_TRAINING = {"loss": [], "accuracy": [], "epochs_run": 0, "early_stopped": False, "cached_features": False}
 
 
+def training_length(config: dict[str, Any]) -> tuple[str, int]:
+    """What one `on_epoch_end` call of the run's training counts, and at most how many there are:
+    ("epoch", epochs) for the published head, ("step", evidence.STEPS) full-batch steps for the
+    evidence head (which takes no `epochs`, `parameters.PUBLISHED_RECIPE`)."""
+    return ("epoch", config["epochs"]) if config["head"] == "published" else ("step", evidence_lib.STEPS)
+
+
 def new_model(config: dict[str, Any], weights: BackboneWeights | None, device: torch.device,
               precision: str) -> CAMClassifier:
     """A fresh model of the run's configuration on `device` (its dense layer drawn with the run's seed)."""

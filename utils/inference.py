@@ -76,17 +76,20 @@ class BoxRule:
 def decision_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The image decision a checkpoint carries (`calibration.decision_threshold`). Checkpoints from
     before it: the published argmax, or without a classifier the patch map's calibrated box
-    threshold (an image was Anomaly when its patch map had a box)."""
+    threshold (an image was Anomaly when its patch map had a box). `expected_false_alarms` and
+    `meets_rate` (what its calibration promises, `calibration.decision_threshold`) are None where
+    nothing was promised."""
     calibration = checkpoint.get("calibration") or {}
+    unpromised = {"expected_false_alarms": None, "meets_rate": None}
     if "decision" in calibration:
-        return calibration["decision"]
+        return {**unpromised, **calibration["decision"]}
     if has_classifier(checkpoint):
-        return {"rule": "argmax", "false_alarm_rate": None, "threshold": 0.5}
+        return {"rule": "argmax", "false_alarm_rate": None, "threshold": 0.5, **unpromised}
     threshold = (calibration.get("thresholds") or {}).get("patch_knn")
     if threshold is None:
         raise ValueError("this checkpoint has no classifier and no calibrated patch map, so nothing decides an "
                          "image's label: train again with Training.ipynb")
-    return {"rule": "calibrated", "false_alarm_rate": None, "threshold": float(threshold)}
+    return {"rule": "calibrated", "false_alarm_rate": None, "threshold": float(threshold), **unpromised}
 
 
 @torch.no_grad()  # the explanations switch gradients on for themselves
@@ -216,6 +219,48 @@ def predict_frozen(
 check_localizer = check_checkpoint_localizer  # what predict.py and Evaluation call
 
 
+def patch_width(model: CAMClassifier, rule: PatchRule) -> int:
+    """Dims D of the patch embeddings `rule` makes from this network's frozen layers (read from one
+    forward pass of a blank 64 px image)."""
+    weight = next(model.frozen.parameters())
+    with torch.no_grad():
+        frozen, taps = model.frozen_features(torch.zeros(1, 3, 64, 64, dtype=weight.dtype, device=weight.device),
+                                             (model.spec.taps[0],))
+    return int(rule.embed(taps[0], frozen).shape[1])
+
+
+def check_scorable(model: CAMClassifier, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
+    """Raise a ValueError naming `where` unless scoring can use everything it will read: a decision
+    (`decision_of`); the patch memory where the decision or the evidence head needs it; a memory
+    (M, D) of finite values whose width D is that of the patches the checkpoint's patch rule embeds
+    with this network, and the width the evidence head reads. Run before any image is scored, so a
+    damaged checkpoint stops a run before it writes anything."""
+    try:
+        decision_of(checkpoint)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    memory = checkpoint.get("patch_memory")
+    evidence = model.evidence_head is not None
+    if memory is None:
+        if evidence or not has_classifier(checkpoint):
+            raise ValueError(f"{where} has no patch memory, but its {'evidence head' if evidence else 'decision'} "
+                             f"is computed from it: the file is incomplete; train again with Training.ipynb.")
+        return
+    if not isinstance(memory, torch.Tensor) or memory.ndim != 2 or len(memory) == 0 or \
+            not bool(torch.isfinite(memory).all()):
+        raise ValueError(f"{where}: its patch memory is not a finite (M, D) tensor. It is damaged or was edited; "
+                         f"train again.")
+    rule = patch_rule_of(checkpoint["config"])
+    width = patch_width(model, rule)
+    if memory.shape[1] != width:
+        raise ValueError(f"{where}: its patch memory has {memory.shape[1]} dims per row, but its patch rule "
+                         f"(patch_layers={rule.layers!r}) embeds {checkpoint['config']['backbone']} patches in "
+                         f"{width}: the memory was built under another rule or the file was edited. Train again.")
+    if evidence and model.evidence_head.net[0].in_channels != width + 1:
+        raise ValueError(f"{where}: its evidence head reads {model.evidence_head.net[0].in_channels - 1}-dim "
+                         f"residuals, but its patch memory has {width} dims. It is damaged or was edited; train again.")
+
+
 def box_rule(
     checkpoint: dict[str, Any],
     localizer: str,
@@ -229,6 +274,8 @@ def box_rule(
     if box_threshold not in BOX_THRESHOLDS:
         raise ValueError(f"box_threshold={box_threshold!r} must be one of {BOX_THRESHOLDS}.")
     thres = checkpoint["config"]["heatmap_thres"] if heatmap_thres is None else float(heatmap_thres)
+    if not 0.0 <= thres <= 1.0:
+        raise ValueError(f"heatmap_thres={thres} must lie in [0, 1]: it is a share of each map's own range.")
     if box_threshold == "minmax":
         return BoxRule("minmax", thres, 1, box_mode, heatmap_thres=thres)
     calibration = checkpoint.get("calibration") or {}
@@ -286,6 +333,16 @@ def needs(checkpoint: dict[str, Any], localizer: str) -> dict[str, Any]:
             "explain": localizer in (*EXPLANATIONS, "explain")}
 
 
+def check_image_batch(images: torch.Tensor, checkpoint: dict[str, Any]) -> None:
+    """Raise a ValueError unless `images` is (N, 3, S, S) at the checkpoint's image_size S: at another
+    size the calibrated thresholds and the evidence head's top-k pooling would mean something else."""
+    size = checkpoint["config"]["image_size"]
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+        raise ValueError(f"images of shape {tuple(images.shape)} cannot be scored by this checkpoint: it was "
+                         f"trained and calibrated on (N, 3, {size}, {size}) images. Decode them with "
+                         f"dataloader.read_image(path, {size}), or score each with inference.score_image.")
+
+
 def score_batch(
     images: torch.Tensor,
     model: CAMClassifier,
@@ -301,7 +358,9 @@ def score_batch(
 ) -> list[dict[str, Any]]:
     """Score (N, 3, S, S) uint8 images (decoded like training's, S the checkpoint's image_size)
     in one pass per batch; returns one result per image (see `results_from_predictions`).
-    localizer None: the checkpoint's default map (`localizers.default_localizer`)."""
+    localizer None: the checkpoint's default map (`localizers.default_localizer`). Images of another
+    size raise a ValueError (`check_image_batch`)."""
+    check_image_batch(images, checkpoint)
     localizer = default_localizer(checkpoint) if localizer is None else localizer
     check_localizer(localizer, checkpoint)
     rule = box_rule(checkpoint, localizer, box_threshold, heatmap_thres, box_mode)

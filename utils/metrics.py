@@ -262,7 +262,9 @@ def localisation_metrics(maps, masks, boxes: list[np.ndarray], image_scores, y_t
 
 def decision_metrics(y_true, y_pred, decision: dict) -> dict:
     """metrics.json's "decision" block: the rule and stated rate of `decision`
-    (`calibration.decision_threshold`), its threshold, and measured on labels y_true (N,) and the
+    (`calibration.decision_threshold`), its threshold, what its calibration can promise
+    (expected_false_alarms, the share of new good images it flags at most, and meets_rate, whether
+    that is within the stated rate; None for the argmax), and measured on labels y_true (N,) and the
     decided labels y_pred (N,): accuracy, recall (share of anomalies labelled Anomaly) and
     false_alarms (share of good images labelled Anomaly; None without good images)."""
     y_true, y_pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
@@ -270,6 +272,7 @@ def decision_metrics(y_true, y_pred, decision: dict) -> dict:
     return {
         "rule": decision["rule"], "false_alarm_rate": decision.get("false_alarm_rate"),
         "threshold": float(decision["threshold"]),
+        "expected_false_alarms": decision.get("expected_false_alarms"), "meets_rate": decision.get("meets_rate"),
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else None,
         "recall": float(y_pred[bad].mean()) if bad.any() else None,
         "false_alarms": float(y_pred[good].mean()) if good.any() else None,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .dataloader import SPLITS
+from .evidence import LR, STEPS, TOPK_FRACTION
 from .model import HEADS, POOLINGS, get_spec, load_backbone_weights, normalisation
 from .patchknn import MEMORY_METHODS, PATCH_LAYERS
 from .runtime import PRECISIONS, SEED_RANGE, is_seed, resolve_device
@@ -97,10 +98,28 @@ def _check_recipe(p: dict[str, Any]) -> None:
 CALIBRATIONS = ("holdout", "cross_fit")
 
 
+# The published head's training knobs at their defaults. The evidence head trains evidence.STEPS
+# full-batch steps at evidence.LR and pools the top evidence.TOPK_FRACTION of its patch logits, so
+# with head="evidence" these would be ignored: other values are refused rather than dropped silently.
+PUBLISHED_RECIPE = {"epochs": 10, "lr": 0.0001, "target_train_accuracy": 0.98, "pooling": "avg"}
+
+
+def _check_evidence_recipe(p: dict[str, Any]) -> None:
+    """With head="evidence", the published head's knobs (`PUBLISHED_RECIPE`) at their defaults."""
+    if p["head"] != "evidence":
+        return
+    for name, default in PUBLISHED_RECIPE.items():
+        check(p[name] == default, name, p[name],
+              f"{default!r} with head='evidence', which has no such setting: it trains {STEPS} full-batch steps "
+              f"at lr {LR} and pools the top {TOPK_FRACTION:.0%} of its patch logits (epochs, lr, "
+              f"target_train_accuracy and pooling set the published head's training)")
+
+
 def _check_decision(p: dict[str, Any]) -> None:
     """The head, its decision and its calibration (see `training_config`)."""
     check(p["head"] in HEADS, "head", p["head"], f"one of {HEADS} ('auto' chooses from the training split, "
           f"'published' is the seed's head)")
+    _check_evidence_recipe(p)
     check(isinstance(p["mask_supervision"], bool), "mask_supervision", p["mask_supervision"], "True or False")
     check(not p["mask_supervision"] or p["head"] == "evidence", "mask_supervision", p["mask_supervision"],
           "False unless head='evidence' (only the evidence head learns from masks)")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .postprocess import gaussian_smooth, upsample_maps
+from .postprocess import gaussian_smooth
 
 MEMORY_METHODS = ("random", "coreset")
 # Which frozen layers make a patch embedding: "fine", the stride-8 tap alone, or "both", with the
@@ -254,23 +254,14 @@ def build_memory(patches: torch.Tensor, size: int | None, method: str = "coreset
     return greedy_coreset(patches, size, seed)
 
 
-def nearest_rows(
-    queries: torch.Tensor,
-    memory: torch.Tensor,
-    chunk_size: int = 4096,
-    query_groups: torch.Tensor | None = None,
-    memory_groups: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_rows(queries: torch.Tensor, memory: torch.Tensor, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Index (Q,) of each query row's (Q, D) nearest memory row (M, D), and its Euclidean distance (Q,).
 
-    With query_groups (Q,) and memory_groups (M,), a query never takes a row of its own group (a
-    good training image is not compared with itself or its group); a query whose group holds every
-    row raises a ValueError. The nearest row is found with the fast matrix-product expansion on
-    mean-centred data, then its distance is recomputed directly as ||q - m||: the result is an
-    exact distance to a memory row, so a query equal to a memory row gets exactly 0 (the expansion
-    alone, like torch.cdist's default mode, leaves sqrt(rounding): 0.18 for rows of norm ~280).
-    Only near-ties within rounding can pick a marginally farther row. Peak memory is about
-    chunk_size x M floats.
+    The nearest row is found with the fast matrix-product expansion on mean-centred data, then its
+    distance is recomputed directly as ||q - m||: the result is an exact distance to a memory row,
+    so a query equal to a memory row gets exactly 0 (the expansion alone, like torch.cdist's
+    default mode, leaves sqrt(rounding): 0.18 for rows of norm ~280). Only near-ties within
+    rounding can pick a marginally farther row. Peak memory is about chunk_size x M floats.
     """
     _check_ndim("queries", queries, 2, "(Q, D)")
     _check_ndim("memory", memory, 2, "(M, D)")
@@ -279,8 +270,6 @@ def nearest_rows(
         raise ValueError("memory is empty: build it from at least one good patch")
     if queries.shape[1] != memory.shape[1]:
         raise ValueError(f"queries have {queries.shape[1]} dims but memory rows have {memory.shape[1]}")
-    if (query_groups is None) != (memory_groups is None):
-        raise ValueError("query_groups and memory_groups go together: give both or neither")
     memory = memory.float()
     # Centring shrinks the norms the expansion subtracts, and with them its rounding error.
     mean = memory.mean(dim=0)
@@ -292,41 +281,10 @@ def nearest_rows(
         q = queries[start:start + chunk_size].to(memory.device).float()  # (c, D)
         # ||q||^2 is the same for every memory row, so argmin needs only ||m||^2 - 2 q.m: (c, M)
         scores = torch.addmm(mem_sq, q - mean, centred.T, alpha=-2.0)
-        if query_groups is not None:
-            own = query_groups[start:start + chunk_size].to(memory.device)[:, None] == memory_groups.to(memory.device)
-            if bool(own.all(dim=1).any()):
-                raise ValueError("a query's group holds every memory row: nothing is left to compare it with")
-            scores.masked_fill_(own, float("inf"))
         nearest = scores.argmin(dim=1)  # (c,)
         index[start:start + chunk_size] = nearest
         distance[start:start + chunk_size] = torch.linalg.vector_norm(q - memory[nearest], dim=1)
     return index, distance
-
-
-def nearest_distances(queries: torch.Tensor, memory: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """Euclidean distance (Q,) from each query row (Q, D) to its nearest memory row (M, D) (`nearest_rows`)."""
-    return nearest_rows(queries, memory, chunk_size)[1]
-
-
-def patch_anomaly_maps(
-    emb: torch.Tensor,
-    memory: torch.Tensor,
-    out_size: tuple[int, int] | None = None,
-    chunk_size: int = 4096,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anomaly maps (B, H, W) or (B, *out_size) and image scores (B,) for test embeddings (B, D, H, W).
-
-    A map holds each patch's distance to its nearest memory row; the score is the map's max at
-    feature resolution, taken before the bilinear upsampling to out_size. No Gaussian smoothing
-    (the paper's sigma=4 blur) is applied here: that is left to heatmap post-processing.
-    """
-    _check_ndim("emb", emb, 4, "(B, D, H, W)")
-    b, _, h, w = emb.shape
-    maps = nearest_distances(flatten_patches(emb), memory, chunk_size).view(b, h, w)
-    scores = maps.flatten(1).amax(dim=1)
-    if out_size is not None:
-        maps = upsample_maps(maps, out_size)
-    return maps, scores
 
 
 def memory_nbytes(memory: torch.Tensor) -> int:
