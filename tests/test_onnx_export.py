@@ -34,7 +34,7 @@ from utils import dataloader, helper, inference, onnx_export, parameters, plots,
 from utils.checkpoint import load_checkpoint
 from utils.constants import GOOD, IMAGE_EXTENSIONS
 from utils.model import weights_file
-from utils.patchknn import nearest_rows
+from utils.patchknn import PatchRule, nearest_rows
 from utils.synthetic import generate_synthetic_subset
 
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -r requirements-export.txt")
@@ -243,6 +243,18 @@ def test_the_runner_repeats_the_repositorys_rules_on_hand_made_input(tmp_path, p
         ours = runner.decode(path, name, SIZE)
         np.testing.assert_array_equal(ours.pixels, theirs.tensor.permute(1, 2, 0).numpy(), err_msg=name)
         np.testing.assert_array_equal(ours.display, theirs.display, err_msg=name)
+
+
+def test_the_graphs_blur_is_the_patch_rules():
+    """The graph's two 1-D passes give `PatchRule.smooth`'s 2-D blur, borders and small maps included.
+    Fails when: the kernel is cut at 3 sigma, or the borders are padded with zeros."""
+    generator = torch.Generator().manual_seed(0)
+    for sigma in (0.25, 0.5, 1.0):
+        for shape in ((2, 64, 64), (1, 20, 30), (1, 5, 9)):
+            maps = torch.rand(shape, generator=generator) * 5
+            torch.testing.assert_close(onnx_export.separable_blur(maps, sigma * 8), PatchRule(sigma=sigma).smooth(maps),
+                                       atol=5e-5, rtol=0)
+    assert onnx_export.separable_blur(maps, 0) is maps
 
 
 def test_the_blocked_nearest_neighbour_search_is_patchknns():
