@@ -23,12 +23,12 @@ from torch import nn
 
 from .checkpoint import CHECKPOINT_FORMAT, atomic_write_bytes, has_classifier
 from .constants import ANOMALY, CLASS_NAMES
+from .dataloader import normalise
 from .evidence import EvidenceHead
 from .explain import EXPLANATIONS
 from .inference import decision_of
 from .localizers import LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of
 from .model import CAMClassifier, HEADS, checkpoint_normalisation, check_input_size
-from .dataloader import normalise
 from .patchknn import PATCH_STRIDE, flatten_patches, patch_rule_of
 from .postprocess import upsample_maps
 
@@ -208,7 +208,7 @@ class ScoringGraph(nn.Module):
         self.threshold = float(decision["threshold"])
         if self.evidence:
             head: EvidenceHead = model.evidence_head
-            h8 = self.size // 8  # the stride-8 patch grid
+            h8 = self.size // PATCH_STRIDE  # the stride-8 patch grid
             # the head's top-k, fixed by the input size (`evidence.topk_mean`): k patches of h8 * h8
             self.topk = max(1, math.ceil(float(head.topk_fraction) * h8 * h8))
 
