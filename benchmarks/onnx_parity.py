@@ -102,7 +102,9 @@ def config_of(args: argparse.Namespace, backbone: str, kind: str, work: Path) ->
     weights = args.vgg16_weights if backbone == "vgg16" else None
     return parameters.training_config(
         data_dir=args.data_dir, subset_name=args.subset, download=False, backbone=backbone, pretrained=True,
-        backbone_weights=weights, image_size=args.image_size, batch_size=10, epochs=args.epochs, lr=1e-4,
+        backbone_weights=weights, image_size=args.image_size, batch_size=10, lr=1e-4,
+        # the evidence head refuses the published head's epochs other than their default
+        epochs=parameters.PUBLISHED_RECIPE["epochs"] if kind == "evidence" else args.epochs,
         class_weight=[1, 3], target_train_accuracy=0.98, test_size=0.2, seed=42, heatmap_thres=0.7, n_cv_folds=0,
         weights_dir=str(work), results_dir=str(work), device="cpu", precision="fp32", patch_memory_size=args.memory,
         patch_memory_method="random", head="evidence" if kind == "evidence" else "published")

@@ -50,9 +50,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def _train(root: Path, kind: str, out: Path) -> list[dataloader.Sample]:
     """Train a checkpoint of `kind` on the synthetic subset at `root` and save it at `out`; returns
     the held-out test samples (never in the memory nor in the calibration)."""
+    # the evidence head refuses the published head's knobs other than their defaults
+    recipe = ({k: v for k, v in parameters.PUBLISHED_RECIPE.items() if k != "pooling"} if kind == "evidence"
+              else dict(epochs=3, lr=1e-3, target_train_accuracy=None))
     config = parameters.training_config(
         data_dir=str(root), subset_name="synthetic", download=False, backbone="mobilenet_v2", pretrained=True,
-        image_size=SIZE, batch_size=8, epochs=3, lr=1e-3, class_weight=[1, 3], target_train_accuracy=None,
+        image_size=SIZE, batch_size=8, class_weight=[1, 3], **recipe,
         test_size=0.3, seed=0, heatmap_thres=0.7, n_cv_folds=0, weights_dir=str(out.parent), results_dir=str(out.parent),
         device="cpu", precision="fp32", patch_memory_size=1000, patch_memory_method="random", calibration="holdout",
         box_min_area=4, head="evidence" if kind == "evidence" else "published")
