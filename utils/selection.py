@@ -75,15 +75,15 @@ def describe(selection: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"decision: {selection['decision']} (out-of-fold image AUROC over {selection['n_images']} training "
              f"images, {selection['n_defects']} defective, {selection['inner_folds']} groups)"]
-    lines += [f"  {name:<18}{fmt(value)}" for name, value in selection["image_auroc"].items()]
+    lines += [f"  {name:<20}{fmt(value)}" for name, value in selection["image_auroc"].items()]
     if not selection["heads_eligible"]:
         lines.append("  the heads were not scored: every inner fit needs a defect image (at least 2 in all)")
     else:
-        lines += [f"  {name:<18}not fitted: the simpler decisions leave it no room to win (AUROC above 1)"
+        lines += [f"  {name:<20}not fitted: it would need an AUROC above 1 to beat the simpler ones"
                   for name in DECISIONS[1:] if name not in selection["image_auroc"]]
     lines.append(f"map: {selection['map']}, patch layers {selection['patch_layers']!r}, blur "
                  f"{selection['patch_map_sigma']:g} cells")
-    lines += [f"  {name:<18}pixel AUROC {fmt(m['pixel_auroc'])}  AUPRO {fmt(m['aupro'])}"
+    lines += [f"  {name:<20}pixel AUROC {fmt(m['pixel_auroc'])}  AUPRO {fmt(m['aupro'])}"
               for name, m in selection["maps"].items()]
     if not selection["maps"]:
         lines.append("  no training defect has a mask: the head's own map, or the patch map")
