@@ -227,6 +227,15 @@ def test_the_runner_repeats_the_repositorys_rules_on_hand_made_input(tmp_path, p
                     theirs = postprocess.label_boxes(m, anomalous, threshold, min_area, 0.7)
                     np.testing.assert_array_equal(ours[0], theirs[0])
                     np.testing.assert_array_equal(ours[1], theirs[1])
+    for trial in range(300):  # random sizes, thresholds and areas; noise, small integers (ties), smooth blobs
+        h, w = rng.integers(1, 40, 2)
+        m = [rng.random((h, w)), rng.integers(0, 4, (h, w)) * 1.0,
+             postprocess.gaussian_smooth(torch.from_numpy(rng.random((1, h, w))), 1.5)[0].numpy()][trial % 3].astype(np.float32)
+        threshold, min_area = float(np.quantile(m, rng.random())), int(rng.integers(1, 6))
+        ours = runner.label_boxes(m, True, threshold, min_area, 0.7)
+        theirs = postprocess.label_boxes(m, True, threshold, min_area, 0.7)
+        np.testing.assert_array_equal(ours[0], theirs[0])
+        np.testing.assert_array_equal(ours[1], theirs[1])
     np.testing.assert_array_equal(runner.calibrated_display(maps[3], 0.2, 0.6),
                                   postprocess.calibrated_display(maps[3], 0.2, 0.6))
     levels = np.linspace(0, 1, 1001, dtype=np.float32)
