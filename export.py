@@ -18,6 +18,7 @@ output or the arguments are unusable (nothing written).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -39,8 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", nargs="*", default=None, metavar="DIR_OR_GLOB",
                         help="images to compare the graph with predict.py's PyTorch path on (default: "
                              "--check-noise seeded noise images)")
-    parser.add_argument("--check-noise", type=int, default=4, help="noise images when --check names none (default: %(default)s)")
-    parser.add_argument("--no-check", action="store_true", help="write the graph without comparing it (no onnxruntime needed)")
+    parser.add_argument("--check-noise", type=int, default=4,
+                        help="noise images when --check names none (default: %(default)s)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="write the graph without comparing it (no onnxruntime needed)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     args = parser.parse_args(argv)
     if args.check_noise < 1:
@@ -63,9 +66,37 @@ def check_images(args: argparse.Namespace, size: int) -> torch.Tensor:
     return torch.randint(0, 256, (args.check_noise, 3, size, size), dtype=torch.uint8, generator=generator)
 
 
+def missing_packages(check: bool) -> list[str]:
+    """The export extra's packages (requirements-export.txt) this run needs and cannot import."""
+    names = ("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def agrees(args: argparse.Namespace, payload: bytes, model, checkpoint: dict, localizer: str,
+           images: torch.Tensor) -> bool:
+    """Run the exported graph with ONNX Runtime on `images` (N, 3, S, S) uint8 beside predict.py's
+    path (`inference.score_batch`, fp32), print how they compare, and say whether they agree."""
+    outputs = onnx_export.run_session(onnx_export.session_of(payload), images)
+    results = inference.score_batch(images, model, checkpoint, localizer=localizer, batch_size=16)
+    ties = onnx_export.near_ties(model, checkpoint, images)
+    diff = onnx_export.compare(results, outputs, float(inference.decision_of(checkpoint)["threshold"]), ties)
+    print(f"check on {len(images)} {'images' if args.check else 'noise images'}: {json.dumps(diff)}")
+    if not diff["ok"]:
+        print(f"error: the graph disagrees with predict.py beyond the targets (scores {onnx_export.SCORE_TOLERANCE}, "
+              f"maps {onnx_export.MAP_TOLERANCE} away from near ties, labels equal): {args.out} not written",
+              file=sys.stderr)
+    return diff["ok"]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0 written, 1 the parity check failed, 2 unusable input)."""
     args = parse_args(argv)
+    missing = missing_packages(not args.no_check)
+    if missing:
+        print(f"error: export.py needs {', '.join(missing)}: pip install -r requirements-export.txt"
+              + (" (or pass --no-check to skip the check with onnxruntime)" if missing == ["onnxruntime"] else ""),
+              file=sys.stderr)
+        return 2
     try:
         parameters.check_output_dir(str(Path(args.out).parent), "--out")
         if Path(args.out).is_dir():
@@ -79,22 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     payload = onnx_export.export_checkpoint(model, checkpoint, localizer, Path(args.checkpoint).name,
                                             sha256_of(args.checkpoint), args.opset)
-    if images is not None:
-        try:
-            outputs = onnx_export.run_session(onnx_export.session_of(payload), images)
-        except ImportError:
-            print("error: the check needs onnxruntime: pip install -r requirements-export.txt, or pass --no-check",
-                  file=sys.stderr)
-            return 2
-        results = inference.score_batch(images, model, checkpoint, localizer=localizer, batch_size=16)
-        ties = onnx_export.near_ties(model, checkpoint, images)
-        diff = onnx_export.compare(results, outputs, float(inference.decision_of(checkpoint)["threshold"]), ties)
-        print(f"check on {len(images)} {'images' if args.check else 'noise images'}: {json.dumps(diff)}")
-        if not diff["ok"]:
-            print(f"error: the graph disagrees with predict.py beyond the targets (scores {onnx_export.SCORE_TOLERANCE}, "
-                  f"maps {onnx_export.MAP_TOLERANCE} away from near ties, labels equal): {args.out} not written",
-                  file=sys.stderr)
-            return 1
+    if images is not None and not agrees(args, payload, model, checkpoint, localizer, images):
+        return 1
     onnx_export.save_model(args.out, payload)
     print(f"wrote {args.out} ({len(payload) / 2**20:.1f} MiB): map {localizer!r}, decision "
           f"{json.dumps(inference.decision_of(checkpoint))}")

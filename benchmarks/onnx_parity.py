@@ -56,7 +56,8 @@ CPU = torch.device("cpu")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
-                   help="folder holding MVTec AD-format subsets (default: $MVTEC_AD_DIR, else ../shared/data/mvtec_anomaly_detection)")
+                   help="folder holding MVTec AD-format subsets (default: $MVTEC_AD_DIR, else "
+                        "../shared/data/mvtec_anomaly_detection)")
     p.add_argument("--subset", default="pill", help="category (default: %(default)s)")
     p.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "vgg16"], help="(default: %(default)s)")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="(default: all)")
@@ -70,9 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test-defect", type=int, default=3, help="test images per defect folder")
     p.add_argument("--memory", type=int, default=10000, help="patch memory rows (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=10, help="published head's epochs (default: %(default)s)")
-    p.add_argument("--work-dir", default=None, help="where checkpoints, models and predictions go (default: a temporary folder)")
+    p.add_argument("--work-dir", default=None,
+                   help="where checkpoints, models and predictions go (default: a temporary folder)")
     p.add_argument("--out", default=None, help="JSON file for the full output")
-    p.add_argument("--quick", action="store_true", help="smoke run: MobileNetV2, 10 good + 1 per type to train, 12 to test")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: MobileNetV2, 10 good + 1 per type to train, 11 to test")
     args = p.parse_args(argv)
     if args.quick:
         args.backbones, args.n_train_good, args.n_train_defect = ["mobilenet_v2"], 10, 1

@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vgg16-weights", default=None, help="VGG16 backbone weights file for the checkpoints")
     p.add_argument("--work-dir", default=None, help="checkpoints and models (default: a temporary folder)")
     p.add_argument("--out", default=None, help="JSON file for the full output")
-    p.add_argument("--quick", action="store_true", help="smoke run: MobileNetV2, evidence head, 8 images, batches 1 and 4")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: MobileNetV2, evidence head, 8 images, batches 1 and 4")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one way in its own process
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -202,7 +203,8 @@ def test_files(args: argparse.Namespace) -> list[str]:
 def cpu_facts() -> dict[str, Any]:
     """The CPU the timings belong to, whether it has native bf16, and how busy the machine is."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown")
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    model = names[0] if names else "unknown"
     flags = set(text.split())
     return {"cpu": model, "logical_cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
             "amx_bf16": "amx_bf16" in flags, "avx512f": "avx512f" in flags,
@@ -225,11 +227,13 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def print_table(rows: list[dict[str, Any]], facts: dict[str, Any]) -> None:
     print(f"\nCPU: {facts['cpu']}, {facts['logical_cpus']} logical CPUs, avx512_bf16: {facts['avx512_bf16']}")
-    print("| backbone | kind | way | precision | batch | images/s, decoding excluded | images/s, decoding included | peak MiB |")
+    print("| backbone | kind | way | precision | batch | images/s, decoding excluded | "
+          "images/s, decoding included | peak MiB |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['backbone']} | {r['kind']} | {r['way']} | {r['precision']} | {r['batch']} | "
-              f"{r['images_per_second_excluded']:.1f} | {r['images_per_second_included']:.1f} | {r['peak_rss_mib']:.0f} |")
+              f"{r['images_per_second_excluded']:.1f} | {r['images_per_second_included']:.1f} | "
+              f"{r['peak_rss_mib']:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -92,7 +92,8 @@ def read_metadata(raw: dict[str, str], where: str) -> dict[str, Any]:
     try:
         meta = {key: json.loads(value) for key, value in raw.items()}
     except json.JSONDecodeError as err:
-        raise UnusableModel(f"{where}: its metadata is not the JSON export.py writes ({err}); export it again.") from err
+        raise UnusableModel(f"{where}: its metadata is not the JSON export.py writes ({err}); "
+                            f"export it again.") from err
     if meta.get("format") != ONNX_FORMAT:
         raise UnusableModel(f"{where} is not a model exported by export.py (metadata 'format' is "
                             f"{meta.get('format')!r}, not {ONNX_FORMAT!r}): export the checkpoint with "
@@ -496,7 +497,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=10, help="images per run of the graph (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime's intra-op threads; 0: one per core (default: %(default)s)")
-    parser.add_argument("--no-overlays", action="store_true", help="write no overlay pictures (the overlay column is empty)")
+    parser.add_argument("--no-overlays", action="store_true",
+                        help="write no overlay pictures (the overlay column is empty)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size} must be a positive integer")

@@ -262,7 +262,8 @@ class ScoringGraph(nn.Module):
         return cam_knn, cam_knn.amax(dim=(1, 2))
 
 
-def metadata(checkpoint: dict[str, Any], localizer: str, checkpoint_name: str, checkpoint_sha256: str) -> dict[str, Any]:
+def metadata(checkpoint: dict[str, Any], localizer: str, checkpoint_name: str,
+             checkpoint_sha256: str) -> dict[str, Any]:
     """Everything a reader of the graph needs, by key: what goes in, what comes out, the decision
     and box rules with their thresholds, and which checkpoint it came from."""
     config, calibration = checkpoint["config"], checkpoint["calibration"]
@@ -320,8 +321,9 @@ def export_graph(graph: ScoringGraph, meta: dict[str, Any], opset: int | None = 
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    proto.doc_string = (f"Defect detector of {meta['trained_on']!r} ({meta['backbone']}): pixels (N, S, S, 3) uint8 "
-                        f"RGB -> decision_score, label, image_score, map ({meta['localizer']}). Metadata values are JSON.")
+    proto.doc_string = (f"Defect detector of {meta['trained_on']!r} ({meta['backbone']}): pixels (N, S, S, 3) "
+                        f"uint8 RGB -> decision_score, label, image_score, map ({meta['localizer']}). "
+                        f"Metadata values are JSON.")
     return proto.SerializeToString()
 
 
