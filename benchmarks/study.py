@@ -49,6 +49,8 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "published_cross_fit": ({"head": "published", "calibration": "cross_fit"}, None),
     "evidence": ({"head": "evidence"}, None),
     "evidence_cross_fit": ({"head": "evidence", "calibration": "cross_fit"}, None),
+    # the evidence head with its defective training images grouped as its good ones (helper.GROUP_DEFECTS)
+    "evidence_grouped_defects": ({"head": "evidence"}, None),
     "evidence_masks": ({"head": "evidence", "mask_supervision": True}, None),
     "evidence_masks1": ({"head": "evidence", "mask_supervision": True}, 1),
     "evidence_masks5": ({"head": "evidence", "mask_supervision": True}, 5),
@@ -108,6 +110,16 @@ def keep_masks(masks: torch.Tensor, samples, train: torch.Tensor, per_type: int 
 
 def run_variant(args, subset, backbone, variant, weights, samples, masks, device, precision) -> dict:
     """Out-of-fold predictions of one variant, pooled, with each fold's calibration and seconds."""
+    grouped = helper.GROUP_DEFECTS
+    helper.GROUP_DEFECTS = variant == "evidence_grouped_defects" or grouped
+    try:
+        return _run_variant(args, subset, backbone, variant, weights, samples, masks, device, precision)
+    finally:
+        helper.GROUP_DEFECTS = grouped
+
+
+def _run_variant(args, subset, backbone, variant, weights, samples, masks, device, precision) -> dict:
+    """`run_variant` under the module settings it runs with."""
     overrides, per_type = VARIANTS[variant]
     size = overrides.get("image_size", 224)
     frozen, frozen_seconds = frozen_cache(args, subset, backbone, size, weights, samples, device, precision)

@@ -202,6 +202,13 @@ def train_model(
 # --- the fold pipeline ----------------------------------------------------------------------
 
 GROUPS = 5  # groups of a training split: the evidence head's memory exclusion, cross-fit calibration
+# Whether head="evidence" compares its defective training images, like its good ones, with the
+# memory rows of the other groups only (True), or with the whole memory as new images are (False).
+# Good images see a memory short of a group, so their distances run larger than in use; grouping
+# the defective ones too gives both classes the same memory. Measured both ways on the five-fold
+# study (benchmarks/study.py, variant evidence_grouped_defects; docs/evidence.md): equal or a
+# little worse on pill and toothbrush, so the defective images keep the whole memory.
+GROUP_DEFECTS = False
 NO_TRAINING = {"loss": [], "accuracy": [], "epochs_run": 0, "early_stopped": False, "cached_features": False}
 
 
@@ -307,11 +314,14 @@ def evidence_training_inputs(config: dict[str, Any], frozen: Frozen, labels: tor
                              memory: torch.Tensor, memory_images: torch.Tensor, device: torch.device):
     """The evidence head's inputs for its training images `fit` (`evidence.evidence_inputs`): the
     good ones dealt into GROUPS groups, each compared with the memory rows of the other groups only
-    (memory_images (M,): the position among fit's good images of each row's image)."""
+    (memory_images (M,): the position among fit's good images of each row's image); with
+    GROUP_DEFECTS the defective ones too, else they see the whole memory."""
     y = labels[fit]
     good_groups = assign_groups(["good"] * int((y == GOOD).sum()), GROUPS, config["seed"])
     image_groups = torch.full((len(fit),), -1, dtype=torch.long)
     image_groups[y == GOOD] = good_groups
+    if GROUP_DEFECTS:
+        image_groups[y != GOOD] = assign_groups(["defect"] * int((y != GOOD).sum()), GROUPS, config["seed"] + 1)
     rule = patch_rule_of(config)
     return evidence_lib.evidence_inputs(lambda i: frozen.embeddings_of(fit[i], rule), len(fit), memory.to(device),
                                         image_groups=image_groups, memory_groups=good_groups[memory_images])
