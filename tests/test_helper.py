@@ -251,6 +251,30 @@ def test_evidence_training_inputs_give_each_memory_row_its_images_group():
         torch.testing.assert_close(inputs.distance[k].double(), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_defective_training_images_see_the_whole_memory_unless_grouped(grouped, monkeypatch):
+    """Defective training images meet the whole memory (GROUP_DEFECTS False, the measured choice), or
+    with GROUP_DEFECTS the rows of the other groups' good images only (the study's variant). Catches
+    either setting taking the other's path: a defective image's distance to the nearest row it may use."""
+    monkeypatch.setattr(helper, "GROUP_DEFECTS", grouped)
+    g = torch.Generator().manual_seed(1)
+    tap = torch.rand(12, 2, 4, 4, generator=g)
+    frozen = helper.Frozen(torch.zeros(12, 3, 2, 2), tap, torch.ones(12, dtype=torch.bool))
+    labels = torch.tensor([GOOD] * 10 + [1] * 2)
+    fit = torch.arange(12)
+    config = {"seed": 0, "patch_layers": "fine", "patch_map_sigma": 0.0, "patch_memory_size": 1000,
+              "patch_memory_method": "random"}
+    memory, memory_images, _ = helper.patch_memory_of(config, frozen, fit[:10])
+    inputs = helper.evidence_training_inputs(config, frozen, labels, fit, memory, memory_images, CPU)
+    good_groups = helper.assign_groups(["good"] * 10, helper.GROUPS, 0)
+    defect_groups = helper.assign_groups(["defect"] * 2, helper.GROUPS, 1)
+    for k, image in enumerate((10, 11)):
+        allowed = memory[good_groups[memory_images] != defect_groups[k]] if grouped else memory
+        patches = frozen.patches_of(torch.tensor([image]), PatchRule("fine", 0.0))
+        expected = torch.cdist(patches.double(), allowed.double()).min(dim=1).values.view(4, 4)
+        torch.testing.assert_close(inputs.distance[image].double(), expected, rtol=0, atol=1e-4)
+
+
 def test_group_excluded_memory_never_gives_an_image_its_own_patches():
     """Four images of one 1 x 2 patch grid in one dimension; every patch is in the memory. Images
     0 and 1 form group 0, images 2 and 3 group 1; image 4 (a defective one) belongs to none."""
