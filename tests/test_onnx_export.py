@@ -43,7 +43,7 @@ ort = pytest.importorskip("onnxruntime",
 
 CPU = torch.device("cpu")
 SIZE = 64
-KINDS = ("published", "evidence", "patch_only")
+KINDS = ("published", "evidence", "patch_only", "auto")  # auto: the default head, whatever it chose
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,7 +61,7 @@ def _train(root: Path, kind: str, out: Path) -> list[dataloader.Sample]:
         test_size=0.3, seed=0, heatmap_thres=0.7, n_cv_folds=0, weights_dir=str(out.parent),
         results_dir=str(out.parent),
         device="cpu", precision="fp32", patch_memory_size=1000, patch_memory_method="random", calibration="holdout",
-        box_min_area=4, head="evidence" if kind == "evidence" else "published")
+        box_min_area=4, head=kind if kind in ("evidence", "auto") else "published")
     samples = dataloader.index_subset(root, "synthetic")
     train, test = dataloader.split_samples(samples, test_size=0.3, seed=0)
     if kind == "patch_only":  # good training images alone: no classifier is trained
@@ -137,6 +137,34 @@ def test_the_graph_gives_predicts_scores_labels_maps_and_boxes(exported, kind):
         np.testing.assert_allclose(scores, result["box_scores"], atol=onnx_export.MAP_TOLERANCE)
 
 
+def test_a_published_decision_shown_on_the_patch_map_exports_as_auto_writes_it(exported, tmp_path):
+    """head="auto" may decide with the published head and show the patch map (the synthetic subset's
+    auto checkpoint decides with the patch map alone): such a checkpoint exports its chosen map, and
+    the graph gives predict.py's scores, labels, maps and boxes.
+    Fails when: the export ignores the checkpoint's chosen map, or the graph's patch map beside the
+    published head drops the blur."""
+    made, _ = exported
+    checkpoint, _, files = made["published"]
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["selection"] = {"requested": "auto", "decision": "published", "head": "published", "map": "patch_knn"}
+    chosen, model = tmp_path / "published_patch_map.pt", tmp_path / "published_patch_map.onnx"
+    torch.save(ckpt, chosen)
+    assert export.main(["--checkpoint", str(chosen), "--out", str(model), "--no-check"]) == 0
+    meta = runner.load_model(model).meta
+    assert meta["localizer"] == "patch_knn" and meta["classifier"]
+    net, ckpt = load_checkpoint(chosen)
+    images = torch.stack([dataloader.read_image(f, SIZE) for f in files])
+    results = inference.score_batch(images, net, ckpt)
+    assert {r["localizer"] for r in results} == {"patch_knn"}
+    outputs = onnx_export.run_session(onnx_export.session_of(model), images)
+    diff = onnx_export.compare(results, outputs, float(inference.decision_of(ckpt)["threshold"]), None)
+    assert diff["ok"], diff
+    for i, result in enumerate(results):
+        boxes, _ = runner.label_boxes(outputs["map"][i], bool(outputs["label"][i]), meta["box_threshold"],
+                                      meta["box_min_area"], meta["heatmap_thres"])
+        np.testing.assert_array_equal(boxes, result["boxes"])
+
+
 def test_metadata_carries_the_checkpoints_thresholds(exported):
     """Fails when: the metadata's decision threshold is the box threshold, or its sha256 is not the
     checkpoint's."""
@@ -145,8 +173,8 @@ def test_metadata_carries_the_checkpoints_thresholds(exported):
         ckpt = torch.load(checkpoint, weights_only=True)
         meta = runner.load_model(model).meta
         calibration, localizer = ckpt["calibration"], inference.default_localizer(ckpt)
-        assert meta["localizer"] == localizer == {"published": "cam", "evidence": "evidence",
-                                                  "patch_only": "patch_knn"}[kind]
+        assert meta["localizer"] == localizer == {"published": "cam", "evidence": "evidence", "patch_only": "patch_knn",
+                                                  "auto": ckpt.get("selection", {}).get("map")}[kind]
         assert meta["decision"] == calibration["decision"]
         assert meta["decision_threshold"] == calibration["decision"]["threshold"]
         assert meta["false_alarm_rate"] == calibration["decision"]["false_alarm_rate"] == 0.05
@@ -154,7 +182,8 @@ def test_metadata_carries_the_checkpoints_thresholds(exported):
         assert meta["box_floor"] == calibration["floors"][localizer]
         assert meta["box_min_area"] == calibration["min_area"] == 4
         assert meta["heatmap_thres"] == 0.7 and meta["input_size"] == SIZE
-        assert meta["class_names"] == ["Good", "Anomaly"] and meta["classifier"] == (kind != "patch_only")
+        assert meta["class_names"] == ["Good", "Anomaly"] and meta["classifier"] == (kind != "patch_only" and
+                                                                                  ckpt["classifier"])
         assert meta["checkpoint"] == {"name": checkpoint.name,
                                       "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
         assert meta["input"]["shape"] == ["N", SIZE, SIZE, 3] and meta["input"]["dtype"] == "uint8"
