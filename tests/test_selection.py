@@ -109,15 +109,23 @@ def test_the_head_with_the_better_out_of_fold_auroc_is_fitted_and_recorded(tmp_p
     assert any(k.startswith("evidence_head.") for k in ckpt["state_dict"])
 
 
-def test_one_defect_image_cannot_choose_a_head(tmp_path, make_model):
-    # With one defect image an inner fit has none to learn from: the heads are not candidates and
-    # the patch map decides, as the issue's few-defect measurements ask (N = 1 was worse than none).
+def test_one_defect_image_chooses_nothing(tmp_path, make_model):
+    # With one defect image an inner fit has none to learn from and one group none to rank: the
+    # heads are not candidates, and neither are the layers nor the blur, as the few-defect
+    # measurements ask (N = 1 chose layers by one image's luck and made the map worse than none).
+    # Here the one defect stands out on the stride-16 layer only, under a mask: a rule that let one
+    # image choose would take both layers (out-of-fold AUROC 1) or another blur.
     frozen, labels, types = _frozen(N_GOOD, 1)
+    frozen.features[-1, :, 1, 2] += 25.0
+    masks = torch.zeros(len(labels), 64, 64, dtype=torch.bool)
+    masks[-1, 16:32, 32:48] = True  # the stride-16 cell (1, 2)
     fitted = helper.fit(_config(tmp_path), make_model("mobilenet_v2"), frozen, labels, torch.arange(len(labels)),
-                        types=types, device=CPU, precision="fp32")
-    assert not fitted.selection["heads_eligible"] and fitted.selection["decision"] == "patch_knn"
-    assert set(fitted.selection["image_auroc"]) == {"patch_knn/fine", "patch_knn/both"}
-    assert "the heads were not scored" in selection.describe(fitted.selection)
+                        types=types, masks=masks, device=CPU, precision="fp32")
+    s = fitted.selection
+    assert not s["heads_eligible"] and s["decision"] == "patch_knn" and not fitted.classifier
+    assert (s["patch_layers"], s["patch_map_sigma"], s["map"]) == ("fine", 0.5, "patch_knn")  # MobileNetV2's defaults
+    assert set(s["image_auroc"]) == {"patch_knn/fine"} and s["maps"] == {}
+    assert "the heads and the layers were not scored" in selection.describe(s)
 
 
 def test_auto_refuses_what_it_cannot_choose_from(tmp_path):

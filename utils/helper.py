@@ -450,13 +450,15 @@ def _oof_published(config, template, frozen, labels, fit_idx, groups, images, si
     return p, torch.from_numpy(cams)
 
 
-def _choose_maps(candidates, layers, decision, own_maps, masks, size) -> tuple[str, float, str, dict]:
+def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size) -> tuple[str, float, str, dict]:
     """The patch layers, blur and map of the checkpoint, by out-of-fold pixel AUROC and AUPRO on the
     fit images' masks (K, H, W) bool (`selection.map_quality`). `layers`: the layer choices still
-    open; own_maps ({name: (K, H, W)}): the maps of the chosen head. Without masks: the first
-    layers, PatchCore's blur, the head's own map (the patch map for the published head's)."""
+    open; own_maps ({name: (K, H, W)}): the maps of the chosen head; groups (K,): the inner groups.
+    Unless every group holds a masked image (as for the decision, one image's luck would choose):
+    the first layers, PatchCore's blur, the head's own map (the patch map for the published head's)."""
     report: dict[str, dict] = {}
-    if masks is None or not bool(masks.any()):
+    masked = None if masks is None else masks.flatten(1).any(dim=1)
+    if masked is None or not all(bool(masked[groups == g].any()) for g in groups.unique().tolist()):
         own = "evidence" if "evidence" in own_maps else "patch_knn"
         return layers[0], selection_lib.SIGMAS[0], own, report
     for name in layers:
@@ -495,12 +497,17 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
                            config["seed"])
     y_np = y.numpy()
     start = time.perf_counter()
+    # A choice rests on out-of-fold evidence only where every group holds some: a defect image in
+    # each group, so that every inner fit learns from one and every group's scores rank one (two
+    # defect images at least). With fewer, one image's luck would choose the layers or a head, and
+    # the good-only defaults stay (at N = 1 a layer choice made the map worse than none).
+    heads = all(bool((y[groups == g] != GOOD).any()) for g in groups.unique().tolist())
+    if not heads:
+        layers = layers[:1]  # the other layers' memory would never be used: it is not built
     candidates = {name: _candidates(config, frozen, labels, fit_idx, groups, name, device) for name in layers}
     aurocs = {f"patch_knn/{name}": selection_lib.oof_auroc(y_np, c.patch_scores()) for name, c in candidates.items()}
-    decision_layers = layers[0] if n_defects == 0 else selection_lib.choose(
+    decision_layers = layers[0] if not heads else selection_lib.choose(
         {name: aurocs[f"patch_knn/{name}"] for name in layers}, layers)
-    # every inner fit needs a defect image to learn from (so the heads are candidates from two on)
-    heads = all(bool((y[groups != g] != GOOD).any()) for g in groups.unique().tolist())
     own: dict[str, dict[str, torch.Tensor]] = {"evidence": {}, "published": {}}
     decided = {"patch_knn": aurocs[f"patch_knn/{decision_layers}"]}
     # Scored cheapest first; a head is not fitted when it could not win: it would need an AUROC above 1.
@@ -518,7 +525,7 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     open_layers = layers if decision == "published" else (decision_layers,)
     fit_masks = None if masks is None else masks[fit_idx]
     chosen_layers, sigma, shown, map_report = _choose_maps(
-        candidates, open_layers, decision, own.get(decision, {}), fit_masks, size)
+        candidates, open_layers, decision, own.get(decision, {}), fit_masks, groups, size)
     if config["patch_map_sigma"] is not None:
         sigma = float(config["patch_map_sigma"])
     chosen = candidates[chosen_layers]

@@ -77,7 +77,8 @@ def describe(selection: dict) -> str:
              f"images, {selection['n_defects']} defective, {selection['inner_folds']} groups)"]
     lines += [f"  {name:<20}{fmt(value)}" for name, value in selection["image_auroc"].items()]
     if not selection["heads_eligible"]:
-        lines.append("  the heads were not scored: every inner fit needs a defect image (at least 2 in all)")
+        lines.append("  the heads and the layers were not scored: each of the groups needs a defect image "
+                     "(at least 2 in all)")
     else:
         lines += [f"  {name:<20}not fitted: it would need an AUROC above 1 to beat the simpler ones"
                   for name in DECISIONS[1:] if name not in selection["image_auroc"]]
@@ -86,5 +87,6 @@ def describe(selection: dict) -> str:
     lines += [f"  {name:<20}pixel AUROC {fmt(m['pixel_auroc'])}  AUPRO {fmt(m['aupro'])}"
               for name, m in selection["maps"].items()]
     if not selection["maps"]:
-        lines.append("  no training defect has a mask: the head's own map, or the patch map")
+        lines.append("  not chosen: each of the groups needs a defect image with a mask; the head's own map, "
+                     "or the patch map, with the default layers and blur")
     return "\n".join(lines)
