@@ -44,6 +44,41 @@ def test_choose_keeps_the_simpler_candidate_within_the_tolerance():
         selection.choose({"patch_knn": None}, order)
 
 
+def test_the_standard_error_of_an_auroc_difference_by_hand():
+    # Goods (0.1, 0.4) and (0.2, 0.3), defects (0.35, 0.8) and (0.5, 0.25): both AUROCs are 3/4.
+    # Defects' placements among the goods: (1/2, 1) and (1, 1/2), differences (-1/2, 1/2), variance
+    # 1/2; the goods' placements are (1, 1/2) for both, variance 0: SE = sqrt(1/2 / 2 + 0) = 1/2.
+    y = np.array([0, 0, 1, 1])
+    a, b = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0.2, 0.3, 0.5, 0.25])
+    assert selection.auroc_difference_se(y, a, b) == pytest.approx(0.5)
+    assert selection.auroc_difference_se(y, a, a) == 0.0
+    assert selection.auroc_difference_se(np.array([0, 0, 0, 1]), a, b) == float("inf")  # one defect image
+
+
+def test_a_lead_of_one_defect_images_luck_does_not_choose():
+    # The challenger ranks one more defect image above every good: with 5 defect images that is a
+    # lead of 0.2 that one image makes, within its standard error, so the simpler candidate stays;
+    # with 100 defect images ranked better throughout, a smaller lead is chosen. Catches a choice by
+    # the fixed tolerance alone (the pill few-defect draws chose layers that way and lost AUPRO).
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(200), np.ones(5)].astype(int)
+    simple = np.r_[rng.random(200), 0.99, 0.5, 0.5, 0.5, 0.5]
+    lucky = simple.copy()
+    lucky[201] = 2.0
+    scores = {"simple": simple, "lucky": lucky}
+    aurocs = {k: selection.oof_auroc(y, v) for k, v in scores.items()}
+    assert aurocs["lucky"] - aurocs["simple"] > 0.09
+    assert selection.choose(aurocs, ["simple", "lucky"], selection.margin_of(y, scores)) == "simple"
+    assert selection.choose(aurocs, ["simple", "lucky"]) == "lucky"  # the tolerance alone would take it
+    y = np.r_[np.zeros(200), np.ones(100)].astype(int)
+    simple = np.r_[rng.random(200), rng.random(100) + 0.3]
+    better = simple + np.r_[np.zeros(200), np.full(100, 0.1)]
+    scores = {"simple": simple, "better": better}
+    aurocs = {k: selection.oof_auroc(y, v) for k, v in scores.items()}
+    assert 0.02 < aurocs["better"] - aurocs["simple"] < 0.1
+    assert selection.choose(aurocs, ["simple", "better"], selection.margin_of(y, scores)) == "better"
+
+
 def test_out_of_fold_patch_scores_never_compare_a_good_image_with_itself(tmp_path, make_model):
     # Goods and defects from one distribution: an honest out-of-fold AUROC of the patch map is near
     # 0.5. Catches comparing good images with the whole memory (their own patches in it: distance

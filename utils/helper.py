@@ -505,9 +505,11 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     if not heads:
         layers = layers[:1]  # the other layers' memory would never be used: it is not built
     candidates = {name: _candidates(config, frozen, labels, fit_idx, groups, name, device) for name in layers}
-    aurocs = {f"patch_knn/{name}": selection_lib.oof_auroc(y_np, c.patch_scores()) for name, c in candidates.items()}
+    oof = {name: c.patch_scores() for name, c in candidates.items()}  # out-of-fold image scores (K,)
+    aurocs = {f"patch_knn/{name}": selection_lib.oof_auroc(y_np, s) for name, s in oof.items()}
     decision_layers = layers[0] if not heads else selection_lib.choose(
-        {name: aurocs[f"patch_knn/{name}"] for name in layers}, layers)
+        {name: aurocs[f"patch_knn/{name}"] for name in layers}, layers, selection_lib.margin_of(y_np, oof))
+    oof["patch_knn"] = oof[decision_layers]
     own: dict[str, dict[str, torch.Tensor]] = {"evidence": {}, "published": {}}
     decided = {"patch_knn": aurocs[f"patch_knn/{decision_layers}"]}
     # Scored cheapest first; a head is not fitted when it could not win: it would need an AUROC above 1.
@@ -521,7 +523,9 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
             p, own[head]["cam"] = _oof_published(config, template, frozen, labels, fit_idx, groups, images, size,
                                                  device, precision)
         aurocs[head] = decided[head] = selection_lib.oof_auroc(y_np, p)
-    decision = "patch_knn" if n_defects == 0 else selection_lib.choose(decided, selection_lib.DECISIONS)
+        oof[head] = p
+    decision = "patch_knn" if n_defects == 0 else selection_lib.choose(decided, selection_lib.DECISIONS,
+                                                                       selection_lib.margin_of(y_np, oof))
     open_layers = layers if decision == "published" else (decision_layers,)
     fit_masks = None if masks is None else masks[fit_idx]
     chosen_layers, sigma, shown, map_report = _choose_maps(
@@ -547,6 +551,11 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
         "map": shown, "patch_layers": chosen_layers, "patch_map_sigma": sigma, "inner_folds": int(groups.max()) + 1,
         "n_images": len(fit_idx), "n_defects": n_defects, "heads_eligible": heads, "image_auroc": aurocs,
         "maps": map_report, "tolerance": selection_lib.TOLERANCE, "seconds": selection_seconds,
+        # the standard error of each candidate's out-of-fold AUROC less the one it had to beat
+        "image_auroc_se": {**{f"patch_knn/{name}": selection_lib.auroc_difference_se(y_np, oof[name], oof[layers[0]])
+                              for name in layers[1:]},
+                           **{name: selection_lib.auroc_difference_se(y_np, oof[name], oof["patch_knn"])
+                              for name in ("evidence", "published") if name in oof}},
     }
     return Fitted(model, decision != "patch_knn", chosen.memory, chosen.info, history,
                   PatchRule(chosen_layers, sigma), selection)

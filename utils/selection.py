@@ -6,7 +6,7 @@ training image scored by models and memory rows that never saw it) and calls the
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,27 +25,58 @@ INNER_FOLDS = 2
 DECISIONS = ("patch_knn", "evidence", "published")
 # Blurs of the patch map tried, in patch cells (0.5: PatchCore's 4 px at 224 px, the default first).
 SIGMAS = (0.5, 0.0, 1.0)
-# Out-of-fold differences this small are noise at the sizes of a training split (one defect image
-# among five moves an AUROC by 0.2 / n_good): within it, the simpler candidate wins.
+# Out-of-fold differences this small are noise at the sizes of a training split: within it, the
+# simpler candidate wins. A decision (image AUROC) also needs a difference beyond its standard error
+# (`margin_of`), which is what grows when the defect images are few.
 TOLERANCE = 0.005
 # Pixel metrics of the candidate maps are computed at half the input resolution: the choice needs
 # their order, and a quarter of the pixels makes it four times cheaper (maps are smooth at 8 px).
 MAP_POOL = 2
 
 
-def choose(scores: Mapping[str, float | None], order: Sequence[str], tolerance: float = TOLERANCE) -> str:
+def choose(scores: Mapping[str, float | None], order: Sequence[str],
+           tolerance: float | Callable[[str, str], float] = TOLERANCE) -> str:
     """The name in `order` with the highest score, the earliest one unless a later one is more than
-    `tolerance` higher. Names without a score (None, or absent) are skipped; raises without any."""
+    `tolerance` higher: a number, or a function of (best so far, challenger) giving the margin the
+    challenger must clear (`margin_of`). Names without a score (None, or absent) are skipped;
+    raises without any."""
+    margin = tolerance if callable(tolerance) else (lambda best, challenger: tolerance)
     best = None
     for name in order:
         value = scores.get(name)
         if value is None:
             continue
-        if best is None or value > scores[best] + tolerance:
+        if best is None or value > scores[best] + margin(best, name):
             best = name
     if best is None:
         raise ValueError(f"no candidate among {list(order)} has a score")
     return best
+
+
+def auroc_difference_se(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """DeLong's standard error of AUROC(a) - AUROC(b), two scorings (N,) of the same images with
+    labels y (N,) (1 defective), from each image's placement among the other class (ties count
+    half; DeLong, DeLong and Clarke-Pearson 1988). Infinite with fewer than two images of a class:
+    no difference is then measurable."""
+    y = np.asarray(y).astype(bool)
+    if y.sum() < 2 or (~y).sum() < 2:
+        return float("inf")
+
+    def placements(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        above = np.sign(s[y][:, None] - s[~y][None, :])  # (defective, good): +1, 0 (tie), -1
+        wins = (above + 1) / 2
+        return wins.mean(axis=1), wins.mean(axis=0)  # per defective image (m,), per good image (n,)
+
+    (a10, a01), (b10, b01) = placements(np.asarray(a, float)), placements(np.asarray(b, float))
+    d10, d01 = a10 - b10, a01 - b01
+    return float(np.sqrt(d10.var(ddof=1) / len(d10) + d01.var(ddof=1) / len(d01)))
+
+
+def margin_of(y: np.ndarray, scores: Mapping[str, np.ndarray]) -> Callable[[str, str], float]:
+    """The margin (for `choose`) a challenger's out-of-fold image AUROC must clear over the best so
+    far: TOLERANCE, or the standard error of their difference where that is larger (few defect
+    images: one image's luck must not choose). scores: {name: out-of-fold scores (N,)}."""
+    return lambda best, challenger: max(TOLERANCE, auroc_difference_se(y, scores[challenger], scores[best]))
 
 
 def oof_auroc(y: np.ndarray, scores: np.ndarray | None) -> float | None:
@@ -75,7 +106,10 @@ def describe(selection: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"decision: {selection['decision']} (out-of-fold image AUROC over {selection['n_images']} training "
              f"images, {selection['n_defects']} defective, {selection['inner_folds']} groups)"]
-    lines += [f"  {name:<20}{fmt(value)}" for name, value in selection["image_auroc"].items()]
+    errors = selection.get("image_auroc_se", {})
+    lines += [f"  {name:<20}{fmt(value)}" + (f"  (standard error of its lead {errors[name]:.3f})"
+                                              if name in errors else "")
+              for name, value in selection["image_auroc"].items()]
     if not selection["heads_eligible"]:
         lines.append("  the heads and the layers were not scored: each of the groups needs a defect image "
                      "(at least 2 in all)")
