@@ -146,3 +146,38 @@ def suggest_canvas(aspect: float, side: int, keep: str = "long", multiple: int =
     other = max(2 * multiple, round(other / multiple) * multiple)
     long_side, short = (kept, other) if keep == "long" else (other, kept)
     return [short, long_side] if aspect > 1 else [long_side, short]
+
+
+def squashed_share(sizes: Sequence[tuple[int, int]], size: tuple[int, int]) -> float:
+    """Share of images [(W, H), ...] whose aspect ratio differs from the (H, W) canvas's by more than
+    SQUARE_ENOUGH: stretched onto it, they are squashed that much in one direction."""
+    aspects = np.array([w / h for w, h in sizes], np.float64) / (size[1] / size[0])
+    return float(np.mean(np.maximum(aspects, 1 / aspects) > SQUARE_ENOUGH))
+
+
+def describe_canvas(sizes: Sequence[tuple[int, int]], image_size: int | Sequence[int], resize: str) -> str:
+    """A few lines on how a subset's images [(W, H), ...] meet the canvas: their sizes and aspect
+    ratios (`describe_sizes`), the canvas's, how many are squashed on it, and when they are far
+    from it, canvases that keep their shape (`suggest_canvas`)."""
+    summary, (h, w) = describe_sizes(sizes), canvas(image_size)
+    shown = list(image_size) if isinstance(image_size, (list, tuple)) else image_size
+    listed = ", ".join(f"{k} ({v})" for k, v in summary["sizes"].items())
+    more = summary["n_sizes"] - len(summary["sizes"])
+    squashed = squashed_share(sizes, (h, w))
+    lines = [f"{summary['n']} images: {listed}" + (f" and {more} other sizes" if more else ""),
+             f"aspect ratio (width / height): min {summary['aspect_min']:.2f}, median "
+             f"{summary['aspect_median']:.2f}, max {summary['aspect_max']:.2f}; the canvas image_size={shown} "
+             f"is {w / h:.2f} (resize={resize!r})"]
+    if squashed == 0:
+        return "\n".join(lines)
+    lines.append(f"{squashed:.0%} of the images differ from the canvas's shape by more than {SQUARE_ENOUGH}x: "
+                 + ("padded, they keep their shape" if resize == "pad" else
+                    "stretched, they are squashed, and a thin defect across the squashed direction thins too"))
+    aspect, side = summary["aspect_median"], max(h, w)
+    fewer, detail = suggest_canvas(aspect, side, "long"), suggest_canvas(aspect, side, "short")
+    if fewer is not None and max(aspect * h / w, w / (aspect * h)) > SQUARE_ENOUGH:
+        lines.append(f'a canvas of their median aspect: resize="pad" with image_size={fewer} (the long side at '
+                     f"{side} px: fewer pixels) or {detail} (the short side at {side} px: more detail, more time)")
+    elif resize != "pad":
+        lines.append(f'their median aspect is near the canvas\'s: resize="pad" keeps every image\'s shape on it')
+    return "\n".join(lines)
