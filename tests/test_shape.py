@@ -159,15 +159,15 @@ def test_pad_keeps_the_shape_and_the_mask_follows(tmp_path):
 def test_padding_never_enters_the_memory_or_the_pooling():
     """Memory rows come from the part's cells only, and the top-k pooling of the evidence head sees
     the part's cells only, however hot the padding is. Mutations seen to fail it: patches_of keeping
-    every cell; cells_inside counting a cell that is part padding; topk_mean ignoring `inside` or
-    taking k from the whole grid."""
+    every cell; cells_inside counting a cell that is partly padding (rows or columns); topk_mean
+    ignoring `inside` or taking k from the whole grid."""
     torch.manual_seed(0)
-    size, parts = (64, 192), torch.tensor([[40, 192], [64, 100]])  # (h, w) of two images at the top-left
+    size, parts = (64, 192), torch.tensor([[44, 192], [64, 100]])  # (h, w) of two images at the top-left
     frozen = helper.Frozen(torch.randn(2, 8, 4, 12), torch.randn(2, 4, 8, 24), torch.ones(2, dtype=torch.bool),
                            parts, size)
     rule = helper.PatchRule("fine", 0.0)
     emb = frozen.embeddings_of(torch.arange(2), rule)  # (2, D, 8, 24)
-    # whole 8 px cells on the part: 40 px -> 5 rows, 100 px -> 12 columns
+    # whole 8 px cells on the part: 44 px -> 5 rows, 100 px -> 12 columns
     expected = torch.cat([emb[0, :, :5, :].permute(1, 2, 0).reshape(-1, emb.shape[1]),
                           emb[1, :, :, :12].permute(1, 2, 0).reshape(-1, emb.shape[1])])
     assert torch.equal(frozen.patches_of(torch.arange(2), rule), expected)
@@ -183,8 +183,9 @@ def test_padding_never_enters_the_memory_or_the_pooling():
 def test_padding_is_cold_on_the_maps_and_out_of_the_metrics_and_boxes():
     """A map whose padding is hotter than the part: after `grid_to_map` the padding sits at the
     part's minimum, the metrics counted on the part equal those of the part cut out, and boxes are
-    cut to the part. Mutations seen to fail it: cold_padding skipped; the metrics ignoring `valid`;
-    boxes_for_rule not clipping to the part."""
+    cut to the part. Mutations seen to fail it: cold_padding skipped; the padding's cells not spread
+    over from the part before upsampling (they bleed onto its edge); the pixel metrics or the
+    pointing game ignoring `valid`; boxes_for_rule not clipping to the part."""
     size, parts = (64, 192), torch.tensor([[64, 96], [40, 192]])
     grid = torch.rand(2, 8, 24)
     grid[0, :, 12:] = 50.0  # padding cells of image 0 far hotter than the part
@@ -220,9 +221,8 @@ def test_a_thin_line_on_a_1x3_part_is_found_and_boxed_in_its_own_pixels(strips, 
     """The 2 px line across a 1:3 strip, on a canvas that keeps its shape (a 1:3 canvas, or a square
     one padded): every strip with the line scores above every good one, and its box in the strip's
     own 288 x 96 pixels sits around the line. With padding, the memory holds the part's cells only.
-    Mutations seen to fail it: boxes scaled by the canvas instead of the part (x by 288/192 and y by
-    96/192); the padding's cells in the memory (the count); the parts not passed to scoring (the
-    padding's black takes the box)."""
+    Mutations seen to fail it (the padded case): boxes scaled by the canvas instead of the part (y by
+    96/192); the padding's cells in the memory (the count); the parts not passed to scoring."""
     config, fold, samples, test, frozen = train(strips, image_size, resize)
     h, w = geometry.canvas(image_size)
     part_cells = (h // 8 if resize == "stretch" else 64 // 8) * (w // 8)
@@ -246,8 +246,8 @@ def test_predict_draws_boxes_on_the_original_strips(strips, tmp_path):
     size, every line found and boxed around it in the strip's pixels, no box on a good strip. A
     square checkpoint saved before `resize` existed (no such key) scores the same files as one that
     says "stretch". Mutations seen to fail it: decode ignoring the checkpoint's resize (strips
-    stretched onto the padded model); prediction_row scaling by the canvas; the heatmap not cut to
-    the part before the overlay; resize_of defaulting to anything but "stretch"."""
+    stretched onto the padded model); prediction_row scaling by the canvas size; resize_of (or the
+    default) giving "pad" to a checkpoint without the key."""
     config, fold, samples, test, _ = train(strips, 192, "pad")
     padded = tmp_path / "strips_mobilenet_v2.pt"
     torch.save(fold.checkpoint(config, [samples[i].path for i in test.tolist()], n_train=12), padded)
