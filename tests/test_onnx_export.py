@@ -273,18 +273,6 @@ def test_the_runner_needs_neither_torch_nor_this_repository():
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
-def test_the_graphs_blur_is_the_patch_rules():
-    """The graph's two 1-D passes give `PatchRule.smooth`'s 2-D blur, borders and small maps included.
-    Fails when: the kernel is cut at 3 sigma, or the borders are padded with zeros."""
-    generator = torch.Generator().manual_seed(0)
-    for sigma in (0.25, 0.5, 1.0):
-        for shape in ((2, 64, 64), (1, 20, 30), (1, 5, 9)):
-            maps = torch.rand(shape, generator=generator) * 5
-            torch.testing.assert_close(onnx_export.separable_blur(maps, sigma * 8), PatchRule(sigma=sigma).smooth(maps),
-                                       atol=5e-5, rtol=0)
-    assert onnx_export.separable_blur(maps, 0) is maps
-
-
 def test_the_blocked_nearest_neighbour_search_is_patchknns():
     """Nearest rows over several blocks, duplicate rows across blocks included (the first one wins,
     as one argmin over all rows): the residual and the distance of `patchknn.nearest_rows`.

@@ -11,6 +11,7 @@ from utils.postprocess import (
     boxes_for_rule,
     calibrated_boxes,
     calibrated_display,
+    gaussian_smooth,
     heatmap_to_boxes,
     mask_regions,
     minmax_normalise,
@@ -33,6 +34,23 @@ def test_upsample_bilinear_half_pixel_centres():
     # clamped at the borders, so the values are 0, 0.25, 0.75, 1
     out = upsample_maps(torch.tensor([[[0.0, 1.0]]]), (1, 4))
     assert torch.allclose(out, torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]))
+
+
+@pytest.mark.parametrize("sigma", [1.5, 4.0, 8.0])
+def test_blur_is_scipys_gaussian_filter(sigma):
+    """The maps' blur is scipy's Gaussian (cut at 4 sigma, mirrored borders), non-square maps included.
+    Fails when: the kernel is cut at 3 sigma, the borders are padded with zeros or repeated, or the
+    two 1-D passes run along the same axis."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 48, 80)).astype(np.float32) * 5
+    ours = gaussian_smooth(torch.from_numpy(maps), sigma).numpy()
+    for m, o in zip(maps, ours):
+        np.testing.assert_allclose(o, gaussian_filter(m.astype(np.float64), sigma, mode="mirror", truncate=4.0),
+                                   atol=2e-5, rtol=0)
+    same = torch.from_numpy(maps)
+    assert gaussian_smooth(same, 0) is same
 
 
 def test_minmax_normalise_per_image_and_constant():

@@ -30,7 +30,7 @@ from .inference import decision_of
 from .localizers import LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of
 from .model import CAMClassifier, HEADS, checkpoint_normalisation, check_input_size
 from .patchknn import PATCH_STRIDE, flatten_patches, patch_rule_of
-from .postprocess import upsample_maps
+from .postprocess import gaussian_smooth, upsample_maps
 
 ONNX_FORMAT = "cam-defect-detector/onnx/1"  # the metadata's "format": what deploy/onnx_predict.py reads
 INPUT_NAME = "pixels"
@@ -120,22 +120,6 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
     lo = maps.amin(dim=(1, 2), keepdim=True)
     span = maps.amax(dim=(1, 2), keepdim=True) - lo
     return (maps - lo) / torch.where(span > 0, span, torch.ones_like(span))
-
-
-def separable_blur(maps: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """`PatchRule.smooth` (`postprocess.gaussian_smooth`) of maps (B, H, W) as two 1-D passes: the
-    same Gaussian (cut at 4 sigma, mirrored borders), 2 (2r + 1) products per pixel instead of
-    (2r + 1)^2 (at sigma 4 px, 66 against 1089: the 2-D convolution took a third of the graph's time).
-    The same values up to float32 rounding (tests/test_onnx_export.py)."""
-    if sigma_px == 0:
-        return maps
-    radius = min(int(4 * sigma_px + 0.5), min(maps.shape[-2:]) - 1)
-    offsets = torch.linspace(-radius, radius, 2 * radius + 1)
-    kernel = torch.exp(-0.5 * (offsets / sigma_px) ** 2)
-    kernel = kernel / kernel.sum()  # (2r + 1,), torchvision's 1-D Gaussian
-    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode="reflect")  # (B, 1, H + 2r, W + 2r)
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))  # along the width
-    return F.conv2d(x, kernel.view(1, 1, -1, 1))[:, 0]  # along the height: (B, H, W)
 
 
 class NearestMemory(nn.Module):
@@ -241,7 +225,7 @@ class ScoringGraph(nn.Module):
         residual = residual.reshape(n, h, w, d).permute(0, 3, 1, 2)  # (N, D, h8, w8)
         distance = distance.reshape(n, h, w)
         size = (self.size, self.size)
-        patch_map = separable_blur(upsample_maps(distance, size), self.rule.sigma * PATCH_STRIDE)
+        patch_map = gaussian_smooth(upsample_maps(distance, size), self.rule.sigma * PATCH_STRIDE)
         out = {"patch_map": patch_map, "patch_score": distance.amax(dim=(1, 2))}
         if self.evidence:
             patch, _ = self.model.evidence_head.parts(residual, distance)  # (N, h8, w8) logits

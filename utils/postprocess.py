@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torchvision.ops import masks_to_boxes
-from torchvision.transforms.functional import gaussian_blur
 
 from .geometry import cells_inside, clip_boxes, cold_padding, part_pixels, spread_into_padding
 
@@ -50,8 +49,11 @@ def grid_to_map(grid: torch.Tensor, size: tuple[int, int], parts: torch.Tensor |
 def gaussian_smooth(maps: torch.Tensor, sigma_px: float) -> torch.Tensor:
     """Maps (B, H, W) each blurred by a Gaussian of sigma_px pixels (0: returned as they are).
 
-    torchvision's blur, its kernel cut at 4 sigma as scipy.ndimage.gaussian_filter cuts it, borders
-    mirrored (scipy's mode="mirror"). PatchCore blurs its upsampled map the same way (sigma 4 px at 224 px)."""
+    scipy.ndimage.gaussian_filter's blur (kernel cut at 4 sigma, borders mirrored: mode="mirror"),
+    as two 1-D passes: 2 (2r + 1) products per pixel instead of the (2r + 1)^2 of a 2-D kernel (at
+    sigma 8 px, 66 against 1089), so the maps of a whole training split blur in a second, and the
+    exported ONNX graph runs this very function. PatchCore blurs its upsampled map the same way
+    (sigma 4 px at 224 px)."""
     if sigma_px < 0:
         raise ValueError(f"sigma_px={sigma_px} must be >= 0")
     if sigma_px == 0:
@@ -61,7 +63,12 @@ def gaussian_smooth(maps: torch.Tensor, sigma_px: float) -> torch.Tensor:
     radius = int(4 * sigma_px + 0.5)
     # the reflected border needs the map to be larger than the kernel's radius
     radius = min(radius, min(maps.shape[-2:]) - 1)
-    return gaussian_blur(maps[:, None], [2 * radius + 1] * 2, [float(sigma_px)] * 2)[:, 0]
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma_px) ** 2)
+    kernel = (kernel / kernel.sum()).to(maps.dtype)  # (2r + 1,)
+    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode="reflect")  # (B, 1, H + 2r, W + 2r)
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))  # along the width: (B, 1, H + 2r, W)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))[:, 0]  # along the height: (B, H, W)
 
 
 def minmax_normalise(maps) -> np.ndarray:
