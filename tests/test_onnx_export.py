@@ -161,23 +161,24 @@ def test_metadata_carries_the_checkpoints_thresholds(exported):
 
 
 def test_a_canvas_that_is_not_square_exports_and_runs_as_predict_scores_it(exported, tmp_path):
-    """An evidence-head checkpoint on a 64 x 96 canvas (image_size=[64, 96], stretched): export.py's
-    own check passes, the metadata says (N, 64, 96, 3), the graph gives predict.py's scores, labels
+    """An evidence-head checkpoint on a 64 x 160 canvas (image_size=[64, 160], stretched: its top-k
+    takes 2 of 8 x 20 patches, where 8 x 8 would give 1): export.py's own check passes, the metadata
+    says (N, 64, 160, 3), the graph gives predict.py's scores, labels
     and maps, and the runner's rows (labels, boxes in the original's pixels) are predict.py's.
     Fails when: the graph's top-k counts h8 * h8 patches (scores depart), the runner resizes to
     (H, W) in Pillow's (W, H) order, or scales boxes by the height alone."""
     _, root = exported
     checkpoint, model = tmp_path / "wide.pt", tmp_path / "wide.onnx"
-    test = _train(root, "evidence", checkpoint, image_size=[64, 96])
+    test = _train(root, "evidence", checkpoint, image_size=[64, 160])
     assert export.main(["--checkpoint", str(checkpoint), "--out", str(model)]) == 0  # with its parity check
     meta = runner.load_model(model).meta
-    assert meta["input"]["shape"] == ["N", 64, 96, 3] and meta["input_size"] == [64, 96]
+    assert meta["input"]["shape"] == ["N", 64, 160, 3] and meta["input_size"] == [64, 160]
     net, ckpt = load_checkpoint(checkpoint)
     files = [root / s.path for s in test]
-    images = torch.stack([dataloader.read_image(f, [64, 96]) for f in files])  # (N, 3, 64, 96)
+    images = torch.stack([dataloader.read_image(f, [64, 160]) for f in files])  # (N, 3, 64, 160)
     results = inference.score_batch(images, net, ckpt)
     outputs = onnx_export.run_session(onnx_export.session_of(model), images)
-    assert outputs["map"].shape == (len(files), 64, 96)
+    assert outputs["map"].shape == (len(files), 64, 160)
     np.testing.assert_allclose(outputs["decision_score"], [r["p_anomaly"] for r in results], atol=1e-4)
     assert outputs["label"].tolist() == [int(r["label"] == "Anomaly") for r in results]
     ours, theirs = tmp_path / "onnx", tmp_path / "torch"
