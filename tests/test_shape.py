@@ -282,3 +282,21 @@ def test_predict_draws_boxes_on_the_original_strips(strips, tmp_path):
                              "--out", str(tmp_path / name), "--precision", "fp32"]) == 0
     read = lambda name: (tmp_path / name / "predictions.csv").read_text()  # noqa: E731
     assert read("older") == read("stated")
+
+
+def test_training_sees_the_images_shapes_and_a_canvas_that_keeps_them():
+    """Strips of 1240 x 500 (aspect 2.48) at the default 224 px: the summary says how squashed they
+    are and suggests [height, width] canvases near their aspect, multiples of 32, one side at 224;
+    tall images get tall canvases; square images get no suggestion. Mutations seen to fail it: the
+    suggestion's height and width swapped; the short side not rounded to 32; the square images
+    reported as squashed."""
+    for keep in ("long", "short"):
+        h, w = geometry.suggest_canvas(1240 / 500, 224, keep)
+        assert h % 32 == 0 and w % 32 == 0 and (max(h, w) if keep == "long" else min(h, w)) == 224
+        assert 1 / geometry.SQUARE_ENOUGH < (w / h) / (1240 / 500) < geometry.SQUARE_ENOUGH
+        assert geometry.suggest_canvas(500 / 1240, 224, keep) == [w, h]  # the same part turned upright
+    text = geometry.describe_canvas([(1240, 500)] * 5 + [(1000, 500)], 224, "stretch")
+    assert "1240x500 (5)" in text and "median 2.48" in text and "100% of the images" in text
+    assert f"image_size={geometry.suggest_canvas(1240 / 500, 224, 'long')}" in text
+    square = geometry.describe_canvas([(300, 300)] * 4, 224, "stretch")
+    assert len(square.splitlines()) == 2 and "squashed" not in square

@@ -175,9 +175,10 @@ def describe_canvas(sizes: Sequence[tuple[int, int]], image_size: int | Sequence
                     "stretched, they are squashed, and a thin defect across the squashed direction thins too"))
     aspect, side = summary["aspect_median"], max(h, w)
     fewer, detail = suggest_canvas(aspect, side, "long"), suggest_canvas(aspect, side, "short")
-    if fewer is not None and max(aspect * h / w, w / (aspect * h)) > SQUARE_ENOUGH:
-        lines.append(f'a canvas of their median aspect: resize="pad" with image_size={fewer} (the long side at '
-                     f"{side} px: fewer pixels) or {detail} (the short side at {side} px: more detail, more time)")
+    if max(aspect * h / w, w / (aspect * h)) > SQUARE_ENOUGH:  # the canvas is far from their median aspect
+        lines.append(f'a canvas of their median aspect: resize="pad" with image_size={side} (square)' if fewer is None
+                     else f'a canvas of their median aspect: resize="pad" with image_size={fewer} (the long side at '
+                          f"{side} px: fewer pixels) or {detail} (the short side at {side} px: more detail, more time)")
     elif resize != "pad":
         lines.append(f'their median aspect is near the canvas\'s: resize="pad" keeps every image\'s shape on it')
     return "\n".join(lines)
