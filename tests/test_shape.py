@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import predict
-from utils import dataloader, evidence, geometry, helper, inference, metrics, parameters, postprocess
+from utils import calibration, dataloader, evidence, geometry, helper, inference, metrics, parameters, postprocess
 from utils.checkpoint import load_checkpoint
 from utils.synthetic import image_generator, make_texture
 
@@ -185,7 +185,8 @@ def test_padding_is_cold_on_the_maps_and_out_of_the_metrics_and_boxes():
     part's minimum, the metrics counted on the part equal those of the part cut out, and boxes are
     cut to the part. Mutations seen to fail it: cold_padding skipped; the padding's cells not spread
     over from the part before upsampling (they bleed onto its edge); the pixel metrics or the
-    pointing game ignoring `valid`; boxes_for_rule not clipping to the part."""
+    pointing game ignoring `valid`; the display floor counting the padding; boxes_for_rule not
+    clipping to the part."""
     size, parts = (64, 192), torch.tensor([[64, 96], [40, 192]])
     grid = torch.rand(2, 8, 24)
     grid[0, :, 12:] = 50.0  # padding cells of image 0 far hotter than the part
@@ -207,6 +208,8 @@ def test_padding_is_cold_on_the_maps_and_out_of_the_metrics_and_boxes():
         metrics.aupro(part0[0][None], part0[1][None]))
     hot_pad[0, 15, 35] = 5.0  # the part's peak, on the defect
     assert metrics.pointing_game(hot_pad, masks, pixels) == 1.0
+    floor = calibration.floors({"m": hot_pad.numpy()}, pixels)["m"]  # figures' cold level: the parts' median
+    assert floor == pytest.approx(float(np.median([hot_pad[0, :, :96].median(), hot_pad[1, :40].median()])), abs=1e-3)
     everything = {"m": np.ones((2, *size), np.float32)}  # a flat map: the whole canvas is one region
     boxes = postprocess.boxes_for_rule(everything, "minmax", labels=[1, 1], heatmap_thres=0.0, parts=parts)["m"]
     assert boxes[0].tolist() == [[0, 0, 96, 64]] and boxes[1].tolist() == [[0, 0, 192, 40]]

@@ -727,9 +727,11 @@ def run_fold(
         cal_pred, cal = _cross_fit_scores(config, template, frozen, labels, train, types, masks=masks,
                                           images=images, size=size, **run)
     cal_scores = image_score_of(cal_pred)
+    cal_parts = frozen.parts_of(cal)
     calibration = calibration_lib.calibrate_all(
         maps_of(cal_pred), cal_scores, quantile=config["box_quantile"], min_area=config["box_min_area"],
-        false_alarm_rate=config["false_alarm_rate"], method=method)
+        false_alarm_rate=config["false_alarm_rate"], method=method,
+        valid=None if cal_parts is None else geometry.part_pixels(cal_parts, size))
     seconds["calibration"], clock = time.perf_counter() - clock, time.perf_counter()
     scored = score(fitted, frozen, test, size=size, batch_size=config["batch_size"], maps=test_maps,
                    **run) if len(test) else None
