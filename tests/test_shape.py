@@ -89,11 +89,10 @@ def train(tmp: Path, image_size, resize: str):
 def box_around_line(box) -> bool:
     """Whether a box [x1, y1, x2, y2] in the strip's pixels holds the line and little else across it:
     within 32 px of its columns (two 8 px patch cells at the canvas's 2/3 scale, the blur included),
-    and covering at least half of its rows."""
+    and its rows to within 12 px (one patch cell) at each end, inside the strip."""
     x1, y1, x2, y2 = box[:4]
-    rows = min(y2, ROWS[1]) - max(y1, ROWS[0])
     return x1 <= LINE[0] + 1 and x2 >= LINE[1] - 1 and x1 >= LINE[0] - 32 and x2 <= LINE[1] + 32 \
-        and rows >= (ROWS[1] - ROWS[0]) / 2 and 0 <= y1 and y2 <= HEIGHT
+        and 0 <= y1 <= ROWS[0] + 12 and ROWS[1] - 12 <= y2 <= HEIGHT
 
 
 # --- the parameters -----------------------------------------------------------------------------
