@@ -4,9 +4,10 @@ Example:
     python export.py --checkpoint weights/pill_vgg16.pt --out model.onnx
     python deploy/onnx_predict.py --model model.onnx --images new_parts/ --out predictions/pill
 
-The graph takes raw RGB pixels, (N, S, S, 3) uint8 at the checkpoint's input size S, and gives
+The graph takes raw RGB pixels, (N, H, W, 3) uint8 on the checkpoint's canvas (S x S, or [H, W]; stretched
+as training stretches: a checkpoint trained with resize="pad" is refused), and gives
 per image the decision score, the label at the calibrated threshold (1 = Anomaly), the map's image
-score and the map (N, S, S) in its own units: the checkpoint's default map unless --localizer names
+score and the map (N, H, W) in its own units: the checkpoint's default map unless --localizer names
 another one a forward pass computes (cam, patch_knn, cam_knn, evidence). The thresholds, the class
 names, the input size, the false-alarm rate promised and the checkpoint's sha256 are in the model's
 metadata. Before the file is written, the graph is run with ONNX Runtime on --check images (or
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from utils import checkpoint as checkpoints
-from utils import inference, localizers, onnx_export, parameters
+from utils import geometry, inference, localizers, onnx_export, parameters
 from utils.download import sha256_of
 
 
@@ -53,9 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_images(args: argparse.Namespace, size: int) -> torch.Tensor:
-    """The (N, 3, S, S) uint8 images of the check: --check's files decoded as predict.py decodes
-    them (unreadable ones skipped), or seeded uniform noise."""
+def check_images(args: argparse.Namespace, size: int | list[int]) -> torch.Tensor:
+    """The (N, 3, H, W) uint8 images of the check on the canvas `size` (a side or [H, W]): --check's
+    files decoded as predict.py decodes them (unreadable ones skipped), or seeded uniform noise."""
     if args.check:
         decoded = [d for batch in inference.decode_batches(inference.find_images(args.check), size, 16)
                    for d in batch if not d.error]
@@ -63,7 +64,8 @@ def check_images(args: argparse.Namespace, size: int) -> torch.Tensor:
             raise ValueError(f"--check {' '.join(args.check)}: no readable image file found")
         return torch.stack([d.tensor for d in decoded])
     generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (args.check_noise, 3, size, size), dtype=torch.uint8, generator=generator)
+    height, width = geometry.canvas(size)
+    return torch.randint(0, 256, (args.check_noise, 3, height, width), dtype=torch.uint8, generator=generator)
 
 
 def missing_packages(check: bool) -> list[str]:
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         model, checkpoint = checkpoints.load_checkpoint(args.checkpoint)
         localizer = args.localizer or localizers.default_localizer(checkpoint)
         onnx_export.check_exportable(checkpoint, localizer, args.checkpoint)
-        images = None if args.no_check else check_images(args, int(checkpoint["config"]["image_size"]))
+        images = None if args.no_check else check_images(args, checkpoint["config"]["image_size"])
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

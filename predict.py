@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from utils import checkpoint as checkpoints
 from utils import calibration, inference, localizers, parameters, plots, runtime
 from utils.download import sha256_of
+from utils.geometry import resize_of
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,27 +71,29 @@ def overlay_name(name: str) -> str:
 
 def score_files(files, model, checkpoint, args, device, precision, out: Path) -> list[dict[str, Any]]:
     """Decode, score and draw `files` batch by batch; one row per file, failures included."""
-    size = checkpoint["config"]["image_size"]
+    size, resize = checkpoint["config"]["image_size"], resize_of(checkpoint["config"])
     rows = []
     with tqdm(total=len(files), desc="Scoring images", unit="image") as bar:
-        for batch in inference.decode_batches(files, size, args.batch_size):
+        for batch in inference.decode_batches(files, size, args.batch_size, resize):
             good = [d for d in batch if not d.error]
             results = []
             if good:
                 results = inference.score_batch(
                     torch.stack([d.tensor for d in good]), model, checkpoint,
                     localizer=args.localizer, box_threshold=args.box_threshold, heatmap_thres=args.heatmap_thres,
-                    box_mode=args.box_mode, batch_size=args.batch_size, device=device, precision=precision)
+                    box_mode=args.box_mode, batch_size=args.batch_size, device=device, precision=precision,
+                    parts=torch.tensor([d.part for d in good]) if resize == "pad" else None)
             by_path = dict(zip((d.path for d in good), results))
             for d in batch:
                 if d.error:
                     rows.append({**inference.prediction_row(str(d.path), None, error=d.error), "overlay": ""})
                     continue
                 height, width = d.display.shape[:2]
-                row = inference.prediction_row(str(d.path), by_path[d.path], width, height, size)
+                row = inference.prediction_row(str(d.path), by_path[d.path], width, height, d.part)
                 row["overlay"] = overlay_name(d.name)
                 boxes = np.array([b[:4] for b in row["boxes"]], np.float32).reshape(-1, 4)
-                plots.save_png(plots.overlay_image(d.display, by_path[d.path]["heatmap"], boxes), out / row["overlay"])
+                heatmap = by_path[d.path]["heatmap"][:d.part[0], :d.part[1]]  # the part: padding is no pixel of it
+                plots.save_png(plots.overlay_image(d.display, heatmap, boxes), out / row["overlay"])
                 rows.append(row)
             bar.update(len(batch))
     return rows
@@ -106,7 +109,7 @@ def settings(args: argparse.Namespace, checkpoint: dict[str, Any], rule: inferen
         "box_mode": rule.mode, "box_note": rule.note, "decision": inference.decision_of(checkpoint),
         "batch_size": args.batch_size,
         "device": str(device), "precision": precision, "backbone": config["backbone"],
-        "image_size": config["image_size"], "trained_on": config.get("subset_name"),
+        "image_size": config["image_size"], "resize": resize_of(config), "trained_on": config.get("subset_name"),
         "class_names": list(checkpoint.get("class_names", [])),
         "boxes": "[x1, y1, x2, y2, score] in pixels of the original image, x2 and y2 exclusive",
     }

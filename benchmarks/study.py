@@ -16,9 +16,13 @@ Measured on the pooled out-of-fold predictions:
     python benchmarks/study.py --subsets pill toothbrush --backbones vgg16 mobilenet_v2 \\
         --variants published evidence --vgg16-weights /tmp/vgg16_oxford.pth --out results/reference/study.json
     python benchmarks/study.py --table --out results/reference/study.json   # the tables of docs/results.md
+    python benchmarks/study.py --data-dir ../shared/data/surface_defects --subsets magnetic_tile \
+        --backbones mobilenet_v2 --image-size 224 224 --resize pad --out results/shape.json   # another canvas
 
 Variants are named in VARIANTS below: the Training parameters they change, and for the mask
-study how many masks per defect type each fold's training split keeps.
+study how many masks per defect type each fold's training split keeps. `--image-size` (a side, or
+height and width) and `--resize` set the canvas of every variant; with resize "pad" the metrics
+count each image's part only and its boxes are cut to it, as Evaluation.ipynb does.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import calibration, dataloader, helper, localizers, metrics, parameters, postprocess, runtime  # noqa: E402
+from utils import calibration, dataloader, geometry, helper, localizers, metrics, parameters, postprocess, runtime  # noqa: E402
 from utils import model as model_lib  # noqa: E402
 from utils.checkpoint import atomic_write_bytes, save_json  # noqa: E402
 from utils.constants import ANOMALY, GOOD, MVTEC_DIR_ENV  # noqa: E402
@@ -64,28 +68,40 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
 RATES = (0.01, 0.05, 0.1, 0.2)  # false-alarm rates the decision is also measured at (from the same folds)
 
 
-def frozen_cache(args, subset: str, backbone: str, size: int, weights, samples, device, precision):
+def canvas_key(size: int | list[int], resize: str) -> str:
+    """The canvas's part of a cache file's name: "224" for the published square stretch (the name
+    caches had before other canvases), else "{H}x{W}_{resize}", e.g. "224x576_pad"."""
+    if isinstance(size, int) and resize == "stretch":
+        return str(size)
+    h, w = geometry.canvas(size)
+    return f"{h}x{w}_{resize}"
+
+
+def frozen_cache(args, subset: str, backbone: str, size: int | list[int], weights, samples, device, precision,
+                 resize: str = "stretch"):
     """The frozen pass over every image of `subset`, from --cache or computed and saved there."""
     tag = Path(args.vgg16_weights).stem if backbone == "vgg16" and args.vgg16_weights else "torchvision"
-    path = Path(args.cache) / f"{subset}_{backbone}_{tag}_{size}_{precision}.pt"
+    path = Path(args.cache) / f"{subset}_{backbone}_{tag}_{canvas_key(size, resize)}_{precision}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved["paths"] == [s.path for s in samples]:
-            return helper.Frozen(saved["features"], saved["tap"], saved["has_tap"]), saved["seconds"]
-    config = study_config(args, subset, backbone, size, weights, {})
+            return helper.Frozen(saved["features"], saved["tap"], saved["has_tap"], saved.get("parts"),
+                                 geometry.canvas(size)), saved["seconds"]
+    config = study_config(args, subset, backbone, size, weights, {"resize": resize})
     template = helper.new_model(config, weights, device, precision)
-    images = dataloader.load_images(args.data_dir, samples, size)
+    images = dataloader.load_images(args.data_dir, samples, size, resize=resize)
+    parts = dataloader.load_parts(args.data_dir, samples, size, resize)
     start = time.perf_counter()
     frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=10, device=device,
-                                precision=precision, progress=False)
+                                precision=precision, parts=parts, progress=False)
     seconds = time.perf_counter() - start
     content = {"features": frozen.features, "tap": frozen.tap, "has_tap": frozen.has_tap, "seconds": seconds,
-               "paths": [s.path for s in samples]}
+               "paths": [s.path for s in samples], "parts": parts}
     atomic_write_bytes(path, lambda f: torch.save(content, f))
     return frozen, seconds
 
 
-def study_config(args, subset: str, backbone: str, size: int, weights, overrides: dict) -> dict:
+def study_config(args, subset: str, backbone: str, size: int | list[int], weights, overrides: dict) -> dict:
     """Training's configuration of a variant: the published recipe, the repository's defaults."""
     return parameters.training_config(
         data_dir=args.data_dir, subset_name=subset, download=False, backbone=backbone, pretrained=True,
@@ -118,12 +134,20 @@ def run_variant(args, subset, backbone, variant, weights, samples, masks, device
         helper.GROUP_DEFECTS = grouped
 
 
+def variant_canvas(args, variant: str) -> tuple[int | list[int], str]:
+    """The image_size and resize a variant runs at: --image-size and --resize when given, else the
+    variant's own size (224 px by default), stretched."""
+    size = VARIANTS[variant][0].get("image_size", 224) if args.image_size is None else (
+        args.image_size[0] if len(args.image_size) == 1 else list(args.image_size))
+    return size, args.resize
+
+
 def _run_variant(args, subset, backbone, variant, weights, samples, masks, device, precision) -> dict:
     """`run_variant` under the module settings it runs with."""
     overrides, per_type = VARIANTS[variant]
-    size = overrides.get("image_size", 224)
-    frozen, frozen_seconds = frozen_cache(args, subset, backbone, size, weights, samples, device, precision)
-    config = study_config(args, subset, backbone, size, weights, overrides)
+    size, resize = variant_canvas(args, variant)
+    frozen, frozen_seconds = frozen_cache(args, subset, backbone, size, weights, samples, device, precision, resize)
+    config = study_config(args, subset, backbone, size, weights, {**overrides, "resize": resize})
     template = helper.new_model(config, weights, device, precision)
     labels = torch.tensor([s.label for s in samples])
     types = [s.defect_type for s in samples]
@@ -160,23 +184,29 @@ def shown_map(out: helper.Fold) -> str:
                                          "config": {"head": out.head or "auto"}})
 
 
-def fold_means(oof: dict, samples, masks_full: torch.Tensor) -> dict:
+def fold_means(oof: dict, samples, masks_full: torch.Tensor, valid_full: torch.Tensor | None = None) -> dict:
     """Per-fold image AUROC of the decision score and of the patch map's score alone, and per-fold
     pixel AUROC, AUPRO and pointing game of the map shown and the patch map, averaged over folds:
-    comparable across variants even where folds decide or show on different scales (head="auto")."""
+    comparable across variants even where folds decide or show on different scales (head="auto").
+    valid_full (N, H, W) bool: the parts' pixels with resize="pad" (None: all pixels count)."""
     per_fold: dict[str, list] = {}
     for k in np.unique(oof["fold"]):
         sel = oof["fold"] == k
         y = np.array([samples[i].label for i in oof["index"][sel]])
         masks = masks_full[oof["index"][sel]].numpy()
+        valid = None if valid_full is None else valid_full[oof["index"][sel]].numpy()
         per_fold.setdefault("image_auroc", []).append(metrics.ranking_metrics(y, oof["decision_score"][sel])
                                                       ["image_auroc"])
         per_fold.setdefault("patch_image_auroc", []).append(metrics.ranking_metrics(y, oof["patch_score"][sel])
                                                             ["image_auroc"])
         for name, key in (("shown", "shown_map"), ("patch_knn", "patch_map")):
             m = oof[key][sel]
-            for metric, value in (("pixel_auroc", metrics.pixel_auroc(m, masks)), ("aupro", metrics.aupro(m, masks)),
-                                  ("pointing_game", metrics.pointing_game(m[y == ANOMALY], masks[y == ANOMALY]))):
+            on = (lambda keep: None) if valid is None else (lambda keep: valid[keep])  # noqa: E731
+            everything = np.ones(len(y), bool)
+            for metric, value in (("pixel_auroc", metrics.pixel_auroc(m, masks, on(everything))),
+                                  ("aupro", metrics.aupro(m, masks, valid=on(everything))),
+                                  ("pointing_game", metrics.pointing_game(m[y == ANOMALY], masks[y == ANOMALY],
+                                                                          on(y == ANOMALY)))):
                 per_fold.setdefault(f"{name}/{metric}", []).append(value)
     return {k: (None if any(v is None for v in values) else float(np.mean(values)))
             for k, values in per_fold.items()}
@@ -206,13 +236,19 @@ def decide_per_fold(score: np.ndarray, fold: np.ndarray, rules: list[dict]) -> n
     return decided
 
 
-def measure(result: dict, samples, masks_full: torch.Tensor, heatmap_thres: float) -> dict:
-    """Pooled metrics of one variant (see the module docstring)."""
+def measure(result: dict, samples, masks_full: torch.Tensor, heatmap_thres: float,
+            parts_full: torch.Tensor | None = None) -> dict:
+    """Pooled metrics of one variant (see the module docstring). parts_full (N, 2): with resize="pad",
+    each image's part (`dataloader.load_parts`): only its pixels count, and boxes are cut to it."""
     oof, folds = result["oof"], result["folds"]
     index, fold = oof["index"], oof["fold"]
     y = np.array([samples[i].label for i in index])
     types = np.array([samples[i].defect_type for i in index])
     masks = masks_full[index].numpy()
+    parts = None if parts_full is None else parts_full[index]
+    valid_full = None if parts_full is None else geometry.part_pixels(parts_full, tuple(masks_full.shape[-2:]))
+    valid = None if valid_full is None else valid_full[index].numpy()
+    on = (lambda keep: None) if valid is None else (lambda keep: valid[keep])  # noqa: E731
     score = oof["decision_score"]
     decided = decide_per_fold(score, fold, [f["calibration"]["decision"] for f in folds])
     out = {"n_images": len(y), "n_defective": int(y.sum()),
@@ -222,15 +258,17 @@ def measure(result: dict, samples, masks_full: torch.Tensor, heatmap_thres: floa
     image_scores = localizers.localizer_image_scores(maps, oof.get("p_anomaly"), oof.get("patch_score"))
     maps["shown"], image_scores["shown"] = oof["shown_map"], score  # each fold's default map
     min_area = folds[0]["calibration"]["min_area"]
-    out["fold_means"] = fold_means(oof, samples, masks_full)
+    out["fold_means"] = fold_means(oof, samples, masks_full, valid_full)
     for name, m in maps.items():
         thresholds = [f["calibration"]["thresholds"][f["shown"] if name == "shown" else name] for f in folds]
         boxes = [postprocess.label_boxes(m[i], bool(decided[i]), thresholds[fold[i]], min_area, heatmap_thres)[0]
                  for i in range(len(m))]
-        row = metrics.localisation_metrics(m, masks, boxes, image_scores[name], y)
+        if parts is not None:
+            boxes = [geometry.clip_boxes(b, part) for b, part in zip(boxes, parts.tolist())]
+        row = metrics.localisation_metrics(m, masks, boxes, image_scores[name], y, valid)
         detected = (y == ANOMALY) & (decided == 1)
-        row["pointing_game_detected"] = metrics.pointing_game(m[detected], masks[detected])
-        row["pointing_per_type"] = {t: metrics.pointing_game(m[types == t], masks[types == t])
+        row["pointing_game_detected"] = metrics.pointing_game(m[detected], masks[detected], on(detected))
+        row["pointing_per_type"] = {t: metrics.pointing_game(m[types == t], masks[types == t], on(types == t))
                                     for t in sorted(set(types[y == ANOMALY].tolist()))}
         out["maps"][name] = row
     return out
@@ -243,6 +281,11 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["vgg16", "mobilenet_v2"])
     parser.add_argument("--variants", nargs="+", default=["published", "evidence"], choices=sorted(VARIANTS))
     parser.add_argument("--vgg16-weights", default=None, help="backbone weights file for VGG16 (the Oxford file)")
+    parser.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIDE",
+                        help="the canvas of every variant: a side, or HEIGHT WIDTH (multiples of 32); default: "
+                             "each variant's own (224 px)")
+    parser.add_argument("--resize", default="stretch", choices=geometry.RESIZES,
+                        help="how images meet the canvas (default: %(default)s, the published way)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cpu")
@@ -254,6 +297,8 @@ def main() -> None:
     parser.add_argument("--auto-table", action="store_true",
                         help="print the table of head='auto' against the other variants of --out and stop")
     args = parser.parse_args()
+    if args.image_size is not None and len(args.image_size) > 2:
+        parser.error(f"--image-size takes a side or HEIGHT WIDTH, got {args.image_size}")
     if args.table or args.auto_table:
         report = json.loads(Path(args.out).read_text())
         print(auto_table(report) if args.auto_table else tables(report))
@@ -268,19 +313,23 @@ def main() -> None:
             weights = (model_lib.load_backbone_weights(args.vgg16_weights, backbone)
                        if backbone == "vgg16" and args.vgg16_weights else None)
             for variant in args.variants:
-                size = VARIANTS[variant][0].get("image_size", 224)
-                masks = dataloader.load_masks(args.data_dir, samples, size)
-                print(f"{subset} / {backbone} / {variant}", flush=True)
+                size, resize = variant_canvas(args, variant)
+                masks = dataloader.load_masks(args.data_dir, samples, size, resize)
+                print(f"{subset} / {backbone} / {variant} at image_size={size}, resize={resize!r}", flush=True)
                 start = time.perf_counter()
                 result = run_variant(args, subset, backbone, variant, weights, samples, masks, device,
                                      args.precision)
-                measured = measure(result, samples, masks, 0.7)
+                measured = measure(result, samples, masks, 0.7, dataloader.load_parts(args.data_dir, samples, size,
+                                                                                         resize))
                 measured.update(subset=subset, backbone=backbone, variant=variant, folds=args.folds, seed=args.seed,
-                                image_size=size, precision=args.precision, seconds=time.perf_counter() - start,
+                                image_size=size, resize=resize, precision=args.precision,
+                                seconds=time.perf_counter() - start,
                                 frozen_seconds=result["frozen_seconds"], cpu=cpu_name(),
                                 weights="Oxford ImageNet (backbone_weights file)" if weights is not None
                                 else "torchvision ImageNet", fold_details=result["folds"])
-                report[f"{subset}/{backbone}/{variant}"] = measured
+                canvas = "" if (size, resize) == (VARIANTS[variant][0].get("image_size", 224), "stretch") else \
+                    f"/{canvas_key(size, resize)}"
+                report[f"{subset}/{backbone}/{variant}{canvas}"] = measured
                 save_json(out_path, report)
                 print(summary_line(measured), flush=True)
 
@@ -322,7 +371,7 @@ def tables(report: dict) -> str:
         head = "evidence" if r["variant"].startswith("evidence") else "published"
         methods = sorted({f["calibration"]["method"] for f in r["fold_details"]})
         d, c = r["decision"]["0.05"], r["classification"]
-        data = f"{r['subset']} ({r['image_size']} px)"
+        data = f"{r['subset']} ({canvas_label(r)})"
         for k, name in enumerate((*OWN_MAP[head], "patch_knn")):
             m = r["maps"][name]
             lead = (f"| {data} | {r['backbone']} | {r['variant']} | {'/'.join(methods)} | {fmt(c['image_auroc'])} | "
@@ -351,11 +400,18 @@ def auto_table(report: dict) -> str:
         for f in r["fold_details"]:
             name = f"{f['head'] or 'patch map'} / {f['shown']}"
             counts[name] = counts.get(name, 0) + 1
-        rows.append(f"| {r['subset']} ({r['image_size']} px) | {r['backbone']} | {r['variant']} | "
+        rows.append(f"| {r['subset']} ({canvas_label(r)}) | {r['backbone']} | {r['variant']} | "
                     f"{fmt(fm['image_auroc'])} | {fmt(fm['patch_image_auroc'])} | {', '.join(shown)} | "
                     f"{fmt(fm['shown/pixel_auroc'])} | {fmt(fm['shown/aupro'])} | {fmt(fm['shown/pointing_game'])} | "
                     + ", ".join(f"{n} x{c}" for n, c in counts.items()) + " |")
     return "\n".join(rows)
+
+
+def canvas_label(entry: dict) -> str:
+    """How a report entry met its canvas: "224 px", or e.g. "224x576 px, pad"."""
+    h, w = geometry.canvas(entry["image_size"])
+    resize = entry.get("resize", "stretch")
+    return f"{h} px" if h == w and resize == "stretch" else f"{h}x{w} px, {resize}"
 
 
 def promised(entry: dict, rate: float) -> float:

@@ -67,8 +67,10 @@ class Model:
     sha256: str
 
     @property
-    def size(self) -> int:
-        return int(self.meta["input_size"])
+    def size(self) -> int | tuple[int, int]:
+        """The input size: a side S (S x S), or (H, W) for a canvas that is not square."""
+        size = self.meta["input_size"]
+        return int(size) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs of the graph for (N, S, S, 3) uint8 RGB: decision_score (N,), label (N,),
@@ -223,17 +225,25 @@ class Decoded:
     error: str = ""
 
 
-def decode(path: Path, name: str, size: int) -> Decoded:
-    """Decode one file as training does (RGB, Pillow's bilinear resize to size x size); any failure becomes `error`."""
+def hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) of an input size: a side S -> (S, S), [H, W] -> (H, W)."""
+    return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+
+
+def decode(path: Path, name: str, size: int | Sequence[int]) -> Decoded:
+    """Decode one file as training does (RGB, Pillow's bilinear resize stretching it to the input
+    size, a side or (H, W)); any failure becomes `error`."""
     try:
         rgb = open_image(path)
-        pixels = np.asarray(rgb.resize((size, size), Image.BILINEAR))
+        height, width = hw(size)
+        pixels = np.asarray(rgb.resize((width, height), Image.BILINEAR))
         return Decoded(path, name, pixels, np.asarray(rgb))
     except Exception as err:  # one bad file is reported in its row; the run goes on
         return Decoded(path, name, error=f"{type(err).__name__}: {err}")
 
 
-def decode_batches(files: Sequence[tuple[Path, str]], size: int, batch_size: int) -> Iterator[list[Decoded]]:
+def decode_batches(files: Sequence[tuple[Path, str]], size: int | Sequence[int],
+                   batch_size: int) -> Iterator[list[Decoded]]:
     """Decode `files` batch by batch on a thread per core (Pillow releases the GIL while decoding)."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for start in range(0, len(files), batch_size):
@@ -382,13 +392,14 @@ def overlay_name(name: str) -> str:
 
 
 def prediction_row(path: str, result: dict[str, Any] | None, width: int | None = None, height: int | None = None,
-                   size: int | None = None, error: str = "") -> dict[str, Any]:
-    """One row of predictions.csv, as predict.py writes it: boxes scaled to the W x H original
-    ([x1, y1, x2, y2] rounded to 0.1 px, then the box's score)."""
+                   size: int | Sequence[int] | None = None, error: str = "") -> dict[str, Any]:
+    """One row of predictions.csv, as predict.py writes it: boxes scaled from the input size (a side
+    or (H, W)) to the W x H original ([x1, y1, x2, y2] rounded to 0.1 px, then the box's score)."""
     if result is None:
         return {"path": path, "label": "", "p_anomaly": None, "image_score": None, "n_boxes": None,
                 "boxes": [], "width": None, "height": None, "error": error}
-    factors = np.array([width / size, height / size, width / size, height / size], np.float32)
+    size_h, size_w = hw(size)
+    factors = np.array([width / size_w, height / size_h, width / size_w, height / size_h], np.float32)
     boxes = np.asarray(result["boxes"], np.float32).reshape(-1, 4) * factors
     listed = [[round(float(v), 1) for v in box] + [float(s)] for box, s in zip(boxes, result["box_scores"])]
     return {"path": path, "label": result["label"], "p_anomaly": result["p_anomaly"],
@@ -482,7 +493,7 @@ def settings(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
         "threshold": meta["box_threshold"], "min_area": meta["box_min_area"], "box_mode": "components",
         "box_note": "", "decision": meta["decision"], "batch_size": args.batch_size,
         "device": "cpu (onnxruntime)", "precision": "fp32", "backbone": meta["backbone"],
-        "image_size": meta["input_size"], "trained_on": meta.get("trained_on"),
+        "image_size": meta["input_size"], "resize": "stretch", "trained_on": meta.get("trained_on"),
         "class_names": list(meta["class_names"]),
         "boxes": "[x1, y1, x2, y2, score] in pixels of the original image, x2 and y2 exclusive",
     }

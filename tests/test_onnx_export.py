@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-def _train(root: Path, kind: str, out: Path) -> list[dataloader.Sample]:
+def _train(root: Path, kind: str, out: Path, image_size: int | list[int] = SIZE) -> list[dataloader.Sample]:
     """Train a checkpoint of `kind` on the synthetic subset at `root` and save it at `out`; returns
     the held-out test samples (never in the memory nor in the calibration)."""
     # the evidence head refuses the published head's knobs other than their defaults
@@ -57,7 +57,7 @@ def _train(root: Path, kind: str, out: Path) -> list[dataloader.Sample]:
               else dict(epochs=3, lr=1e-3, target_train_accuracy=None))
     config = parameters.training_config(
         data_dir=str(root), subset_name="synthetic", download=False, backbone="mobilenet_v2", pretrained=True,
-        image_size=SIZE, batch_size=8, class_weight=[1, 3], **recipe,
+        image_size=image_size, batch_size=8, class_weight=[1, 3], **recipe,
         test_size=0.3, seed=0, heatmap_thres=0.7, n_cv_folds=0, weights_dir=str(out.parent),
         results_dir=str(out.parent),
         device="cpu", precision="fp32", patch_memory_size=1000, patch_memory_method="random", calibration="holdout",
@@ -66,7 +66,7 @@ def _train(root: Path, kind: str, out: Path) -> list[dataloader.Sample]:
     train, test = dataloader.split_samples(samples, test_size=0.3, seed=0)
     if kind == "patch_only":  # good training images alone: no classifier is trained
         train = [s for s in train if s.label == GOOD]
-    images = dataloader.load_images(root, samples, SIZE)
+    images = dataloader.load_images(root, samples, image_size)
     labels = torch.tensor([s.label for s in samples])
     template = helper.new_model(config, None, CPU, "fp32")
     frozen = helper.frozen_pass(template, images, config["mean"], config["std"], batch_size=16, device=CPU,
@@ -187,6 +187,40 @@ def test_metadata_carries_the_checkpoints_thresholds(exported):
         assert meta["checkpoint"] == {"name": checkpoint.name,
                                       "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
         assert meta["input"]["shape"] == ["N", SIZE, SIZE, 3] and meta["input"]["dtype"] == "uint8"
+
+
+def test_a_canvas_that_is_not_square_exports_and_runs_as_predict_scores_it(exported, tmp_path):
+    """An evidence-head checkpoint on a 64 x 160 canvas (image_size=[64, 160], stretched: its top-k
+    takes 2 of 8 x 20 patches, where 8 x 8 would give 1): export.py's own check passes, the metadata
+    says (N, 64, 160, 3), the graph gives predict.py's scores, labels
+    and maps, and the runner's rows (labels, boxes in the original's pixels) are predict.py's.
+    Fails when: the graph's top-k counts h8 * h8 patches (scores depart), the runner resizes to
+    (H, W) in Pillow's (W, H) order, or scales boxes by the height alone."""
+    _, root = exported
+    checkpoint, model = tmp_path / "wide.pt", tmp_path / "wide.onnx"
+    test = _train(root, "evidence", checkpoint, image_size=[64, 160])
+    assert export.main(["--checkpoint", str(checkpoint), "--out", str(model)]) == 0  # with its parity check
+    meta = runner.load_model(model).meta
+    assert meta["input"]["shape"] == ["N", 64, 160, 3] and meta["input_size"] == [64, 160]
+    net, ckpt = load_checkpoint(checkpoint)
+    files = [root / s.path for s in test]
+    images = torch.stack([dataloader.read_image(f, [64, 160]) for f in files])  # (N, 3, 64, 160)
+    results = inference.score_batch(images, net, ckpt)
+    outputs = onnx_export.run_session(onnx_export.session_of(model), images)
+    assert outputs["map"].shape == (len(files), 64, 160)
+    np.testing.assert_allclose(outputs["decision_score"], [r["p_anomaly"] for r in results], atol=1e-4)
+    assert outputs["label"].tolist() == [int(r["label"] == "Anomaly") for r in results]
+    ours, theirs = tmp_path / "onnx", tmp_path / "torch"
+    folder = files[0].parents[1]  # the synthetic test folder
+    assert runner.main(["--model", str(model), "--images", str(folder), "--out", str(ours)]) == 0
+    assert predict.main(["--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(theirs),
+                         "--precision", "fp32"]) == 0
+    mine, reference = _rows(ours), _rows(theirs)
+    assert len(mine) == len(reference) > 0 and any(r["label"] == "Anomaly" for r in mine)
+    for a, b in zip(mine, reference):
+        for key in ("path", "label", "n_boxes", "width", "height"):
+            assert a[key] == b[key], (key, a, b)
+        assert [box[:4] for box in json.loads(a["boxes"])] == [box[:4] for box in json.loads(b["boxes"])], a["path"]
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
@@ -379,8 +413,8 @@ def test_what_cannot_be_exported_is_refused_with_a_message(exported, tmp_path, c
                       lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
         assert export.main(["--checkpoint", str(published), "--out", str(tmp_path / "x.onnx")]) == 2
         assert "needs onnxruntime: pip install -r requirements-export.txt" in capsys.readouterr().err
-    with pytest.raises(onnx_export.ExportError, match="image_size=\\[64, 64\\]"):
-        onnx_export.check_exportable({**ckpt, "config": {**ckpt["config"], "image_size": [64, 64]}}, "cam")
+    with pytest.raises(onnx_export.ExportError, match="image_size=\\[64\\]"):
+        onnx_export.check_exportable({**ckpt, "config": {**ckpt["config"], "image_size": [64]}}, "cam")
     evidence_ckpt = torch.load(evidence, weights_only=True)
     with pytest.raises(onnx_export.ExportError, match="no patch memory"):
         onnx_export.check_exportable({k: v for k, v in evidence_ckpt.items() if k != "patch_memory"}, "evidence")

@@ -111,7 +111,7 @@ def test_published_recipe_on_real_pill(vgg16_oxford, real_subset, tmp_path: Path
         data_dir=str(tmp_path), subset_name="pill", download=False, backbone="vgg16", pretrained=True,
         backbone_weights=vgg16_oxford.path, image_size=IMAGE_SIZE, test_size=TEST_SIZE, seed=SEED,
         heatmap_thres=0.7, n_cv_folds=0, weights_dir=str(tmp_path), results_dir=str(tmp_path), device="cpu",
-        precision=precision, patch_memory_size=0, **RECIPE)
+        precision=precision, patch_memory_size=0, head="published", **RECIPE)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # the suite's one heavy training
     try:
         template = helper.new_model(config, vgg16_oxford, device, precision)

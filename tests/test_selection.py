@@ -116,7 +116,7 @@ def test_the_head_with_the_better_out_of_fold_auroc_is_fitted_and_recorded(tmp_p
     idx = torch.arange(len(labels))
     size = (64, 64)
 
-    def good_evidence(config, inputs, y, groups, size_, device):
+    def good_evidence(config, inputs, y, groups, size_, parts, device):
         p = y.numpy().astype(np.float32)
         p[np.flatnonzero(p)[0]] = 0.0  # one defect tied with the goods: AUROC 11.5 / 12, room left for the published head
         return p, torch.zeros(len(y), *size)

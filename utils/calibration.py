@@ -90,17 +90,24 @@ def decide(scores, decision: dict) -> np.ndarray:
     return (scores > decision["threshold"]).astype(np.int64)
 
 
-def floors(good_maps: dict[str, np.ndarray]) -> dict[str, float]:
+def floors(good_maps: dict[str, np.ndarray], valid=None) -> dict[str, float]:
     """Per map (N, H, W), the level a good part sits at: the median over images of each map's median.
-    Figures draw a map from this floor (cold) to its box threshold, so colours mean the same everywhere."""
-    return {name: float(np.median(np.median(to_numpy(m).reshape(len(m), -1), axis=1))) for name, m in good_maps.items()}
+    Figures draw a map from this floor (cold) to its box threshold, so colours mean the same everywhere.
+    valid (N, H, W) bool: the part's pixels (resize="pad"), the only ones whose median counts."""
+    if valid is None:
+        return {name: float(np.median(np.median(to_numpy(m).reshape(len(m), -1), axis=1)))
+                for name, m in good_maps.items()}
+    keep = to_numpy(valid).astype(bool).reshape(len(valid), -1)
+    return {name: float(np.median([np.median(row[k]) for row, k in zip(to_numpy(m).reshape(len(m), -1), keep)]))
+            for name, m in good_maps.items()}
 
 
 def calibrate_all(good_maps: dict[str, np.ndarray], good_scores, *, quantile: float, min_area: int,
-                  false_alarm_rate: float | None, method: str) -> dict:
+                  false_alarm_rate: float | None, method: str, valid=None) -> dict:
     """The checkpoint's "calibration" from the maps (N, H, W) and image scores (N,) of good images
-    the model never trained on: box thresholds (`calibrate`), display floors (`floors`), the image
-    decision (`decision_threshold`) and how the images were held out (`method`)."""
+    the model never trained on: box thresholds (`calibrate`), display floors (`floors`, on the
+    part's pixels `valid` (N, H, W) bool with resize="pad"), the image decision
+    (`decision_threshold`) and how the images were held out (`method`)."""
     out = calibrate(good_maps, quantile, min_area)
-    out.update(floors=floors(good_maps), decision=decision_threshold(good_scores, false_alarm_rate), method=method)
+    out.update(floors=floors(good_maps, valid), decision=decision_threshold(good_scores, false_alarm_rate), method=method)
     return out

@@ -21,6 +21,7 @@ from .constants import (
     ANOMALY, GOOD, GOOD_FOLDER, GOOD_SYNONYMS, IMAGE_EXTENSIONS, MASK_SUFFIX, SUBSET_FOLDERS, SYNTHETIC_SUBSET,
 )
 from .download import ensure_subset
+from .geometry import DEFAULT_RESIZE, canvas, fit_image, fit_mask, fitted_size
 from .synthetic import generate_synthetic_subset
 
 
@@ -370,17 +371,18 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
                          f"save it as an 8-bit RGB or grey image.") from err
 
 
-def _resized_tensor(rgb: Image.Image, size: int) -> torch.Tensor:
-    resized = rgb.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+def _resized_tensor(rgb: Image.Image, size: int | Sequence[int], resize: str = DEFAULT_RESIZE) -> torch.Tensor:
+    return fit_image(rgb, canvas(size), resize)
 
 
-def image_to_tensor(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
-    """A PIL image or (H, W) / (H, W, 3|4) array -> (3, size, size) uint8, as in training:
-    read as a viewer shows it (`to_rgb`; a uint16 array is 16-bit grey) and resized bilinearly."""
+def image_to_tensor(image: Image.Image | np.ndarray, size: int | Sequence[int],
+                    resize: str = DEFAULT_RESIZE) -> torch.Tensor:
+    """A PIL image or (H, W) / (H, W, 3|4) array -> (3, H, W) uint8 on the canvas `size` (a side or
+    [H, W]), as in training: read as a viewer shows it (`to_rgb`; a uint16 array is 16-bit grey)
+    and resized bilinearly, stretched or padded (`geometry.fit_image`)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    return _resized_tensor(to_rgb(image), size)
+    return _resized_tensor(to_rgb(image), size, resize)
 
 
 def _unreadable(path: str | Path, err: BaseException, what: str = "image") -> ValueError:
@@ -417,10 +419,11 @@ def open_image(path: str | Path) -> Image.Image:
         raise _unreadable(path, err) from err
 
 
-def read_image(path: str | Path, size: int) -> torch.Tensor:
-    """Decode one image file as (3, size, size) uint8 RGB, as a viewer shows it (`open_image`),
-    resized bilinearly. A file that cannot be read raises a ValueError naming it."""
-    return _resized_tensor(open_image(path), size)
+def read_image(path: str | Path, size: int | Sequence[int], resize: str = DEFAULT_RESIZE) -> torch.Tensor:
+    """Decode one image file as (3, H, W) uint8 RGB on the canvas `size` (a side or [H, W]), as a
+    viewer shows it (`open_image`), resized bilinearly, stretched or padded (`geometry.fit_image`).
+    A file that cannot be read raises a ValueError naming it."""
+    return _resized_tensor(open_image(path), size, resize)
 
 
 def shown_size(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -471,14 +474,15 @@ def _mask_pixels(mask_path: str | Path, image_path: str | Path) -> np.ndarray:
     return defect
 
 
-def read_mask(mask_path: str | Path, image_path: str | Path, size: int) -> torch.Tensor:
-    """Read a defect mask as a (size, size) bool tensor, resized with nearest neighbour only.
+def read_mask(mask_path: str | Path, image_path: str | Path, size: int | Sequence[int],
+              resize: str = DEFAULT_RESIZE) -> torch.Tensor:
+    """Read a defect mask as an (H, W) bool tensor on the canvas `size`, placed as its image is
+    (`geometry.fit_mask`), resized with nearest neighbour only.
 
     Any nonzero pixel is defect (see `defect_pixels`). The mask must have the size of its image
     as a viewer shows it, otherwise a ValueError names both files.
     """
-    defect = Image.fromarray(_mask_pixels(mask_path, image_path).astype(np.uint8) * 255)
-    return torch.from_numpy(np.asarray(defect.resize((size, size), Image.NEAREST)) > 0)
+    return fit_mask(_mask_pixels(mask_path, image_path), canvas(size), resize)
 
 
 def check_masks(data_dir: str | Path, samples: Sequence[Sample], max_listed: int = 10) -> None:
@@ -514,34 +518,54 @@ def check_masks(data_dir: str | Path, samples: Sequence[Sample], max_listed: int
 
 
 def load_images(
-    data_dir: str | Path, samples: Sequence[Sample], size: int, desc: str = "Decoding images"
+    data_dir: str | Path, samples: Sequence[Sample], size: int | Sequence[int], desc: str = "Decoding images",
+    resize: str = DEFAULT_RESIZE,
 ) -> torch.Tensor:
-    """Decode `samples` once: (N, 3, size, size) uint8 (4x smaller than float, normalised later).
+    """Decode `samples` once: (N, 3, H, W) uint8 on the canvas `size` (a side or [H, W]), stretched
+    or padded (4x smaller than float, normalised later).
 
     Pillow releases the GIL while it decodes, so a thread per core decodes in parallel.
     """
     data_dir = Path(data_dir)
-    out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+    out = torch.empty((len(samples), 3, *canvas(size)), dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = pool.map(lambda s: read_image(data_dir / s.path, size), samples)
+        decoded = pool.map(lambda s: read_image(data_dir / s.path, size, resize), samples)
         for i, image in enumerate(tqdm(decoded, total=len(samples), desc=desc, leave=False)):
             out[i] = image
     return out
 
 
-def load_masks(data_dir: str | Path, samples: Sequence[Sample], size: int) -> torch.Tensor | None:
-    """(N, size, size) bool masks (all False for good images); None when the subset has none."""
+def load_masks(data_dir: str | Path, samples: Sequence[Sample], size: int | Sequence[int],
+               resize: str = DEFAULT_RESIZE) -> torch.Tensor | None:
+    """(N, H, W) bool masks on the canvas `size`, placed as their images are (all False for good
+    images and padding); None when the subset has none."""
     if not any(s.mask_path for s in samples):
         if any(s.label == ANOMALY for s in samples):
             warnings.warn("No ground-truth masks found: localisation metrics will be null.")
         return None
     check_masks(data_dir, samples)
     data_dir = Path(data_dir)
-    out = torch.zeros((len(samples), size, size), dtype=torch.bool)
+    out = torch.zeros((len(samples), *canvas(size)), dtype=torch.bool)
     for i, s in enumerate(samples):
         if s.mask_path:
-            out[i] = read_mask(data_dir / s.mask_path, data_dir / s.path, size)
+            out[i] = read_mask(data_dir / s.mask_path, data_dir / s.path, size, resize)
     return out
+
+
+def image_sizes(data_dir: str | Path, samples: Sequence[Sample]) -> list[tuple[int, int]]:
+    """(W, H) of each sample as a viewer shows it, from the file headers only."""
+    return [shown_size(Path(data_dir) / s.path)[0] for s in samples]
+
+
+def load_parts(data_dir: str | Path, samples: Sequence[Sample], size: int | Sequence[int],
+               resize: str = DEFAULT_RESIZE) -> torch.Tensor | None:
+    """(N, 2) long: the (h, w) each sample covers at the top-left of the canvas with resize="pad"
+    (`geometry.fitted_size`, from the file headers); None with "stretch", where every image covers
+    the whole canvas."""
+    if resize == "stretch":
+        return None
+    hw = canvas(size)
+    return torch.tensor([fitted_size(w, h, hw, resize) for w, h in image_sizes(data_dir, samples)], dtype=torch.long)
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -37,11 +37,19 @@ MASK_WEIGHT = 1.0  # weight of the per-patch mask loss beside the image loss (ma
 CHUNK = 32  # images per forward pass; their gradients add up to one full-batch step
 
 
-def topk_mean(patch_logits: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mean of the top ceil(fraction * h * w) values of each (B, h, w) map -> (B,)."""
+def topk_mean(patch_logits: torch.Tensor, fraction: float, inside: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the top ceil(fraction * h * w) values of each (B, h, w) map -> (B,). With `inside`
+    (B, h, w) bool (the cells on the part, resize="pad"), of the top ceil(fraction * n) of each
+    map's n inside cells only: padding never enters the pooling."""
     flat = patch_logits.flatten(1)
-    k = max(1, math.ceil(fraction * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(dim=1)
+    if inside is None:
+        k = max(1, math.ceil(fraction * flat.shape[1]))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+    inside = inside.flatten(1).to(flat.device)
+    k = torch.clamp(torch.ceil(fraction * inside.sum(dim=1)), min=1)  # (B,) per image: its own part's share
+    ordered = torch.where(inside, flat, torch.full_like(flat, -math.inf)).sort(dim=1, descending=True).values
+    taken = torch.arange(flat.shape[1], device=flat.device)[None] < k[:, None]  # (B, h * w)
+    return torch.where(taken, ordered, torch.zeros_like(ordered)).sum(dim=1) / k
 
 
 class EvidenceHead(nn.Module):
@@ -79,19 +87,26 @@ class EvidenceHead(nn.Module):
         correction = self.net(torch.cat([r, d[:, None]], dim=1))[:, 0]
         return self.slope * d + self.offset + correction, correction
 
-    def forward(self, residual: torch.Tensor, distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, residual: torch.Tensor, distance: torch.Tensor,
+                inside: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         z, _ = self.parts(residual, distance)
-        return topk_mean(z, float(self.topk_fraction)), z
+        return topk_mean(z, float(self.topk_fraction), inside), z
 
 
 @dataclass
 class EvidenceInputs:
     """What the head reads for N images: residual (N, D, h, w), each patch's embedding minus its
     nearest memory row (float16 to halve the memory: the head reads residuals at a precision far
-    below that), and distance (N, h, w) float32, that residual's length."""
+    below that), and distance (N, h, w) float32, that residual's length; inside (N, h, w) bool or
+    None: with resize="pad" the cells on the part, the only ones pooled, penalised or supervised."""
 
     residual: torch.Tensor
     distance: torch.Tensor
+    inside: torch.Tensor | None = None
+
+    def inside_of(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The inside cells (K, h, w) of images `idx` (K,), None when every cell is."""
+        return None if self.inside is None else self.inside[idx]
 
     def __len__(self) -> int:
         return len(self.distance)
@@ -166,10 +181,14 @@ def start_as_patch_map(head: EvidenceHead, inputs: EvidenceInputs, labels: torch
     top-k mean distance, so that before any step the head is the patch map's best classifier (its
     correction is zero) and its logit 0 is a sensible decision."""
     good = labels == GOOD
-    head.scale.fill_(float(inputs.distance[good].mean()) if good.any() else float(inputs.distance.mean()))
+    if inputs.inside is None:
+        head.scale.fill_(float(inputs.distance[good].mean()) if good.any() else float(inputs.distance.mean()))
+    else:  # the part's cells only
+        chosen = inputs.inside & good[:, None, None] if good.any() else inputs.inside
+        head.scale.fill_(float(inputs.distance[chosen].mean()))
     if len(labels.unique()) < 2:
         return
-    score = topk_mean(inputs.distance / head.scale, float(head.topk_fraction)).numpy()[:, None]  # (N, 1)
+    score = topk_mean(inputs.distance / head.scale, float(head.topk_fraction), inputs.inside).numpy()[:, None]  # (N, 1)
     weight = {GOOD: float(class_weight[0]), 1 - GOOD: float(class_weight[1])}
     fitted = LogisticRegression(class_weight=weight).fit(score, labels.numpy())
     with torch.no_grad():
@@ -183,16 +202,26 @@ def _chunk_loss(head, inputs, idx, labels, weights, targets, device) -> tuple[to
     over all masked patches (each a sum here, divided by the whole set's total)."""
     residual, distance = inputs.batch(idx)
     patch, correction = head.parts(residual.to(device), distance.to(device))
-    image = topk_mean(patch, float(head.topk_fraction))
+    inside = inputs.inside_of(idx)
+    image = topk_mean(patch, float(head.topk_fraction), inside)
     y = labels[idx].to(device)
     logits = torch.stack([torch.zeros_like(image), image], dim=1)  # (K, 2): [Good, Anomaly]
     loss = F.cross_entropy(logits, y, weight=weights, reduction="sum") / weights[labels].sum()
-    loss = loss + CORRECTION_PENALTY * correction.pow(2).sum() / (len(labels) * correction[0].numel())
+    if inside is None:
+        loss = loss + CORRECTION_PENALTY * correction.pow(2).sum() / (len(labels) * correction[0].numel())
+    else:  # over the part's cells: padding's residuals are nothing to learn from
+        inside = inside.to(device)
+        loss = loss + CORRECTION_PENALTY * (correction.pow(2) * inside).sum() / int(inputs.inside.sum())
     if targets is not None and bool(targets.has[idx].any()):
         keep = targets.has[idx]
-        bce = F.binary_cross_entropy_with_logits(patch[keep.to(device)], targets.fraction[idx][keep].to(device),
-                                                 reduction="sum")
-        loss = loss + MASK_WEIGHT * bce / (int(targets.has.sum()) * patch[0].numel())
+        if inside is None:
+            bce = F.binary_cross_entropy_with_logits(patch[keep.to(device)], targets.fraction[idx][keep].to(device),
+                                                     reduction="sum")
+            loss = loss + MASK_WEIGHT * bce / (int(targets.has.sum()) * patch[0].numel())
+        else:
+            bce = F.binary_cross_entropy_with_logits(patch[keep.to(device)], targets.fraction[idx][keep].to(device),
+                                                     reduction="none") * inside[keep.to(device)]
+            loss = loss + MASK_WEIGHT * bce.sum() / int(inputs.inside[targets.has].sum())
     return loss, int(((image > 0).long() == y).sum())
 
 
@@ -236,10 +265,12 @@ def train_head(
 
 
 @torch.no_grad()
-def evidence_scores(head: EvidenceHead, residual: torch.Tensor, distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def evidence_scores(head: EvidenceHead, residual: torch.Tensor, distance: torch.Tensor,
+                    inside: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's Anomaly probability (B,) and its map (B, h, w): each patch's logit, the evidence
     it adds to the margin Anomaly - Good. Logits, not probabilities: the sigmoid flattens the
-    hottest patches of a confident image to 1.0 in float32, and the map would lose its peak."""
+    hottest patches of a confident image to 1.0 in float32, and the map would lose its peak.
+    `inside` (B, h, w) bool: the cells pooled (resize="pad"; None: all)."""
     head.eval()
-    image, patch = head(residual, distance)
+    image, patch = head(residual, distance, inside)
     return torch.sigmoid(image), patch

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from . import calibration as calibration_lib
 from . import evidence as evidence_lib
 from . import explain as explain_lib
+from . import geometry
 from . import selection as selection_lib
 from .checkpoint import checkpoint_dict
 from .constants import ANOMALY, GOOD
@@ -24,7 +25,7 @@ from .localizers import image_score_of, maps_of
 from .metrics import classification_metrics
 from .model import BackboneWeights, CAMClassifier
 from .patchknn import PATCH_LAYERS, PatchRule, build_memory, flatten_patches, memory_nbytes, patch_rule_of
-from .postprocess import upsample_maps
+from .postprocess import grid_to_map
 from .runtime import autocast, cache_dtype, prepare_model, to_input, to_layout
 
 
@@ -34,12 +35,25 @@ class Frozen:
 
     features (N, C, h, w): the frozen output, the training cache and the coarse half of the patch
     embeddings; tap (N, C8, h8, w8) or None: the stride-8 tap (the fine half of the patch
-    embeddings, where the explanations start), kept for the images `has_tap` (N,) bool marks.
+    embeddings, where the explanations start), kept for the images `has_tap` (N,) bool marks;
+    parts (N, 2) or None: with resize="pad", the (h, w) each image covers at the top-left of the
+    (H, W) canvas `size` (`geometry`); None: every image covers it all.
     """
 
     features: torch.Tensor
     tap: torch.Tensor | None = None
     has_tap: torch.Tensor | None = None
+    parts: torch.Tensor | None = None
+    size: tuple[int, int] | None = None
+
+    def parts_of(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The parts (K, 2) of images `idx` (K,), None when stretched."""
+        return None if self.parts is None else self.parts[idx]
+
+    def inside_of(self, idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
+        """(K, h, w) bool: the cells of an (h, w) grid wholly on the part of images `idx` (K,) (None
+        when stretched: all of them)."""
+        return None if self.parts is None else geometry.cells_inside(self.parts[idx], self.size, grid)
 
     def tap_of(self, idx: torch.Tensor) -> torch.Tensor:
         """The stride-8 taps (K, C8, h8, w8) of images `idx` (K,); each must have been tapped."""
@@ -53,8 +67,19 @@ class Frozen:
         return rule.embed(self.tap_of(idx).float(), self.features[idx].float())
 
     def patches_of(self, idx: torch.Tensor, rule: PatchRule) -> torch.Tensor:
-        """Patch embeddings (K * h8 * w8, D) float32 of images `idx` (K,), image-major."""
-        return flatten_patches(self.embeddings_of(idx, rule))
+        """Patch embeddings (P, D) float32 of images `idx` (K,), image-major: all K * h8 * w8 of them,
+        or with parts only the cells on the part (padding never enters the memory)."""
+        emb = self.embeddings_of(idx, rule)  # (K, D, h8, w8)
+        if self.parts is None:
+            return flatten_patches(emb)
+        return emb.permute(0, 2, 3, 1)[self.inside_of(idx, tuple(emb.shape[-2:]))]
+
+    def patch_images(self, idx: torch.Tensor) -> torch.Tensor:
+        """(P,) the position in `idx` of the image of each row of `patches_of(idx, ...)`."""
+        grid = tuple(self.tap.shape[-2:])
+        if self.parts is None:
+            return torch.arange(len(idx)).repeat_interleave(grid[0] * grid[1])
+        return torch.nonzero(self.inside_of(idx, grid))[:, 0]
 
 
 @torch.no_grad()
@@ -68,12 +93,14 @@ def frozen_pass(
     device: torch.device,
     precision: str,
     tap_images: torch.Tensor | bool = True,
+    parts: torch.Tensor | None = None,
     desc: str = "Frozen layers",
     progress: bool = True,
 ) -> Frozen:
     """Run the frozen layers once over (N, 3, H, W) uint8 images; keep the stride-8 tap of every
     image (`tap_images` True), of none (False) or of those an (N,) bool tensor marks. Kept on the
-    CPU, bf16 on the reduced-precision paths (half the memory) and fp32 otherwise."""
+    CPU, bf16 on the reduced-precision paths (half the memory) and fp32 otherwise. `parts` (N, 2):
+    with resize="pad", where each image lies on the canvas (`dataloader.load_parts`), kept with them."""
     model.eval()
     dtype = cache_dtype(precision)
     tap_index = model.spec.taps[0]
@@ -89,7 +116,7 @@ def frozen_pass(
         features.append(out.to("cpu", dtype).contiguous())
         if chosen.any():
             taps.append(tapped[0][chosen.to(device)].to("cpu", dtype).contiguous())
-    return Frozen(torch.cat(features), torch.cat(taps) if taps else None, keep)
+    return Frozen(torch.cat(features), torch.cat(taps) if taps else None, keep, parts, tuple(images.shape[-2:]))
 
 
 def build_patch_memory(
@@ -307,7 +334,7 @@ def patch_memory_of(config: dict[str, Any], frozen: Frozen, good: torch.Tensor) 
     each row's image (M,), its statistics), per config's patch_memory_size and _method."""
     memory, rows, info = build_patch_memory(frozen.patches_of(good, patch_rule_of(config)), config["patch_memory_size"],
                                             config["patch_memory_method"], config["seed"])
-    return memory, rows // frozen.tap.shape[-2:].numel(), info
+    return memory, frozen.patch_images(good)[rows], info
 
 
 def evidence_training_inputs(config: dict[str, Any], frozen: Frozen, labels: torch.Tensor, fit: torch.Tensor,
@@ -323,8 +350,10 @@ def evidence_training_inputs(config: dict[str, Any], frozen: Frozen, labels: tor
     if GROUP_DEFECTS:
         image_groups[y != GOOD] = assign_groups(["defect"] * int((y != GOOD).sum()), GROUPS, config["seed"] + 1)
     rule = patch_rule_of(config)
-    return evidence_lib.evidence_inputs(lambda i: frozen.embeddings_of(fit[i], rule), len(fit), memory.to(device),
-                                        image_groups=image_groups, memory_groups=good_groups[memory_images])
+    inputs = evidence_lib.evidence_inputs(lambda i: frozen.embeddings_of(fit[i], rule), len(fit), memory.to(device),
+                                          image_groups=image_groups, memory_groups=good_groups[memory_images])
+    inputs.inside = frozen.inside_of(fit, tuple(inputs.distance.shape[-2:]))
+    return inputs
 
 
 def _train_evidence(config, model, frozen, labels, fit, memory, memory_images, masks, device, progress,
@@ -394,14 +423,15 @@ class _Candidates:
     memory: torch.Tensor
     info: dict[str, Any]
     inputs: evidence_lib.EvidenceInputs
+    parts: torch.Tensor | None = None  # (K, 2) with resize="pad" (`Frozen.parts`)
 
     def patch_scores(self) -> np.ndarray:
-        """Out-of-fold patch-map image scores (K,): the maximum distance at feature resolution."""
-        return self.inputs.distance.flatten(1).amax(dim=1).numpy()
+        """Out-of-fold patch-map image scores (K,): the maximum distance on the part at feature resolution."""
+        return geometry.masked_max(self.inputs.distance, self.inputs.inside).numpy()
 
     def patch_maps(self, sigma: float, size: tuple[int, int]) -> torch.Tensor:
         """Out-of-fold patch maps (K, H, W), upsampled and blurred by sigma cells as inference makes them."""
-        return PatchRule("fine", sigma).smooth(upsample_maps(self.inputs.distance, size))
+        return grid_to_map(self.inputs.distance, size, self.parts, PatchRule("fine", sigma).smooth)
 
 
 def _candidates(config, frozen, labels, fit_idx, groups, layers, device) -> _Candidates:
@@ -415,23 +445,25 @@ def _candidates(config, frozen, labels, fit_idx, groups, layers, device) -> _Can
     inputs = evidence_lib.evidence_inputs(lambda i: frozen.embeddings_of(fit_idx[i], rule), len(fit_idx),
                                           memory.to(device), image_groups=groups,
                                           memory_groups=groups[good[memory_images]])
-    return _Candidates(memory, info, inputs)
+    inputs.inside = frozen.inside_of(fit_idx, tuple(inputs.distance.shape[-2:]))
+    return _Candidates(memory, info, inputs, frozen.parts_of(fit_idx))
 
 
-def _oof_evidence(config, inputs, y, groups, size, device) -> tuple[np.ndarray, torch.Tensor]:
+def _oof_evidence(config, inputs, y, groups, size, parts, device) -> tuple[np.ndarray, torch.Tensor]:
     """Out-of-fold Anomaly probabilities (K,) and maps (K, H, W) of the evidence head: each group
     scored by a head trained on the other groups' images."""
     p, patch = torch.empty(len(y)), torch.empty_like(inputs.distance)
     for g in groups.unique().tolist():
         held = groups == g
         head = evidence_lib.EvidenceHead(inputs.residual.shape[1])
-        rest = evidence_lib.EvidenceInputs(inputs.residual[~held], inputs.distance[~held])
+        rest = evidence_lib.EvidenceInputs(inputs.residual[~held], inputs.distance[~held],
+                                           None if inputs.inside is None else inputs.inside[~held])
         evidence_lib.train_head(head, rest, y[~held], class_weight=config["class_weight"], device=device)
         for idx in torch.nonzero(held).flatten().split(evidence_lib.CHUNK):
             r, d = inputs.batch(idx)
-            prob, logits = evidence_lib.evidence_scores(head, r.to(device), d.to(device))
+            prob, logits = evidence_lib.evidence_scores(head, r.to(device), d.to(device), inputs.inside_of(idx))
             p[idx], patch[idx] = prob.cpu(), logits.cpu()
-    return p.numpy(), upsample_maps(patch, size)
+    return p.numpy(), grid_to_map(patch, size, parts)
 
 
 def _oof_published(config, template, frozen, labels, fit_idx, groups, images, size, device, precision):
@@ -443,19 +475,21 @@ def _oof_published(config, template, frozen, labels, fit_idx, groups, images, si
         model = fresh_copy(template, config["seed"])
         _train_classifier(config, model, frozen, labels, fit_idx[~held], images, device, precision, False, None)
         out = predict_frozen(model, frozen.features[fit_idx[held]], None, size=size, batch_size=config["batch_size"],
-                             device=device, precision=precision)
+                             device=device, precision=precision, parts=frozen.parts_of(fit_idx[held]))
         cam = maps_of(out)["cam"]
         cams = np.empty((len(fit_idx), *cam.shape[1:]), np.float32) if cams is None else cams
         p[held.numpy()], cams[held.numpy()] = out["p_anomaly"], cam
     return p, torch.from_numpy(cams)
 
 
-def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size) -> tuple[str, float, str, dict]:
+def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
+                 valid=None) -> tuple[str, float, str, dict]:
     """The patch layers, blur and map of the checkpoint, by out-of-fold pixel AUROC and AUPRO on the
-    fit images' masks (K, H, W) bool (`selection.map_quality`). `layers`: the layer choices still
-    open; own_maps ({name: (K, H, W)}): the maps of the chosen head; groups (K,): the inner groups.
-    Unless every group holds a masked image (as for the decision, one image's luck would choose):
-    the first layers, PatchCore's blur, the head's own map (the patch map for the published head's)."""
+    fit images' masks (K, H, W) bool (`selection.map_quality`), on their part's pixels `valid`
+    (K, H, W) bool (None: all). `layers`: the layer choices still open; own_maps ({name: (K, H, W)}):
+    the maps of the chosen head; groups (K,): the inner groups. Unless every group holds a masked
+    image (as for the decision, one image's luck would choose): the first layers, PatchCore's blur,
+    the head's own map (the patch map for the published head's)."""
     report: dict[str, dict] = {}
     masked = None if masks is None else masks.flatten(1).any(dim=1)
     if masked is None or not all(bool(masked[groups == g].any()) for g in groups.unique().tolist()):
@@ -464,11 +498,11 @@ def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size) ->
     for name in layers:
         for sigma in selection_lib.SIGMAS:
             report[f"patch_knn/{name}/{sigma:g}"] = selection_lib.map_quality(
-                candidates[name].patch_maps(sigma, size), masks)
+                candidates[name].patch_maps(sigma, size), masks, valid)
     best = selection_lib.choose({k: v["score"] for k, v in report.items()}, list(report))
     _, best_layers, best_sigma = best.split("/")
     for name, m in own_maps.items():
-        report[name] = selection_lib.map_quality(m, masks)
+        report[name] = selection_lib.map_quality(m, masks, valid)
     order = ("evidence", best, "cam") if "evidence" in own_maps else (best, "cam")
     chosen = selection_lib.choose({k: report[k]["score"] for k in order if k in report}, order)
     return best_layers, float(best_sigma), "patch_knn" if chosen == best else chosen, report
@@ -481,7 +515,7 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     `fit_idx` (K,) in `selection.INNER_FOLDS` groups stratified by defect type, then fit what was
     chosen on all of them. Patch layers or blur set in `config` (not None) are kept as given."""
     y = labels[fit_idx]
-    size = (config["image_size"],) * 2
+    size = geometry.canvas(config["image_size"])
     n_defects, n_good = int((y != GOOD).sum()), int((y == GOOD).sum())
     layers = PATCH_LAYERS if config["patch_layers"] is None else (config["patch_layers"],)
     default = template.spec.patch_layers
@@ -518,7 +552,7 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
             break
         if head == "evidence":
             p, own[head]["evidence"] = _oof_evidence(config, candidates[decision_layers].inputs, y, groups, size,
-                                                     device)
+                                                     frozen.parts_of(fit_idx), device)
         else:
             p, own[head]["cam"] = _oof_published(config, template, frozen, labels, fit_idx, groups, images, size,
                                                  device, precision)
@@ -528,8 +562,10 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
                                                                        selection_lib.margin_of(y_np, oof))
     open_layers = layers if decision == "published" else (decision_layers,)
     fit_masks = None if masks is None else masks[fit_idx]
+    fit_parts = frozen.parts_of(fit_idx)
     chosen_layers, sigma, shown, map_report = _choose_maps(
-        candidates, open_layers, decision, own.get(decision, {}), fit_masks, groups, size)
+        candidates, open_layers, decision, own.get(decision, {}), fit_masks, groups, size,
+        None if fit_parts is None else geometry.part_pixels(fit_parts, size))
     if config["patch_map_sigma"] is not None:
         sigma = float(config["patch_map_sigma"])
     chosen = candidates[chosen_layers]
@@ -571,7 +607,7 @@ def score(fitted: Fitted, frozen: Frozen, idx: torch.Tensor, *, size: tuple[int,
                           batch_size=batch_size, device=device, precision=precision,
                           patch_memory=fitted.memory if tapped else None, patch_rule=fitted.patch_rule,
                           classifier=fitted.classifier,
-                          explain=maps and fitted.classifier and not evidence)
+                          explain=maps and fitted.classifier and not evidence, parts=frozen.parts_of(idx))
 
 
 def _cross_fit_scores(config, template, frozen, labels, train, types, *, masks, images, size, device, precision):
@@ -686,7 +722,7 @@ def run_fold(
     images with every map, not only the decision. Returns a `Fold`.
     """
     types = [str(int(v)) for v in labels.tolist()] if types is None else list(types)
-    size, run = (config["image_size"],) * 2, dict(device=device, precision=precision)
+    size, run = geometry.canvas(config["image_size"]), dict(device=device, precision=precision)
     seconds, clock = {}, time.perf_counter()
     method = config["calibration"]
     if method == "holdout":
@@ -708,9 +744,11 @@ def run_fold(
         cal_pred, cal = _cross_fit_scores(config, template, frozen, labels, train, types, masks=masks,
                                           images=images, size=size, **run)
     cal_scores = image_score_of(cal_pred)
+    cal_parts = frozen.parts_of(cal)
     calibration = calibration_lib.calibrate_all(
         maps_of(cal_pred), cal_scores, quantile=config["box_quantile"], min_area=config["box_min_area"],
-        false_alarm_rate=config["false_alarm_rate"], method=method)
+        false_alarm_rate=config["false_alarm_rate"], method=method,
+        valid=None if cal_parts is None else geometry.part_pixels(cal_parts, size))
     seconds["calibration"], clock = time.perf_counter() - clock, time.perf_counter()
     scored = score(fitted, frozen, test, size=size, batch_size=config["batch_size"], maps=test_maps,
                    **run) if len(test) else None

@@ -22,7 +22,9 @@ from . import explain as explain_lib
 from . import postprocess
 from .checkpoint import atomic_write_bytes, has_classifier
 from .constants import ANOMALY, CLASS_NAMES, GOOD, IMAGE_EXTENSIONS
-from .dataloader import image_to_tensor, open_image, read_image, shown_size
+from .dataloader import image_to_tensor, open_image, shown_size, to_rgb
+from .geometry import DEFAULT_RESIZE, canvas, cells_inside, clip_boxes, cold_padding, fitted_size, masked_max, \
+    part_pixels, resize_of
 from .explain import EXPLANATIONS
 from .calibration import decide
 from .localizers import (MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of, image_score_of,
@@ -30,7 +32,7 @@ from .localizers import (MEMORY_LOCALIZERS, check_checkpoint_localizer, default_
 from .model import CAMClassifier, checkpoint_normalisation, check_input_size
 from .evidence import evidence_scores, residuals
 from .patchknn import PatchRule, patch_rule_of
-from .postprocess import BOX_THRESHOLDS, upsample_maps
+from .postprocess import BOX_THRESHOLDS, grid_to_map, upsample_maps
 from .runtime import autocast, to_input, to_layout
 
 PREDICTION_COLUMNS = ("path", "label", "p_anomaly", "image_score", "n_boxes", "boxes", "width", "height",
@@ -94,11 +96,13 @@ def decision_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()  # the explanations switch gradients on for themselves
 def _score_batch(model: CAMClassifier, frozen: torch.Tensor, tap8: torch.Tensor | None, size: tuple[int, int],
-                 memory: torch.Tensor | None, rule: PatchRule, classifier: bool, explain: bool) -> dict[str, torch.Tensor]:
+                 memory: torch.Tensor | None, rule: PatchRule, classifier: bool, explain: bool,
+                 parts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Everything of one batch from its frozen output (B, C, h, w) and stride-8 tap (B, C8, h8, w8):
     the patch map (embedded and blurred by `rule`) and its image score (with a memory); with the published head the Anomaly
     probability, the raw CAM and the explanations; with the evidence head its probability and
-    its map. Runs inside the caller's autocast."""
+    its map. With parts (B, 2) (resize="pad", `geometry`), scores come from the part's cells
+    only and every map is at its minimum on the padding. Runs inside the caller's autocast."""
     out: dict[str, torch.Tensor] = {}
     evidence = model.evidence_head is not None
     if classifier and not evidence:
@@ -108,15 +112,19 @@ def _score_batch(model: CAMClassifier, frozen: torch.Tensor, tap8: torch.Tensor 
         if explain:
             _, explanations = explain_lib.explanation_maps(model, tap8, model.spec.taps[0])
             out.update({name: upsample_maps(m, size) for name, m in explanations.items()})
+        if parts is not None:
+            pixels = part_pixels(parts, size)
+            out.update({k: cold_padding(v, pixels) for k, v in out.items() if v.ndim == 3})
     if memory is not None:
         residual, distance = residuals(rule.embed(tap8.float(), frozen.float()), memory)  # (B, D, h8, w8)
+        inside = None if parts is None else cells_inside(parts, size, tuple(distance.shape[-2:]))
         # the image score is the patch map's maximum at feature resolution, before upsampling and blur
         # (PatchCore's): the blur serves localisation, and would dilute a one-patch defect's score
-        out["patch_map"] = rule.smooth(upsample_maps(distance, size))
-        out["patch_score"] = distance.flatten(1).amax(dim=1)
+        out["patch_map"] = grid_to_map(distance, size, parts, rule.smooth)
+        out["patch_score"] = masked_max(distance, inside)
         if classifier and evidence:
-            out["p_anomaly"], patch = evidence_scores(model.evidence_head, residual, distance)
-            out["evidence"] = upsample_maps(patch, size)
+            out["p_anomaly"], patch = evidence_scores(model.evidence_head, residual, distance, inside)
+            out["evidence"] = grid_to_map(patch, size, parts)
     return {k: v.detach().float().cpu() for k, v in out.items()}
 
 
@@ -154,6 +162,7 @@ def predict(
     explain: bool = False,
     desc: str = "Predicting",
     progress: bool = True,
+    parts: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Score (N, 3, H, W) uint8 images in one pass through the network.
 
@@ -164,7 +173,8 @@ def predict(
     decision from the stride-8 tap up). A model with an evidence head (head="evidence") gives its
     "p_anomaly" and "evidence" (N, H, W) map instead of the CAM and explanations, and needs the
     patch memory. With classifier=False (a model trained without one) only the frozen layers run:
-    no "p_anomaly", "cam" or explanations, so a patch_memory is required.
+    no "p_anomaly", "cam" or explanations, so a patch_memory is required. `parts` (N, 2): with
+    resize="pad", where each image lies on the canvas (`dataloader.load_parts`).
     """
     _check_predict(model, classifier, patch_memory, patch_rule)
     model.eval()
@@ -180,7 +190,7 @@ def predict(
                 frozen, taps = model.frozen_features(x, (model.spec.taps[0],) if tapped else ())
             with autocast(device, precision):
                 yield _score_batch(model, frozen, taps[0] if tapped else None, size, memory, patch_rule, classifier,
-                                   explain)
+                                   explain, None if parts is None else parts[start:start + batch_size])
 
     return _concatenate(batches())
 
@@ -198,6 +208,7 @@ def predict_frozen(
     patch_rule: PatchRule | None = None,
     classifier: bool = True,
     explain: bool = False,
+    parts: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """`predict` of images whose frozen layers already ran (`helper.frozen_pass`): their frozen
     outputs (N, C, h, w) and stride-8 taps (N, C8, h8, w8) (None when neither the patch memory nor
@@ -211,7 +222,8 @@ def predict_frozen(
             frozen = to_layout(features[start:start + batch_size], device, precision)
             tap8 = None if tap is None else to_layout(tap[start:start + batch_size], device, precision)
             with autocast(device, precision):
-                yield _score_batch(model, frozen, tap8, size, memory, patch_rule, classifier, explain)
+                yield _score_batch(model, frozen, tap8, size, memory, patch_rule, classifier, explain,
+                                   None if parts is None else parts[start:start + batch_size])
 
     return _concatenate(batches())
 
@@ -290,7 +302,7 @@ def box_rule(
 
 
 def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: BoxRule,
-                             decision: dict[str, Any]) -> list[dict[str, Any]]:
+                             decision: dict[str, Any], parts: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Per-image results from `predict`'s output for N images.
 
     Each: "label" ("Good"/"Anomaly": the image score, `localizers.image_score_of`, under `decision`,
@@ -301,7 +313,8 @@ def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: 
     (`BoxRule.display`), "boxes" (K, 4) float32 x1, y1, x2, y2 (exclusive x2, y2) in pixels of the
     S x S input, only on images labelled Anomaly and at least one there, "box_scores" (K,)
     float32 (each box's maximum, in the map's units), "localizer", "box_threshold" (the rule used)
-    and "box_note" (why it is not the one asked for, else "").
+    and "box_note" (why it is not the one asked for, else ""). With parts (N, 2) (resize="pad"),
+    boxes are cut to the part and "part" is its (h, w) at the canvas's top-left.
     """
     maps = maps_of(pred)
     p = pred.get("p_anomaly")
@@ -312,12 +325,15 @@ def results_from_predictions(pred: dict[str, np.ndarray], localizer: str, rule: 
     results = []
     for i in range(len(chosen)):
         boxes, box_scores = rule.boxes(chosen[i], bool(decided[i]))
+        part = tuple(chosen.shape[1:]) if parts is None else tuple(int(v) for v in parts[i])
+        if parts is not None:
+            boxes = clip_boxes(boxes, part)
         results.append({
             "label": CLASS_NAMES[ANOMALY if decided[i] else GOOD], "p_anomaly": None if p is None else float(p[i]),
             "decision_score": float(image_score_of(pred)[i]), "image_score": float(scores[localizer][i]),
             "map": chosen[i], "heatmap": shown[i], "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
             "box_scores": np.asarray(box_scores, np.float32).reshape(-1), "localizer": localizer,
-            "box_threshold": rule.name, "box_note": rule.note,
+            "box_threshold": rule.name, "box_note": rule.note, "part": part,
         })
     return results
 
@@ -334,13 +350,16 @@ def needs(checkpoint: dict[str, Any], localizer: str) -> dict[str, Any]:
 
 
 def check_image_batch(images: torch.Tensor, checkpoint: dict[str, Any]) -> None:
-    """Raise a ValueError unless `images` is (N, 3, S, S) at the checkpoint's image_size S: at another
-    size the calibrated thresholds and the evidence head's top-k pooling would mean something else."""
+    """Raise a ValueError unless `images` is (N, 3, H, W) at the checkpoint's canvas (H, W)
+    (`geometry.canvas` of its image_size): at another size the calibrated thresholds and the
+    evidence head's top-k pooling would mean something else."""
     size = checkpoint["config"]["image_size"]
-    if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+    h, w = canvas(size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, h, w):
         raise ValueError(f"images of shape {tuple(images.shape)} cannot be scored by this checkpoint: it was "
-                         f"trained and calibrated on (N, 3, {size}, {size}) images. Decode them with "
-                         f"dataloader.read_image(path, {size}), or score each with inference.score_image.")
+                         f"trained and calibrated on (N, 3, {h}, {w}) images. Decode them with "
+                         f"dataloader.read_image(path, {size!r}, {resize_of(checkpoint['config'])!r}), or score "
+                         f"each with inference.score_image.")
 
 
 def score_batch(
@@ -355,19 +374,24 @@ def score_batch(
     batch_size: int = 10,
     device: torch.device = torch.device("cpu"),
     precision: str = "fp32",
+    parts: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """Score (N, 3, S, S) uint8 images (decoded like training's, S the checkpoint's image_size)
+    """Score (N, 3, H, W) uint8 images (decoded like training's on the checkpoint's canvas)
     in one pass per batch; returns one result per image (see `results_from_predictions`).
     localizer None: the checkpoint's default map (`localizers.default_localizer`). Images of another
-    size raise a ValueError (`check_image_batch`)."""
+    size raise a ValueError (`check_image_batch`). A checkpoint with resize="pad" needs `parts`
+    (N, 2), where each image lies on the canvas (`geometry.fitted_size`)."""
     check_image_batch(images, checkpoint)
+    if resize_of(checkpoint["config"]) == "pad" and parts is None:
+        raise ValueError("this checkpoint pads images (resize='pad'): pass parts, the (h, w) each image covers at "
+                         "the canvas's top-left (geometry.fitted_size), or score each with inference.score_image.")
     localizer = default_localizer(checkpoint) if localizer is None else localizer
     check_localizer(localizer, checkpoint)
     rule = box_rule(checkpoint, localizer, box_threshold, heatmap_thres, box_mode)
     mean, std = checkpoint_normalisation(checkpoint["config"])
     pred = predict(model, images, mean, std, batch_size=batch_size, device=device, precision=precision,
-                   progress=False, **needs(checkpoint, localizer))
-    return results_from_predictions(pred, localizer, rule, decision_of(checkpoint))
+                   progress=False, parts=parts, **needs(checkpoint, localizer))
+    return results_from_predictions(pred, localizer, rule, decision_of(checkpoint), parts)
 
 
 def score_image(
@@ -377,11 +401,17 @@ def score_image(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Score one image (a path, PIL image or uint8 array) with training's preprocessing (RGB,
-    bilinear resize to the checkpoint's image_size, the checkpoint's mean/std); keyword arguments
-    are `score_batch`'s. Returns one result of `results_from_predictions`."""
-    size = checkpoint["config"]["image_size"]
-    x = read_image(image, size) if isinstance(image, (str, Path)) else image_to_tensor(image, size)
-    return score_batch(x[None], model, checkpoint, batch_size=1, **kwargs)[0]
+    bilinear resize to the checkpoint's canvas, stretched or padded as it was trained, the
+    checkpoint's mean/std); keyword arguments are `score_batch`'s. Returns one result of
+    `results_from_predictions`."""
+    size, resize = checkpoint["config"]["image_size"], resize_of(checkpoint["config"])
+    if isinstance(image, (str, Path)):
+        rgb = open_image(image)
+    else:  # as a viewer shows it: the part's size is known only after the EXIF orientation
+        rgb = to_rgb(Image.fromarray(image) if isinstance(image, np.ndarray) else image)
+    x = image_to_tensor(rgb, size, resize)
+    part = torch.tensor([fitted_size(*rgb.size, canvas(size), resize)]) if resize == "pad" else None
+    return score_batch(x[None], model, checkpoint, batch_size=1, parts=part, **kwargs)[0]
 
 
 # --- folders of files -------------------------------------------------------------------------
@@ -441,50 +471,58 @@ def _unique_names(found: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
 
 @dataclass
 class Decoded:
-    """One file decoded for scoring: the model input (3, S, S) uint8, the full-size RGB image for
-    the overlay (H, W, 3) uint8, or the error that stopped it."""
+    """One file decoded for scoring: the model input (3, H, W) uint8 on the canvas, the (h, w) the
+    image covers on it (`geometry.fitted_size`), the full-size RGB image for the overlay
+    (H0, W0, 3) uint8, or the error that stopped it."""
 
     path: Path
     name: str
     tensor: torch.Tensor | None = None
     display: np.ndarray | None = None
     error: str = ""
+    part: tuple[int, int] | None = None
 
 
-def decode(path: Path, name: str, size: int) -> Decoded:
+def decode(path: Path, name: str, size: int | Sequence[int], resize: str = DEFAULT_RESIZE) -> Decoded:
     """Decode one file with training's conversion; any failure becomes `error` (never raised)."""
     try:
-        tensor = read_image(path, size)
-        display = np.asarray(open_image(path))  # as a viewer shows it, like the tensor
+        rgb = open_image(path)  # as a viewer shows it: the tensor and the overlay alike
+        tensor = image_to_tensor(rgb, size, resize)
+        part = fitted_size(rgb.width, rgb.height, canvas(size), resize)
     except Exception as err:  # one bad file is reported in its row; the run goes on
         return Decoded(path, name, error=f"{type(err).__name__}: {err}")
-    return Decoded(path, name, tensor, display)
+    return Decoded(path, name, tensor, np.asarray(rgb), part=part)
 
 
-def decode_batches(files: Sequence[tuple[Path, str]], size: int, batch_size: int) -> Iterator[list[Decoded]]:
+def decode_batches(files: Sequence[tuple[Path, str]], size: int | Sequence[int], batch_size: int,
+                   resize: str = DEFAULT_RESIZE) -> Iterator[list[Decoded]]:
     """Decode `files` batch by batch on a thread per core (Pillow releases the GIL while decoding)."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
-            yield list(pool.map(lambda f: decode(f[0], f[1], size), chunk))
+            yield list(pool.map(lambda f: decode(f[0], f[1], size, resize), chunk))
 
 
-def scale_boxes(boxes: np.ndarray, size: int, width: int, height: int) -> np.ndarray:
-    """Boxes (K, 4) x1, y1, x2, y2 in pixels of the S x S input -> pixels of the W x H original
-    (the input is the original resized, so x scales by W / S and y by H / S)."""
-    factors = np.array([width / size, height / size, width / size, height / size], np.float32)
+def scale_boxes(boxes: np.ndarray, size: int | Sequence[int], width: int, height: int) -> np.ndarray:
+    """Boxes (K, 4) x1, y1, x2, y2 in canvas pixels -> pixels of the W x H original. `size`: the
+    (h, w) the image covers at the canvas's top-left (the part, `geometry.fitted_size`; a side S
+    for S x S): the part is the original resized, so x scales by W / w and y by H / h."""
+    h, w = canvas(size)
+    factors = np.array([width / w, height / h, width / w, height / h], np.float32)
     return np.asarray(boxes, np.float32).reshape(-1, 4) * factors
 
 
 def prediction_row(path: str, result: dict[str, Any] | None, width: int | None = None,
-                   height: int | None = None, size: int | None = None, error: str = "") -> dict[str, Any]:
+                   height: int | None = None, size: int | Sequence[int] | None = None,
+                   error: str = "") -> dict[str, Any]:
     """One row of predictions.csv: path, label, p_anomaly, image_score, n_boxes, boxes (a list of
     [x1, y1, x2, y2, score] in pixels of the original W x H image, rounded to 0.1 px), width,
-    height and error ("" unless the file failed, then the other values are empty)."""
+    height and error ("" unless the file failed, then the other values are empty). `size`: the
+    canvas side, or the (h, w) the image covers on the canvas; None: the result's own "part"."""
     if result is None:
         return {"path": path, "label": "", "p_anomaly": None, "image_score": None, "n_boxes": None,
                 "boxes": [], "width": None, "height": None, "error": error}
-    boxes = scale_boxes(result["boxes"], size, width, height)
+    boxes = scale_boxes(result["boxes"], result["part"] if size is None else size, width, height)
     listed = [[round(float(v), 1) for v in box] + [float(s)] for box, s in zip(boxes, result["box_scores"])]
     return {"path": path, "label": result["label"], "p_anomaly": result["p_anomaly"],
             "image_score": result["image_score"], "n_boxes": len(listed), "boxes": listed,

@@ -85,13 +85,24 @@ def ranking_metrics(y_true, scores) -> dict:
     }
 
 
-def pixel_auroc(maps, masks) -> float | None:
-    """ROC AUC over all pixels of maps (N, H, W) against masks (N, H, W); None with one class."""
+def _on_part(maps: np.ndarray, masks: np.ndarray, valid) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels (P,) of maps and masks (N, H, W) that `valid` (N, H, W) bool marks (all when None)."""
+    if valid is None:  # ravel is a view, float32 scores: about 5 bytes per pixel before sklearn's sort
+        return maps.ravel(), masks.ravel()
+    valid = to_numpy(valid).astype(bool, copy=False)
+    if valid.shape != maps.shape:
+        raise ValueError(f"valid {valid.shape} must have the maps' shape {maps.shape}")
+    return maps[valid], masks[valid]
+
+
+def pixel_auroc(maps, masks, valid=None) -> float | None:
+    """ROC AUC over all pixels of maps (N, H, W) against masks (N, H, W), or over the pixels `valid`
+    (N, H, W) bool marks (the part's, with resize="pad"); None with one class."""
     maps, masks = _maps_and_masks(maps, masks)
-    if masks.all() or not masks.any():
+    scores, truth = _on_part(maps, masks, valid)
+    if truth.all() or not truth.any():
         return None
-    # ravel is a view, float32 scores: about 5 bytes per pixel before sklearn's sort
-    return float(roc_auc_score(masks.ravel(), maps.ravel()))
+    return float(roc_auc_score(truth, scores))
 
 
 def _region_ids(masks: np.ndarray) -> np.ndarray:
@@ -105,27 +116,28 @@ def _region_ids(masks: np.ndarray) -> np.ndarray:
     return ids
 
 
-def aupro(maps, masks, max_fpr: float = 0.3) -> float | None:
+def aupro(maps, masks, max_fpr: float = 0.3, valid=None) -> float | None:
     """Normalised area under the per-region-overlap curve up to max_fpr (Bergmann et al., IJCV 2021).
 
     maps (N, H, W), masks (N, H, W). Regions are the 8-connected components of each mask;
     PRO(t) is the mean over regions of the share of region pixels with map >= t, FPR(t) the share
     of all negative pixels with map >= t. Computed exactly from one sort of all pixels. Returns
     a value in [0, 1] (1 for a perfect map), None without regions or without negative pixels.
+    `valid` (N, H, W) bool: only these pixels count (the part's, with resize="pad").
     """
     if not 0.0 < max_fpr <= 1.0:
         raise ValueError(f"max_fpr={max_fpr} must lie in (0, 1]")
     maps, masks = _maps_and_masks(maps, masks)
-    ids = _region_ids(masks).ravel()  # (N*H*W,)
-    sizes = np.bincount(ids)  # sizes[0] = number of negative pixels
+    score_map, ids = _on_part(maps, _region_ids(masks), valid)  # (P,) scores and region ids
+    sizes = np.bincount(ids, minlength=1)  # sizes[0] = number of negative pixels
     n_regions, n_neg = len(sizes) - 1, int(sizes[0])
     if n_regions == 0 or n_neg == 0:
         return None
     # each region pixel adds 1 / (region size * n_regions) to PRO; background adds nothing
     pro_weight = np.concatenate([[0.0], 1.0 / (sizes[1:] * n_regions)])
-    order = np.argsort(-maps.ravel(), kind="stable")  # descending score
+    order = np.argsort(-score_map, kind="stable")  # descending score
     sorted_ids = ids[order]
-    scores = maps.ravel()[order]
+    scores = score_map[order]
     # one threshold per distinct score: keep the last index of each tie group
     last = np.append(np.flatnonzero(np.diff(scores)), len(scores) - 1)
     pro = np.cumsum(pro_weight[sorted_ids])[last]
@@ -140,12 +152,15 @@ def aupro(maps, masks, max_fpr: float = 0.3) -> float | None:
     return float(auc(fpr, pro) / max_fpr)
 
 
-def pointing_game(maps, masks) -> float | None:
+def pointing_game(maps, masks, valid=None) -> float | None:
     """Share of images with a non-empty mask whose map argmax (first in flat order) is in the mask.
 
-    maps (N, H, W), masks (N, H, W); None when no mask has a positive pixel.
+    maps (N, H, W), masks (N, H, W); None when no mask has a positive pixel. `valid` (N, H, W)
+    bool: the argmax is taken over these pixels only (the part's, with resize="pad").
     """
     maps, masks = _maps_and_masks(maps, masks)
+    if valid is not None:
+        maps = np.where(to_numpy(valid).astype(bool, copy=False), maps, -np.inf)
     hits = [mask.ravel()[np.argmax(m.ravel())] for m, mask in zip(maps, masks) if mask.any()]
     return float(np.mean(hits)) if hits else None
 
@@ -237,11 +252,13 @@ def per_defect_type(defect_types, y_true, y_pred) -> dict:
     }
 
 
-def localisation_metrics(maps, masks, boxes: list[np.ndarray], image_scores, y_true) -> dict:
+def localisation_metrics(maps, masks, boxes: list[np.ndarray], image_scores, y_true, valid=None) -> dict:
     """Localisation metrics of one map type: pixel_auroc, aupro, pointing_game, box_iou,
     box_recall, box_precision, good_images_with_boxes (see `box_detection`) and the
     image_auroc of its image scores. maps (N, H, W), masks (N, H, W) bool or None (no ground
-    truth: the pixel metrics are None), boxes a list of N (K_i, 4) arrays, image_scores (N,)."""
+    truth: the pixel metrics are None), boxes a list of N (K_i, 4) arrays, image_scores (N,).
+    valid (N, H, W) bool or None: the pixel metrics count only these pixels (the part's, with
+    resize="pad", `geometry.part_pixels`)."""
     y_true = _labels(y_true, "y_true")
     image_auroc = None
     if len(np.unique(y_true)) == 2:
@@ -251,9 +268,9 @@ def localisation_metrics(maps, masks, boxes: list[np.ndarray], image_scores, y_t
         return {"pixel_auroc": None, "aupro": None, "pointing_game": None, "box_iou": None,
                 **detection, "image_auroc": image_auroc}
     return {
-        "pixel_auroc": pixel_auroc(maps, masks),
-        "aupro": aupro(maps, masks),
-        "pointing_game": pointing_game(maps, masks),
+        "pixel_auroc": pixel_auroc(maps, masks, valid),
+        "aupro": aupro(maps, masks, valid=valid),
+        "pointing_game": pointing_game(maps, masks, valid),
         "box_iou": box_iou_score(boxes, masks),
         **detection,
         "image_auroc": image_auroc,

@@ -26,6 +26,7 @@ from .constants import ANOMALY, CLASS_NAMES
 from .dataloader import normalise
 from .evidence import EvidenceHead
 from .explain import EXPLANATIONS
+from .geometry import canvas, resize_of
 from .inference import decision_of
 from .localizers import LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of
 from .model import CAMClassifier, HEADS, checkpoint_normalisation, check_input_size
@@ -95,17 +96,22 @@ def _check_calibration(checkpoint: dict[str, Any], localizer: str, where: str) -
 
 
 def _check_input(config: dict[str, Any], where: str) -> None:
-    """The runner resizes every image to one square size by stretching, as training does."""
+    """The runner stretches every image to the canvas, as training does with resize="stretch": a
+    square side or [height, width]. Padding is refused: the graph would need each image's part."""
     size = config.get("image_size")
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise ExportError(f"{where} has image_size={size!r}: the exporter handles one square side (an int). "
-                          f"Train with a square image_size.")
-    if config.get("resize", "stretch") != "stretch":
-        raise ExportError(f"{where} resizes with {config['resize']!r}; the runner stretches images to the input "
-                          f"size only. Train with resize='stretch' to export.")
+    pair = isinstance(size, (list, tuple)) and len(size) == 2
+    if not pair and (isinstance(size, bool) or not isinstance(size, int)):
+        raise ExportError(f"{where} has image_size={size!r}: the exporter handles a square side (an int) or "
+                          f"[height, width]. Train again with one of them.")
+    if resize_of(config) != "stretch":
+        raise ExportError(f"{where} resizes with {config['resize']!r}: the runner stretches images to the input "
+                          f"size only (a padded part would need its place on the canvas in the graph, to keep the "
+                          f"padding out of the scores). Score it with predict.py, or train with resize='stretch' "
+                          f"to export.")
     try:
-        check_input_size(size, size)
-    except ValueError as err:
+        h, w = canvas(size)
+        check_input_size(w, h)
+    except (ValueError, TypeError) as err:
         raise ExportError(f"{where}: {err}") from err
 
 
@@ -166,11 +172,11 @@ class NearestMemory(nn.Module):
 class ScoringGraph(nn.Module):
     """What the ONNX graph computes for one checkpoint and one map.
 
-    forward(pixels (N, S, S, 3) uint8 RGB, resized as training resizes) ->
-    decision_score (N,) float32 (the Anomaly probability, or the patch map's image score without a
-    classifier), label (N,) int64 (1 = Anomaly under the calibrated decision), image_score (N,)
-    float32 (the map's image score, `localizers.localizer_image_scores`), map (N, S, S) float32
-    (the map in its own units, `localizers.localizer_maps`).
+    forward(pixels (N, H, W, 3) uint8 RGB on the checkpoint's canvas, stretched as training
+    stretches) -> decision_score (N,) float32 (the Anomaly probability, or the patch map's image
+    score without a classifier), label (N,) int64 (1 = Anomaly under the calibrated decision),
+    image_score (N,) float32 (the map's image score, `localizers.localizer_image_scores`), map
+    (N, H, W) float32 (the map in its own units, `localizers.localizer_maps`).
     """
 
     def __init__(self, model: CAMClassifier, checkpoint: dict[str, Any], localizer: str) -> None:
@@ -178,7 +184,7 @@ class ScoringGraph(nn.Module):
         config = checkpoint["config"]
         self.model = model.eval()
         self.localizer = localizer
-        self.size = int(config["image_size"])
+        self.size = canvas(config["image_size"])  # (H, W)
         self.classifier = has_classifier(checkpoint)
         self.evidence = self.classifier and head_of(checkpoint) == "evidence"
         self.published = self.classifier and not self.evidence
@@ -192,12 +198,12 @@ class ScoringGraph(nn.Module):
         self.threshold = float(decision["threshold"])
         if self.evidence:
             head: EvidenceHead = model.evidence_head
-            h8 = self.size // PATCH_STRIDE  # the stride-8 patch grid
-            # the head's top-k, fixed by the input size (`evidence.topk_mean`): k patches of h8 * h8
-            self.topk = max(1, math.ceil(float(head.topk_fraction) * h8 * h8))
+            h8, w8 = self.size[0] // PATCH_STRIDE, self.size[1] // PATCH_STRIDE  # the stride-8 patch grid
+            # the head's top-k, fixed by the input size (`evidence.topk_mean`): k patches of h8 * w8
+            self.topk = max(1, math.ceil(float(head.topk_fraction) * h8 * w8))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std  # (N, 3, S, S), `dataloader.normalise`
+        x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std  # (N, 3, H, W), `dataloader.normalise`
         taps = (self.model.spec.taps[0],) if self.memory is not None else ()
         frozen, tapped = self.model.frozen_features(x, taps)
         out = self._published(frozen) if self.published else {}
@@ -211,9 +217,9 @@ class ScoringGraph(nn.Module):
         return decision_score, label.long(), image_score, map_
 
     def _published(self, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The published head: Anomaly probability (N,) and raw CAM (N, S, S)."""
+        """The published head: Anomaly probability (N,) and raw CAM (N, H, W)."""
         scores, maps = self.model.head(frozen)  # (N, 2), (N, C, h, w)
-        return {"p_anomaly": scores.softmax(dim=1)[:, ANOMALY], "cam": self.model.cam(maps, (self.size, self.size))}
+        return {"p_anomaly": scores.softmax(dim=1)[:, ANOMALY], "cam": self.model.cam(maps, self.size)}
 
     def _patches(self, tap8: torch.Tensor, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
         """The patch map (N, S, S), blurred as the checkpoint's rule says, its image score (N,) (the
@@ -224,7 +230,7 @@ class ScoringGraph(nn.Module):
         residual, distance = self.memory(emb.permute(0, 2, 3, 1).reshape(-1, d))
         residual = residual.reshape(n, h, w, d).permute(0, 3, 1, 2)  # (N, D, h8, w8)
         distance = distance.reshape(n, h, w)
-        size = (self.size, self.size)
+        size = self.size
         patch_map = gaussian_smooth(upsample_maps(distance, size), self.rule.sigma * PATCH_STRIDE)
         out = {"patch_map": patch_map, "patch_score": distance.amax(dim=(1, 2))}
         if self.evidence:
@@ -252,21 +258,22 @@ def metadata(checkpoint: dict[str, Any], localizer: str, checkpoint_name: str,
     and box rules with their thresholds, and which checkpoint it came from."""
     config, calibration = checkpoint["config"], checkpoint["calibration"]
     decision = decision_of(checkpoint)
-    size = int(config["image_size"])
+    h, w = canvas(config["image_size"])
     mean, std = checkpoint_normalisation(config)
     rule = patch_rule_of(config)
     memory = checkpoint.get("patch_memory") if _needs_memory(checkpoint, localizer) else None
     return {
         "format": ONNX_FORMAT,
-        "input": {"name": INPUT_NAME, "shape": ["N", size, size, 3], "dtype": "uint8", "colour": "RGB",
+        "input": {"name": INPUT_NAME, "shape": ["N", h, w, 3], "dtype": "uint8", "colour": "RGB",
                   "preparation": "decoded as a viewer shows it (EXIF orientation, 8-bit RGB), stretched to "
                                  "the input size with Pillow's bilinear resize"},
         "outputs": {"decision_score": "(N,) float32: the Anomaly probability, or without a classifier the patch "
                                       "map's image score; the label is decided on it",
                     "label": "(N,) int64: 1 = Anomaly (class_names[1]) under the decision",
                     "image_score": "(N,) float32: the map's image score",
-                    "map": f"(N, {size}, {size}) float32: the map {localizer!r} in its own units"},
-        "input_size": size,
+                    "map": f"(N, {h}, {w}) float32: the map {localizer!r} in its own units"},
+        # a side for a square canvas (what runners before non-square canvases read), else [height, width]
+        "input_size": h if h == w else [h, w],
         "class_names": list(checkpoint.get("class_names", CLASS_NAMES)),
         "decision": decision,
         "decision_rule": decision["rule"],
@@ -295,7 +302,7 @@ def metadata(checkpoint: dict[str, Any], localizer: str, checkpoint_name: str,
 def export_graph(graph: ScoringGraph, meta: dict[str, Any], opset: int | None = None) -> bytes:
     """The ONNX model of `graph` (dynamic batch) as bytes, traced by torch.onnx's exporter, with
     `meta` as the model's metadata (each value JSON-encoded) and the weights inside."""
-    example = torch.zeros((2, graph.size, graph.size, 3), dtype=torch.uint8)
+    example = torch.zeros((2, *graph.size, 3), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.onnx.export(graph, (example,), None, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
@@ -305,7 +312,7 @@ def export_graph(graph: ScoringGraph, meta: dict[str, Any], opset: int | None = 
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    proto.doc_string = (f"Defect detector of {meta['trained_on']!r} ({meta['backbone']}): pixels (N, S, S, 3) "
+    proto.doc_string = (f"Defect detector of {meta['trained_on']!r} ({meta['backbone']}): pixels (N, H, W, 3) "
                         f"uint8 RGB -> decision_score, label, image_score, map ({meta['localizer']}). "
                         f"Metadata values are JSON.")
     return proto.SerializeToString()
@@ -384,16 +391,18 @@ def near_ties(model: CAMClassifier, checkpoint: dict[str, Any], images: torch.Te
     return torch.cat(out).numpy()
 
 
-def tie_pixels(ties: np.ndarray, size: int) -> np.ndarray:
-    """(N, S, S) bool: the pixels a near-tie patch of (N, h8, w8) reaches in the upsampled map: its
-    own cell and, through the bilinear upsampling, its 8 neighbouring cells."""
+def tie_pixels(ties: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(N, H, W) bool: the pixels a near-tie patch of (N, h8, w8) reaches in the upsampled map of
+    the canvas `size` (a side or (H, W)): its own cell and, through the bilinear upsampling, its 8
+    neighbouring cells."""
+    size_h, size_w = canvas(size)
     padded = np.pad(ties, ((0, 0), (1, 1), (1, 1)))
     h, w = ties.shape[1:]
     near = np.zeros_like(ties)
     for dy in range(3):
         for dx in range(3):
             near |= padded[:, dy:dy + h, dx:dx + w]
-    return near.repeat(size // h, axis=1).repeat(size // w, axis=2)
+    return near.repeat(size_h // h, axis=1).repeat(size_w // w, axis=2)
 
 
 def compare(results: list[dict[str, Any]], outputs: dict[str, Any], threshold: float,
@@ -410,7 +419,7 @@ def compare(results: list[dict[str, Any]], outputs: dict[str, Any], threshold: f
     torch_label = np.array([r["label"] == CLASS_NAMES[ANOMALY] for r in results])
     torch_map = np.stack([r["map"] for r in results])
     off_map = beyond(outputs["map"], torch_map, MAP_TOLERANCE)  # (N, S, S)
-    at_tie = np.zeros_like(off_map) if ties is None else tie_pixels(ties, torch_map.shape[-1])
+    at_tie = np.zeros_like(off_map) if ties is None else tie_pixels(ties, tuple(torch_map.shape[-2:]))
     diff = {"n_images": len(results),
             "decision_score": float(np.abs(outputs["decision_score"] - torch_score).max()),
             "image_score": float(np.abs(outputs["image_score"] - torch_image).max()),

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .dataloader import SPLITS
+from .constants import SIZE_MULTIPLE
 from .evidence import LR, STEPS, TOPK_FRACTION
+from .geometry import DEFAULT_RESIZE, RESIZES
 from .model import HEADS, POOLINGS, get_spec, load_backbone_weights, normalisation
 from .patchknn import MEMORY_METHODS, PATCH_LAYERS
 from .runtime import PRECISIONS, SEED_RANGE, is_seed, resolve_device
@@ -70,10 +72,33 @@ def check_evaluation_parameters(
         check_output_dir(results_dir, "results_dir")
 
 
+def is_side(v: Any) -> bool:
+    """A canvas side: an integer multiple of SIZE_MULTIPLE, at least 2 of them."""
+    return is_int(v) and v >= 2 * SIZE_MULTIPLE and v % SIZE_MULTIPLE == 0
+
+
+def check_image_size(value: Any) -> None:
+    """`image_size`: a square side, or [height, width], each an integer multiple of 32 of at least
+    64 (both backbones downsample by 32); anything else raises a ValueError naming the value."""
+    pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(is_side(v) for v in value)
+    check(is_side(value) or pair, "image_size", value,
+          f"a square side or [height, width], each an integer multiple of {SIZE_MULTIPLE} of at least "
+          f"{2 * SIZE_MULTIPLE}, e.g. 224 or [224, 576]")
+
+
+def check_resize(resize: Any, pooling: str = "avg") -> None:
+    """`resize`: one of geometry.RESIZES. With "pad" the published head's pooling must be "avg": its
+    "max" and "topk" pool positions, and positions of padding would compete with the part's."""
+    check(isinstance(resize, str) and resize in RESIZES, "resize", resize,
+          f"one of {RESIZES} ('stretch' squashes to image_size as published, 'pad' keeps the aspect ratio)")
+    check(resize != "pad" or pooling == "avg", "pooling", pooling,
+          "'avg' with resize='pad' (the positional poolings would pool padding)")
+
+
 def _check_recipe(p: dict[str, Any]) -> None:
     """The training recipe's values (see `training_config`)."""
-    check(is_int(p["image_size"]) and p["image_size"] >= 64 and p["image_size"] % 32 == 0, "image_size",
-          p["image_size"], "an integer multiple of 32, at least 64")
+    check_image_size(p["image_size"])
+    check_resize(p["resize"], p["pooling"])
     check(is_int(p["batch_size"]) and p["batch_size"] >= 1, "batch_size", p["batch_size"], "a positive integer")
     check(is_int(p["epochs"]) and p["epochs"] >= 1, "epochs", p["epochs"], "a positive integer")
     check(is_number(p["lr"]) and p["lr"] > 0, "lr", p["lr"], "a positive number")
@@ -198,7 +223,7 @@ TRAINING_DEFAULTS = dict(precision="auto", cache_features=True, patch_memory_siz
                          patch_memory_method="coreset", backbone_weights=None, pooling="avg", split="pooled",
                          box_quantile=0.9, box_min_area=64, mvtec_url=None, head="auto",
                          mask_supervision=False, false_alarm_rate=0.05, calibration="holdout",
-                         calibration_share=0.2, patch_layers=None, patch_map_sigma=None)
+                         calibration_share=0.2, patch_layers=None, patch_map_sigma=None, resize=DEFAULT_RESIZE)
 
 # The patch map's blur with an explicit head when none is given: PatchCore's 4 px at 224 px, which
 # the official-split study measured best at 224 px (docs/results.md); head="auto" chooses it.
@@ -236,11 +261,13 @@ def training_config(**params: Any) -> dict[str, Any]:
     _check_maps(p)
     _check_decision(p)
     weights_info, mean, std = _backbone_weights(p["backbone"], p["pretrained"], p["backbone_weights"])
-    numbers_of = {"image_size": int, "batch_size": int, "epochs": int, "lr": float, "test_size": float,
+    numbers_of = {"batch_size": int, "epochs": int, "lr": float, "test_size": float,
                   "seed": int, "heatmap_thres": float, "n_cv_folds": int, "patch_memory_size": int,
                   "box_quantile": float, "box_min_area": int, "calibration_share": float}
     config = {k: numbers_of[k](v) if k in numbers_of else v for k, v in p.items()}
     config.update(
+        # recorded as given: a side stays an int (older readers expect one), a pair a list [H, W]
+        image_size=int(p["image_size"]) if is_int(p["image_size"]) else [int(v) for v in p["image_size"]],
         data_dir=str(p["data_dir"]), weights_dir=str(p["weights_dir"]), results_dir=str(p["results_dir"]),
         class_weight=[float(w) for w in p["class_weight"]], backbone_weights=weights_info, mean=mean, std=std,
         target_train_accuracy=None if p["target_train_accuracy"] is None else float(p["target_train_accuracy"]),

@@ -1,10 +1,14 @@
 """Heatmap post-processing: upsampling, per-image normalisation, thresholding to boxes, mask regions."""
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torchvision.ops import masks_to_boxes
+
+from .geometry import cells_inside, clip_boxes, cold_padding, part_pixels, spread_into_padding
 
 # 8-connectivity: diagonal neighbours belong to the same region, as in MVTec AD's region definition.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -26,6 +30,20 @@ def upsample_maps(maps, size: tuple[int, int]) -> torch.Tensor:
     # interpolate wants a channel axis: (B, 1, h, w) -> (B, 1, H, W)
     out = F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)
     return out[:, 0]
+
+
+def grid_to_map(grid: torch.Tensor, size: tuple[int, int], parts: torch.Tensor | None = None,
+                smooth: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Grid maps (B, h, w) -> maps (B, H, W): upsampled bilinearly (`upsample_maps`), then `smooth`.
+    With parts (B, 2) (resize="pad", `geometry`), the cells off the part first take their nearest
+    part cell's value, and the pixels off the part end at the map's minimum on the part."""
+    if parts is None:
+        out = upsample_maps(grid, size)
+        return out if smooth is None else smooth(out)
+    inside = cells_inside(parts, size, tuple(grid.shape[-2:]))
+    out = upsample_maps(spread_into_padding(grid, inside), size)
+    out = out if smooth is None else smooth(out)
+    return cold_padding(out, part_pixels(parts, size))
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma_px: float) -> torch.Tensor:
@@ -226,15 +244,23 @@ BOX_THRESHOLDS = ("calibrated", "minmax")
 
 def boxes_for_rule(
     maps: dict[str, np.ndarray], box_threshold: str, *, labels, heatmap_thres: float, box_mode: str = "components",
-    calibration: dict | None = None,
+    calibration: dict | None = None, parts=None,
 ) -> dict[str, list[np.ndarray]]:
     """Boxes (K_i, 4) of each image of each map (N, H, W) of `localizers.localizer_maps` under one
     rule, drawn on the images `labels` (N,) marks Anomaly only.
 
     "calibrated": regions above the map's calibrated threshold, or the strongest region when none
     is (`label_boxes`); "minmax": the published rule, each map normalised per image and cut at
-    heatmap_thres.
+    heatmap_thres. With parts (N, 2) (resize="pad"), every box is cut to its image's part.
     """
+    boxes = _boxes_for_rule(maps, box_threshold, labels=labels, heatmap_thres=heatmap_thres, box_mode=box_mode,
+                            calibration=calibration)
+    if parts is None:
+        return boxes
+    return {name: [clip_boxes(b, part) for b, part in zip(stack, to_numpy(parts))] for name, stack in boxes.items()}
+
+
+def _boxes_for_rule(maps, box_threshold, *, labels, heatmap_thres, box_mode, calibration):
     if box_threshold not in BOX_THRESHOLDS:
         raise ValueError(f"box_threshold={box_threshold!r} must be one of {BOX_THRESHOLDS}")
     labels = to_numpy(labels).reshape(-1)

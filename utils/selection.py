@@ -92,11 +92,13 @@ def pooled(maps: torch.Tensor, masks: torch.Tensor, factor: int = MAP_POOL) -> t
     return small.numpy(), defect.numpy()
 
 
-def map_quality(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float | None]:
+def map_quality(maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, float | None]:
     """Out-of-fold pixel AUROC and AUPRO of maps (N, H, W) against masks (N, H, W) bool, at
-    1/MAP_POOL resolution, and "score", their mean (None without defect pixels)."""
+    1/MAP_POOL resolution, and "score", their mean (None without defect pixels). valid (N, H, W)
+    bool: the part's pixels (resize="pad"), the only ones counted (a pooled pixel wholly on it)."""
     small, defect = pooled(maps, masks)
-    auc, pro = pixel_auroc(small, defect), aupro(small, defect)
+    on_part = None if valid is None else F.avg_pool2d(valid[:, None].float(), MAP_POOL)[:, 0].numpy() == 1.0
+    auc, pro = pixel_auroc(small, defect, on_part), aupro(small, defect, valid=on_part)
     score = None if auc is None or pro is None else (auc + pro) / 2
     return {"pixel_auroc": auc, "aupro": pro, "score": score}
 
