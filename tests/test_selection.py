@@ -163,6 +163,33 @@ def test_one_defect_image_chooses_nothing(tmp_path, make_model):
     assert "the heads and the layers were not scored" in selection.describe(s)
 
 
+def test_layers_that_rank_better_but_map_worse_are_not_taken(tmp_path, make_model, monkeypatch):
+    # Every defect stands out on the stride-16 layer at a corner (both layers rank them all first),
+    # half of them also on the stride-8 layer at the masked spot (the stride-8 layer alone ranks
+    # half). Both layers win the decision out of fold but map the corner, not the masks: the
+    # backbone's layers stay. Catches layers chosen by the image AUROC alone (pill's five-defect
+    # draws lost 0.03 AUPRO that way).
+    frozen, labels, types = _frozen(N_GOOD, N_DEFECT)
+    frozen.features[N_GOOD:, :, 0, 0] += 25.0
+    frozen.tap[N_GOOD::2, :, 5, 5] += 6.0
+    masks = torch.zeros(len(labels), 64, 64, dtype=torch.bool)
+    masks[N_GOOD:, 40:48, 40:48] = True  # the stride-8 cell (5, 5)
+
+    def useless_evidence(config, inputs, y, groups, size, parts, device):  # heads at chance: the patch map decides
+        return np.full(len(y), 0.5, np.float32), torch.zeros(len(y), *size)
+
+    def useless_published(config, template, frozen_, labels_, fit_idx, groups, images, size, device, precision):
+        return np.full(len(fit_idx), 0.5, np.float32), torch.zeros(len(fit_idx), *size)
+
+    monkeypatch.setattr(helper, "_oof_evidence", useless_evidence)
+    monkeypatch.setattr(helper, "_oof_published", useless_published)
+    fitted = helper.fit(_config(tmp_path), make_model("mobilenet_v2"), frozen, labels, torch.arange(len(labels)),
+                        types=types, masks=masks, device=CPU, precision="fp32")
+    s = fitted.selection
+    assert s["image_auroc"]["patch_knn/both"] > s["image_auroc"]["patch_knn/fine"] + 0.1
+    assert s["decision"] == "patch_knn" and s["patch_layers"] == "fine"
+
+
 def test_auto_refuses_what_it_cannot_choose_from(tmp_path):
     with pytest.raises(ValueError, match="patch_memory_size=0 is invalid.*head='auto'"):
         _config(tmp_path, patch_memory_size=0)

@@ -482,6 +482,14 @@ def _oof_published(config, template, frozen, labels, fit_idx, groups, images, si
     return p, torch.from_numpy(cams)
 
 
+def _masked_in_every_group(masks: torch.Tensor | None, groups: torch.Tensor) -> bool:
+    """Whether each inner group (groups (K,)) holds an image with defect pixels in masks (K, H, W)."""
+    if masks is None:
+        return False
+    masked = masks.flatten(1).any(dim=1)
+    return all(bool(masked[groups == g].any()) for g in groups.unique().tolist())
+
+
 def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
                  valid=None) -> tuple[str, float, str, dict]:
     """The patch layers, blur and map of the checkpoint, by out-of-fold pixel AUROC and AUPRO on the
@@ -491,8 +499,7 @@ def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
     image (as for the decision, one image's luck would choose): the first layers, PatchCore's blur,
     the head's own map (the patch map for the published head's)."""
     report: dict[str, dict] = {}
-    masked = None if masks is None else masks.flatten(1).any(dim=1)
-    if masked is None or not all(bool(masked[groups == g].any()) for g in groups.unique().tolist()):
+    if not _masked_in_every_group(masks, groups):
         own = "evidence" if "evidence" in own_maps else "patch_knn"
         return layers[0], selection_lib.SIGMAS[0], own, report
     for name in layers:
@@ -543,6 +550,16 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     aurocs = {f"patch_knn/{name}": selection_lib.oof_auroc(y_np, s) for name, s in oof.items()}
     decision_layers = layers[0] if not heads else selection_lib.choose(
         {name: aurocs[f"patch_knn/{name}"] for name in layers}, layers, selection_lib.margin_of(y_np, oof))
+    fit_masks = None if masks is None else masks[fit_idx]
+    fit_parts = frozen.parts_of(fit_idx)
+    valid = None if fit_parts is None else geometry.part_pixels(fit_parts, size)
+    if decision_layers != layers[0] and _masked_in_every_group(fit_masks, groups):
+        # The layers make the map as well as the decision: other layers than the backbone's must not
+        # make a worse map out of fold (the default blur), where the masks can say so.
+        quality = {name: selection_lib.map_quality(candidates[name].patch_maps(selection_lib.SIGMAS[0], size),
+                                                   fit_masks, valid)["score"] for name in (layers[0], decision_layers)}
+        if quality[decision_layers] < quality[layers[0]] - selection_lib.TOLERANCE:
+            decision_layers = layers[0]
     oof["patch_knn"] = oof[decision_layers]
     own: dict[str, dict[str, torch.Tensor]] = {"evidence": {}, "published": {}}
     decided = {"patch_knn": aurocs[f"patch_knn/{decision_layers}"]}
@@ -561,11 +578,8 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     decision = "patch_knn" if n_defects == 0 else selection_lib.choose(decided, selection_lib.DECISIONS,
                                                                        selection_lib.margin_of(y_np, oof))
     open_layers = layers if decision == "published" else (decision_layers,)
-    fit_masks = None if masks is None else masks[fit_idx]
-    fit_parts = frozen.parts_of(fit_idx)
     chosen_layers, sigma, shown, map_report = _choose_maps(
-        candidates, open_layers, decision, own.get(decision, {}), fit_masks, groups, size,
-        None if fit_parts is None else geometry.part_pixels(fit_parts, size))
+        candidates, open_layers, decision, own.get(decision, {}), fit_masks, groups, size, valid)
     if config["patch_map_sigma"] is not None:
         sigma = float(config["patch_map_sigma"])
     chosen = candidates[chosen_layers]
