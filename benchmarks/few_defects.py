@@ -5,8 +5,9 @@ by the draw), moved into training beside `train/good` and removed from the test 
 (a Training head) is then run by `helper.run_fold` (the pipeline Training.ipynb runs: calibration
 images held back, patch memory, head, calibration) on one cached frozen pass, and scored on the
 rest of `test/`. Measured on the test images: the image AUROC of the decision score and of the
-good-only patch map's score on the same images (its memory is `train/good` whatever N), and for
-every map (the one each run shows first, "shown") pixel AUROC, AUPRO and the pointing game.
+patch map's score on the same images (its memory is `train/good` whatever N, its layers and blur
+the run's), and for every map (the one each run shows first, "shown") pixel AUROC, AUPRO and the
+pointing game.
 N = 0 is the good-only run: no head can train, the patch map decides.
 
     python benchmarks/few_defects.py --subset pill --out results/reference/few_defects.json
@@ -131,10 +132,12 @@ def _spread(values: list) -> str:
 
 
 def table(report: dict) -> str:
-    """Per category and variant, per N: image AUROC of the decision and of the good-only patch map,
-    the shown map's AUPRO and pointing game and the good-only map's AUPRO; mean over draws (min-max)."""
-    rows = ["| data | variant | N | image AUROC | good-only patch map, image AUROC | map shown: AUPRO | "
-            "pointing game | good-only patch map: AUPRO | decided by (draws) |", "|" + "---|" * 9]
+    """Per category and variant, per N: image AUROC of the decision and of the patch map alone, the
+    shown map's AUPRO and pointing game and the patch map's AUPRO; mean over draws (min-max). The
+    good-only rule's figures are the N = 0 row's."""
+    # the patch map's memory is train/good's whatever N; its layers and blur are the run's own
+    rows = ["| data | variant | N | image AUROC | patch map alone (good-only memory), image AUROC | map shown: AUPRO | "
+            "pointing game | patch map alone: AUPRO | decided by (draws) |", "|" + "---|" * 9]
     keys = sorted({(r["subset"], r["backbone"], r["variant"], r["n_defects"]) for r in report.values()},
                   key=lambda k: (k[0], k[1], k[2] != "auto", k[2], k[3]))
     for subset, backbone, variant, n in keys:
