@@ -569,7 +569,7 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
             break
         if head == "evidence":
             p, own[head]["evidence"] = _oof_evidence(config, candidates[decision_layers].inputs, y, groups, size,
-                                                     frozen.parts_of(fit_idx), device)
+                                                     fit_parts, device)
         else:
             p, own[head]["cam"] = _oof_published(config, template, frozen, labels, fit_idx, groups, images, size,
                                                  device, precision)
