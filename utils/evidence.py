@@ -81,10 +81,18 @@ class EvidenceHead(nn.Module):
         return head
 
     def parts(self, residual: torch.Tensor, distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The patch logits (B, h, w) and the learned correction (B, h, w) within them."""
+        """The patch logits (B, h, w) and the learned correction (B, h, w) within them: `net` applied
+        to each patch's [residual rescaled to dims about 1, distance / scale]."""
         d = distance.float() / self.scale  # (B, h, w), about 1 for a good patch
-        r = residual.float() * (math.sqrt(residual.shape[1]) / self.scale)  # (B, D, h, w), dims about 1
-        correction = self.net(torch.cat([r, d[:, None]], dim=1))[:, 0]
+        first, last = self.net[0], self.net[2]
+        weight = first.weight.flatten(1)  # (hidden, D + 1): the residual's dims, then the distance
+        # The 1x1 convolutions as matrix products over the patches, channels last: the rescaling goes
+        # into the (hidden, D) weight rather than the (B * h * w, D) residual, and the distance's column
+        # is added apart, so no scaled or concatenated copy of the residual is made (a 4x faster step).
+        r = residual.float().permute(0, 2, 3, 1)  # (B, h, w, D); a view when stored channels last
+        hidden = F.linear(r, weight[:, :-1] * (math.sqrt(residual.shape[1]) / self.scale), first.bias)
+        hidden = F.relu(hidden + d[..., None] * weight[:, -1])  # (B, h, w, hidden)
+        correction = F.linear(hidden, last.weight.flatten(1), last.bias)[..., 0]
         return self.slope * d + self.offset + correction, correction
 
     def forward(self, residual: torch.Tensor, distance: torch.Tensor,
@@ -113,6 +121,8 @@ class EvidenceInputs:
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residuals (K, D, h, w) float32 and distances (K, h, w) of images `idx` (K,)."""
+        if len(idx) and int(idx[-1]) - int(idx[0]) == len(idx) - 1 and bool((idx.diff() == 1).all()):
+            idx = slice(int(idx[0]), int(idx[-1]) + 1)  # a run of images (training's chunks): no gathered copy
         return self.residual[idx].float(), self.distance[idx]
 
 
@@ -152,8 +162,9 @@ def evidence_inputs(
         for start in range(0, len(members), batch_size):
             idx = members[start:start + batch_size]
             r, d = residuals(embed(idx).float().to(memory.device), memory, rows)
-            if residual is None:
-                residual = torch.empty((n_images, *r.shape[1:]), dtype=torch.float16)
+            if residual is None:  # channels last: the head reads each patch's residual as a row
+                residual = torch.empty((n_images, *r.shape[1:]), dtype=torch.float16,
+                                       memory_format=torch.channels_last)
                 distance = torch.empty((n_images, *d.shape[1:]))
             residual[idx], distance[idx] = r.cpu().half(), d.cpu()
     return EvidenceInputs(residual, distance)
