@@ -336,15 +336,16 @@ def test_the_runner_needs_neither_torch_nor_this_repository():
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
-def test_the_blocked_nearest_neighbour_search_is_patchknns():
+@pytest.mark.parametrize("rows, block", [(50, 7), (300, 256)])  # one argmin per block; runs of 128 in a block
+def test_the_blocked_nearest_neighbour_search_is_patchknns(rows, block):
     """Nearest rows over several blocks, duplicate rows across blocks included (the first one wins,
     as one argmin over all rows): the residual and the distance of `patchknn.nearest_rows`.
     Fails when: the blocks are combined by the last block's minimum, or the lookup ignores the block."""
     generator = torch.Generator().manual_seed(0)
-    memory = torch.randn(50, 6, generator=generator) * 3
+    memory = torch.randn(rows, 6, generator=generator) * 3
     memory[41] = memory[3]  # the same row in two blocks
     queries = torch.cat([torch.randn(40, 6, generator=generator) * 3, memory[[3, 17, 45]]])
-    search = onnx_export.NearestMemory(memory, block=7)
+    search = onnx_export.NearestMemory(memory, block=block)
     residual, distance = search(queries)
     index, expected = nearest_rows(queries, memory)
     torch.testing.assert_close(distance, expected, atol=1e-5, rtol=1e-5)

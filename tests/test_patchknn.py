@@ -7,7 +7,9 @@ from utils.evidence import residuals
 from utils.postprocess import upsample_maps
 
 from utils.patchknn import (
+    argmin_run,
     build_memory,
+    first_argmin,
     flatten_patches,
     greedy_coreset,
     greedy_coreset_stepwise,
@@ -159,6 +161,29 @@ def test_nearest_rows_matches_brute_force(chunk_size):
     index, distance = nearest_rows(queries, memory, chunk_size)
     assert torch.allclose(distance, expected.values.float(), atol=1e-5)
     assert torch.equal(index, expected.indices)
+
+
+def test_the_run_wise_argmin_is_argmin_ties_included():
+    """The minimum found run by run is the first one, as argmin's: a tie across runs goes to the
+    earlier run, a tie within a run to the earlier column, in the last run too.
+    Fails when: the index forgets its run's offset, the runs are searched by the last minimum, or
+    the column within the run is not the first."""
+    scores = torch.rand(4, 12, generator=torch.Generator().manual_seed(0)) + 1.0
+    scores[0, [2, 9]] = 0.0  # a tie across runs of 4: column 2 (run 0), not 9 (run 2)
+    scores[1, [8, 10]] = 0.0  # a tie within the last run: column 8
+    scores[2, 7] = 0.0  # the last column of the second run
+    expected = torch.tensor([2, 8, 7, int(scores[3].argmin())])
+    for run in (1, 2, 3, 4, 6, 12):
+        assert torch.equal(first_argmin(scores, run), expected), run
+    big = torch.randn(300, 10000, generator=torch.Generator().manual_seed(1)).round(decimals=1)  # many ties
+    assert torch.equal(first_argmin(big, argmin_run(10000)), big.argmin(dim=1))
+
+
+def test_the_run_length_divides_the_columns():
+    """Fails when: a run length does not divide the columns (the reshape would mix rows), or a prime
+    count is not searched in one argmin."""
+    assert (argmin_run(10000), argmin_run(2048), argmin_run(1808)) == (125, 128, 113)
+    assert argmin_run(9973) == 1 and argmin_run(7) == 1
 
 
 def test_nearest_rows_rejects_mismatch():
