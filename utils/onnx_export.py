@@ -130,11 +130,10 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
 
 class NearestMemory(nn.Module):
     """The patch memory (M, D) and its nearest-neighbour search, as `patchknn.nearest_rows` does it:
-    the nearest row by the matrix-product expansion on mean-centred rows (the first at a tie, by
-    `patchknn.first_argmin`), then the residual to that row and its exact length. The memory is
-    held centred, row by row (one copy serves the products and the lookup), in blocks of
-    MEMORY_BLOCK rows whose minima are combined, so that only one block's score matrix exists at a
-    time."""
+    the nearest row by the matrix-product expansion on mean-centred rows (the first at a tie, found
+    run by run as `patchknn.first_argmin` finds it), then the residual to that row and its exact
+    length. The memory is held centred (one copy), in blocks of MEMORY_BLOCK rows
+    whose minima are combined, so that only one block's score matrix exists at a time."""
 
     def __init__(self, memory: torch.Tensor, block: int | None = None) -> None:
         super().__init__()
@@ -143,27 +142,30 @@ class NearestMemory(nn.Module):
         mean = memory.mean(dim=0)
         centred = memory - mean
         self.register_buffer("mean", mean)  # (D,)
-        self.register_buffer("rows", centred.contiguous())  # (M, D)
-        self.starts = list(range(0, len(memory), block))
-        self.block = block
-        for i, start in enumerate(self.starts):
+        self.blocks = len(range(0, len(memory), block))
+        for i, start in enumerate(range(0, len(memory), block)):
             part = centred[start:start + block]
+            # held transposed, (D, m_i), the matrix product's layout: one copy serves it and the lookup
+            self.register_buffer(f"cols{i}", part.T.contiguous())
             self.register_buffer(f"sq{i}", (part * part).sum(dim=1))  # (m_i,)
 
     def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual (Q, D) of each query row (Q, D) to its nearest memory row, and its length (Q,)."""
         q = queries - self.mean
         best, index = [], []
-        for i, start in enumerate(self.starts):
-            part = self.rows[start:start + self.block]  # (m_i, D)
+        for i in range(self.blocks):
             # ||q||^2 is the same for every row, so the argmin needs only ||m||^2 - 2 q.m: (Q, m_i)
-            scores = torch.addmm(getattr(self, f"sq{i}"), q, part.T, alpha=-2.0)
-            at = first_argmin(scores, argmin_run(len(part)))  # (Q,)
-            best.append(scores.gather(1, at[:, None])[:, 0])  # the minimum, gathered, not reduced again
-            index.append(at + start)
+            scores = torch.addmm(getattr(self, f"sq{i}"), q, getattr(self, f"cols{i}"), alpha=-2.0)
+            at = first_argmin(scores, argmin_run(scores.shape[1]))  # (Q,)
+            low = scores.gather(1, at[:, None])[:, 0]  # the minimum, gathered, not reduced again
+            best.append(low)
+            index.append(at)
         # the first block holding the overall minimum, as one argmin over all rows takes the first
-        block = torch.stack(best, dim=1).argmin(dim=1, keepdim=True)  # (Q, 1)
-        nearest = self.rows.index_select(0, torch.stack(index, dim=1).gather(1, block)[:, 0])  # (Q, D)
+        block = torch.stack(best, dim=1).argmin(dim=1)  # (Q,)
+        nearest = torch.zeros_like(q)
+        for i in range(self.blocks):
+            rows = getattr(self, f"cols{i}").index_select(1, index[i]).T  # (Q, D): block i's nearest rows
+            nearest = torch.where((block == i)[:, None], rows, nearest)
         residual = q - nearest  # (Q, D) = query - its nearest memory row
         return residual, torch.linalg.vector_norm(residual, dim=1)
 
