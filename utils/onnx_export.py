@@ -30,7 +30,7 @@ from .geometry import canvas, resize_of
 from .inference import decision_of
 from .localizers import LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of
 from .model import CAMClassifier, HEADS, checkpoint_normalisation, check_input_size
-from .patchknn import argmin_run, first_argmin, PATCH_STRIDE, flatten_patches, patch_rule_of
+from .patchknn import PATCH_STRIDE, flatten_patches, patch_rule_of
 from .postprocess import gaussian_smooth, upsample_maps
 
 ONNX_FORMAT = "cam-defect-detector/onnx/1"  # the metadata's "format": what deploy/onnx_predict.py reads
@@ -130,9 +130,8 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
 
 class NearestMemory(nn.Module):
     """The patch memory (M, D) and its nearest-neighbour search, as `patchknn.nearest_rows` does it:
-    the nearest row by the matrix-product expansion on mean-centred rows (the first at a tie, found
-    run by run as `patchknn.first_argmin` finds it), then the residual to that row and its exact
-    length. The memory is held centred (one copy), in blocks of MEMORY_BLOCK rows
+    the nearest row by the matrix-product expansion on mean-centred rows, then the residual to that
+    row and its exact length. The memory is held centred (one copy), in blocks of MEMORY_BLOCK rows
     whose minima are combined, so that only one block's score matrix exists at a time."""
 
     def __init__(self, memory: torch.Tensor, block: int | None = None) -> None:
@@ -156,8 +155,8 @@ class NearestMemory(nn.Module):
         for i in range(self.blocks):
             # ||q||^2 is the same for every row, so the argmin needs only ||m||^2 - 2 q.m: (Q, m_i)
             scores = torch.addmm(getattr(self, f"sq{i}"), q, getattr(self, f"cols{i}"), alpha=-2.0)
-            at = first_argmin(scores, argmin_run(scores.shape[1]))  # (Q,)
-            low = scores.gather(1, at[:, None])[:, 0]  # the minimum, gathered, not reduced again
+            at = scores.argmin(dim=1)  # (Q,): one pass over the scores; the minimum is gathered, not reduced again
+            low = scores.gather(1, at[:, None])[:, 0]
             best.append(low)
             index.append(at)
         # the first block holding the overall minimum, as one argmin over all rows takes the first
