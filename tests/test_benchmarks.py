@@ -65,3 +65,30 @@ def test_official_split_study_measures_the_rules_the_library_runs():
     moved[6][0, :, 4, 4] += 1
     diff = (study.embed(moved, (6, 13), "patchcore") - study.embed(taps, (6, 13), "patchcore")).abs().sum(dim=1)
     assert int((diff[0] > 0).sum()) == 9 and not bool((diff[1] > 0).any())
+
+
+def test_the_cost_breakdown_of_auto_times_every_stage_of_the_choice(tmp_path):
+    """auto_cost.py times the functions head="auto" calls, not copies of them: the candidate
+    memories with their nearest-row search, both heads' out-of-fold fits and the map metrics each
+    count their calls, and the selection's seconds are at least those of its stages.
+    Fails when: a stage is wrapped where the caller does not look it up (its calls stay 0), or the
+    report drops the fold's stage seconds."""
+    import shutil
+
+    root = generate_synthetic_subset(tmp_path / "synth", seed=0, n_train_good=8, n_test_good=4, n_per_defect=4,
+                                     image_size=64)
+    # Two defect images of each type among the good training images: their patches enter the memory,
+    # the patch map misses their kind, and auto fits both heads (a perfect patch map would skip them).
+    for kind in sorted(p for p in (root / "test").iterdir() if p.name != "good"):
+        for image in sorted(kind.glob("*.png"))[:2]:
+            shutil.move(image, root / "train" / "good" / f"{kind.name}_{image.name}")
+    cost = load_benchmark("auto_cost")
+    out = tmp_path / "cost.json"
+    report = cost.main(["--data-dir", str(tmp_path), "--subset", "synth", "--n-images", "60", "--backbone",
+                        "mobilenet_v2", "--epochs", "1", "--precision", "fp32", "--out", str(out)])
+    functions = report["functions"]
+    for name in ("_candidates", "nearest_rows", "_oof_evidence", "train_head", "_oof_published", "map_quality"):
+        assert functions[name]["calls"] > 0, name
+    stages = functions["_candidates"]["seconds"] + functions["_oof_evidence"]["seconds"]
+    assert report["stage_seconds"]["selection"] >= stages - functions["build_patch_memory"]["seconds"]
+    assert out.is_file() and report["decision"] in ("patch_knn", "evidence", "published")
