@@ -197,6 +197,34 @@ def test_training_teaches_the_evidence_head_what_the_patch_distance_gets_wrong()
     assert hot[30:40].max() < hot[40:].min()  # far normal patches below every defect patch
 
 
+def test_the_evidence_heads_patch_logits_are_its_1x1_convolutions_by_hand():
+    """A patch's logit is slope * d + offset + net([residual * sqrt(D) / scale, d]) with d = distance
+    / scale, net the two 1x1 convolutions of the head's weights (ReLU between), computed here patch
+    by patch with plain sums, for residuals stored channels first and channels last.
+    Fails when: the distance's column of the first layer's weight is taken as a residual's (or the
+    other way round), the rescaling is left out of the weight, or the second layer's bias is dropped."""
+    torch.manual_seed(0)
+    head = evidence.EvidenceHead(3, hidden=4)
+    with torch.no_grad():
+        for parameter in head.net.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+        head.scale.fill_(2.0)
+        head.slope.fill_(0.7)
+        head.offset.fill_(-0.2)
+    residual, distance = torch.randn(2, 3, 2, 2), torch.rand(2, 2, 2) * 3
+    w1, b1 = head.net[0].weight[:, :, 0, 0], head.net[0].bias  # (4, 4): 3 residual dims, then the distance
+    w2, b2 = head.net[2].weight[0, :, 0, 0], head.net[2].bias[0]
+    expected = torch.empty(2, 2, 2)
+    for n, i, j in np.ndindex(2, 2, 2):
+        d = distance[n, i, j] / 2.0
+        x = torch.cat([residual[n, :, i, j] * (3 ** 0.5 / 2.0), d[None]])
+        expected[n, i, j] = 0.7 * d - 0.2 + (torch.relu(w1 @ x + b1) * w2).sum() + b2
+    for stored in (residual, residual.contiguous(memory_format=torch.channels_last)):
+        logits, correction = head.parts(stored, distance)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(correction, expected - 0.7 * distance / 2.0 + 0.2, rtol=1e-5, atol=1e-5)
+
+
 def test_the_evidence_head_in_the_fold_pipeline_decides_and_its_map_is_hotter_inside_the_defects(
         larger_subset, make_model, tmp_path):
     """The fold pipeline trains the evidence head on the group-excluded memory and scores with it.
