@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from utils.dataloader import index_subset, split_subset
 from utils.synthetic import generate_synthetic_subset
 
@@ -92,3 +94,26 @@ def test_the_cost_breakdown_of_auto_times_every_stage_of_the_choice(tmp_path):
     stages = functions["_candidates"]["seconds"] + functions["_oof_evidence"]["seconds"]
     assert report["stage_seconds"]["selection"] >= stages - functions["build_patch_memory"]["seconds"]
     assert out.is_file() and report["decision"] in ("patch_knn", "evidence", "published")
+
+
+def test_the_evidence_step_benchmark_trains_the_same_head_both_ways():
+    """The two ways evidence_step_cost.py times are one function: trained from the same start on
+    the same residuals they end at the same patch logits (rounding apart).
+    Fails when: the reference form drifts from `EvidenceHead.parts` (its timing would compare
+    different work), or a way leaves the library's `parts` patched after it."""
+    from utils import evidence
+
+    original = evidence.EvidenceHead.parts
+    report = load_benchmark("evidence_step_cost").main(["--images", "10", "--dims", "12", "--steps", "3"])
+    assert report["rows"][0]["largest_logit_difference"] < 1e-4
+    assert evidence.EvidenceHead.parts is original
+
+
+def test_the_search_floor_benchmark_times_the_exported_search():
+    """Fails when: onnx_search_floor.py stops exporting the library's search (or its figures do not
+    bound the images/s: the search is at least its own matrix product)."""
+    pytest.importorskip("onnxruntime")
+    report = load_benchmark("onnx_search_floor").main(["--rows", "256", "--dims", "8", "--repeats", "2"])
+    row = report["rows"][0]
+    assert row["images_per_second_at_most"] == pytest.approx(1e3 / row["search_ms"])
+    assert row["gflop_per_image"] == pytest.approx(2 * 784 * 256 * 8 / 1e9)
