@@ -270,8 +270,8 @@ def first_argmin(scores: torch.Tensor, run: int) -> torch.Tensor:
     scores.argmin(dim=1), found in three steps (run divides M): the minimum of each run of `run`
     columns, the first run holding the smallest, the first column in it. A row minimum is
     vectorised where an argmin is not (under PyTorch and ONNX Runtime alike), so over 10 000
-    memory rows this is 2-5x faster than one argmin; the first run with the minimum holds its
-    first column, so the index is the same."""
+    memory rows this beats one argmin; the first run with the minimum holds its first column, so
+    the index is the same."""
     if run <= 1:
         return scores.argmin(dim=1)
     runs = scores.reshape(-1, scores.shape[1] // run, run)  # (Q, M / run, run)
