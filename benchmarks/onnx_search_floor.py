@@ -14,7 +14,6 @@ search's milliseconds. Run on a quiet machine:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -43,9 +42,9 @@ class Product(torch.nn.Module):
 
 def median_ms(module: torch.nn.Module, queries: torch.Tensor, repeats: int, threads: int) -> float:
     """Median milliseconds of one ONNX Runtime run of `module` exported on `queries`."""
-    buffer = io.BytesIO()
-    torch.onnx.export(module, (queries,), buffer, input_names=["queries"], dynamo=False)
-    session = onnx_export.session_of(buffer.getvalue(), threads)
+    with torch.no_grad():  # the exporter `onnx_export.export_graph` uses
+        program = torch.onnx.export(module, (queries,), None, input_names=["queries"], dynamo=True, verbose=False)
+    session = onnx_export.session_of(program.model_proto.SerializeToString(), threads)
     feed = {"queries": queries.numpy()}
     session.run(None, feed)
     times = []
