@@ -16,7 +16,7 @@ from .metrics import aupro, pixel_auroc, ranking_metrics
 
 # Groups of the training split for the out-of-fold scores: each group is scored by models fitted on
 # the other. Two cost one fit of each head on all images (two on halves), the least that scores
-# every image out of fold: the whole notebook took 1.69x the published head's time (docs/results.md,
+# every image out of fold: the whole notebook took 2.31x the published head's time (docs/results.md,
 # benchmarks/auto_cost.py for where it goes), where three groups cost two fits more. A head fitted on half the defect
 # images is judged a little pessimistically, so the patch map keeps near-ties: the safe side.
 INNER_FOLDS = 2
