@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import json
 import os
 import sys
 import time
@@ -23,10 +22,13 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark.py, beside this script
 
 import torch  # noqa: E402
 
+from benchmark import cpu_model  # noqa: E402
 from utils import dataloader, evidence, helper, parameters, runtime, selection  # noqa: E402
+from utils.checkpoint import save_json  # noqa: E402
 
 DEFAULT_DATA_DIR = os.environ.get("MVTEC_AD_DIR") or REPO_ROOT.parent / "shared" / "data" / "mvtec_anomaly_detection"
 # (module, function) pairs whose calls are timed
@@ -50,15 +52,6 @@ def timed(seconds: dict, calls: collections.Counter, module, name: str) -> None:
             calls[name] += 1
 
     setattr(module, name, wrapper)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the platform's."""
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -100,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
                            precision=precision, progress=False)
     report = {
         "command": "python " + " ".join([f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]),
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "cpu_bf16": runtime.cpu_supports_bf16(), "precision": precision, "threads": torch.get_num_threads(),
         "load_average_at_start": load, "data": f"{args.subset}, first {len(samples)} indexed images",
         "frozen_pass_seconds": frozen_seconds, "run_fold_seconds": time.perf_counter() - start,
@@ -113,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"selection {fold.seconds['selection']:.1f} s of run_fold {report['run_fold_seconds']:.1f} s; "
           f"decision {report['decision']}")
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        save_json(args.out, report)
     return report
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import evidence  # noqa: E402
+from utils.checkpoint import save_json  # noqa: E402
 
 
 def concatenated_parts(head: evidence.EvidenceHead, residual: torch.Tensor,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"command": "python benchmarks/evidence_step_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "threads": torch.get_num_threads(), "load_average_at_start": load, "rows": rows}
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        save_json(args.out, report)
     return report
 
 

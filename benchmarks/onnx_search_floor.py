@@ -14,19 +14,18 @@ search's milliseconds. Run on a quiet machine:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import onnx_export  # noqa: E402
+from utils.checkpoint import save_json  # noqa: E402
 
 
 class Product(torch.nn.Module):
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
               "onnxruntime": __import__("onnxruntime").__version__, "load_average_at_start": load,
               "rows": rows}
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        save_json(args.out, report)
     return report
 
 

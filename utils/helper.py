@@ -482,12 +482,14 @@ def _oof_published(config, template, frozen, labels, fit_idx, groups, images, si
     return p, torch.from_numpy(cams)
 
 
+def _in_every_group(marked: torch.Tensor, groups: torch.Tensor) -> bool:
+    """Whether each inner group (groups (K,)) holds an image marked in marked (K,) bool."""
+    return all(bool(marked[groups == g].any()) for g in groups.unique().tolist())
+
+
 def _masked_in_every_group(masks: torch.Tensor | None, groups: torch.Tensor) -> bool:
     """Whether each inner group (groups (K,)) holds an image with defect pixels in masks (K, H, W)."""
-    if masks is None:
-        return False
-    masked = masks.flatten(1).any(dim=1)
-    return all(bool(masked[groups == g].any()) for g in groups.unique().tolist())
+    return masks is not None and _in_every_group(masks.flatten(1).any(dim=1), groups)
 
 
 def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
@@ -542,7 +544,7 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     # each group, so that every inner fit learns from one and every group's scores rank one (two
     # defect images at least). With fewer, one image's luck would choose the layers or a head, and
     # the good-only defaults stay (at N = 1 a layer choice made the map worse than none).
-    heads = all(bool((y[groups == g] != GOOD).any()) for g in groups.unique().tolist())
+    heads = _in_every_group(y != GOOD, groups)
     if not heads:
         layers = layers[:1]  # the other layers' memory would never be used: it is not built
     candidates = {name: _candidates(config, frozen, labels, fit_idx, groups, name, device) for name in layers}

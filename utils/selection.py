@@ -16,9 +16,10 @@ from .metrics import aupro, pixel_auroc, ranking_metrics
 
 # Groups of the training split for the out-of-fold scores: each group is scored by models fitted on
 # the other. Two cost one fit of each head on all images (two on halves), the least that scores
-# every image out of fold: the whole notebook took 2.31x the published head's time (docs/results.md,
-# benchmarks/auto_cost.py for where it goes), where three groups cost two fits more. A head fitted on half the defect
-# images is judged a little pessimistically, so the patch map keeps near-ties: the safe side.
+# every image out of fold: the whole notebook took 2.31x the published head's time (docs/results.md;
+# benchmarks/auto_cost.py for where it goes), where three groups cost two fits more. A head fitted on
+# half the defect images is judged pessimistically (the published head most: docs/results.md), so
+# the patch map keeps near-ties: the safe side.
 INNER_FOLDS = 2
 # The decisions, simplest first: the patch map learns nothing from defect images, the evidence head
 # starts as the patch map and departs from it a little, the published head learns from scratch.
