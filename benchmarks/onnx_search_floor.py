@@ -3,10 +3,13 @@
 The graph's search (`onnx_export.NearestMemory`, the library's own module) exported alone, for a
 memory of --rows rows and the patch widths of the checkpoints (MobileNetV2: 32 with the stride-8
 layer alone, 128 with both layers, the evidence head's), run by ONNX Runtime on the 784 patches of
-one 224-px image; beside it the search's matrix product alone (one MatMul of the same shapes).
-Each is timed as the median of --repeats runs after a warm-up, in this process, one after the
-other. Whatever else a graph holds (backbone, head, maps), its images/s cannot exceed 1000 / the
-search's milliseconds. Run on a quiet machine:
+one 224-px image; beside it the search's matrix product alone (one MatMul of the same shapes) and
+the form the graph held before (`PlainSearch`: a Gemm with the squared norms as its bias, one
+ArgMin per block, the nearest rows gathered from the transposed blocks), which finds the same rows.
+Each is timed as the median of --repeats runs after a warm-up, in this process, the three
+interleaved run by run so that the machine's drift falls on all of them alike. Whatever else a
+graph holds (backbone, head, maps), its images/s cannot exceed 1000 / the search's milliseconds.
+Run on a quiet machine:
 
     python benchmarks/onnx_search_floor.py --out results/reference/onnx_search_floor.json
 """
@@ -19,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,19 +43,59 @@ class Product(torch.nn.Module):
         return queries @ self.cols
 
 
-def median_ms(module: torch.nn.Module, queries: torch.Tensor, repeats: int, threads: int) -> float:
-    """Median milliseconds of one ONNX Runtime run of `module` exported on `queries`."""
-    with torch.no_grad():  # the exporter `onnx_export.export_graph` uses
+class PlainSearch(torch.nn.Module):
+    """The search as the graph held it before `onnx_export.NearestMemory`'s measured form: per
+    block, ||m||^2 - 2 q.m as one addmm (a Gemm whose bias is broadcast into the scores first) and
+    one ArgMin over the block's columns; the nearest rows gathered column by column from the
+    transposed blocks and merged with one Where per block. The same rows, residuals and lengths."""
+
+    def __init__(self, memory: torch.Tensor, block: int = onnx_export.MEMORY_BLOCK) -> None:
+        super().__init__()
+        mean = memory.mean(dim=0)
+        centred = memory - mean
+        self.register_buffer("mean", mean)
+        self.blocks = len(range(0, len(memory), block))
+        for i, start in enumerate(range(0, len(memory), block)):
+            part = centred[start:start + block]
+            self.register_buffer(f"cols{i}", part.T.contiguous())  # (D, m_i)
+            self.register_buffer(f"sq{i}", (part * part).sum(dim=1))  # (m_i,)
+
+    def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = queries - self.mean
+        best, index = [], []
+        for i in range(self.blocks):
+            scores = torch.addmm(getattr(self, f"sq{i}"), q, getattr(self, f"cols{i}"), alpha=-2.0)
+            at = scores.argmin(dim=1)
+            best.append(scores.gather(1, at[:, None])[:, 0])
+            index.append(at)
+        block = torch.stack(best, dim=1).argmin(dim=1)
+        nearest = torch.zeros_like(q)
+        for i in range(self.blocks):
+            rows = getattr(self, f"cols{i}").index_select(1, index[i]).T
+            nearest = torch.where((block == i)[:, None], rows, nearest)
+        residual = q - nearest
+        return residual, torch.linalg.vector_norm(residual, dim=1)
+
+
+def session_for(module: torch.nn.Module, queries: torch.Tensor, threads: int):
+    """An ONNX Runtime session of `module` exported on `queries` (the exporter `onnx_export.export_graph` uses)."""
+    with torch.no_grad():
         program = torch.onnx.export(module, (queries,), None, input_names=["queries"], dynamo=True, verbose=False)
-    session = onnx_export.session_of(program.model_proto.SerializeToString(), threads)
+    return onnx_export.session_of(program.model_proto.SerializeToString(), threads)
+
+
+def median_ms(sessions: dict[str, Any], queries: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median milliseconds of one run of each session on `queries`, the sessions interleaved run by run."""
     feed = {"queries": queries.numpy()}
-    session.run(None, feed)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():
+        session.run(None, feed)  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,15 +113,20 @@ def main(argv: list[str] | None = None) -> dict:
     for dims in args.dims:
         memory = torch.randn(args.rows, dims, generator=generator)
         queries = torch.randn(args.patches, dims, generator=generator)
-        search = median_ms(onnx_export.NearestMemory(memory), queries, args.repeats, args.threads)
-        product = median_ms(Product(memory), queries, args.repeats, args.threads)
+        modules = {"search": onnx_export.NearestMemory(memory), "plain": PlainSearch(memory), "product": Product(memory)}
+        sessions = {name: session_for(module, queries, args.threads) for name, module in modules.items()}
+        same = [session.run(None, {"queries": queries.numpy()})[1] for session in (sessions["search"], sessions["plain"])]
+        ms = median_ms(sessions, queries, args.repeats)
+        search, plain, product = ms["search"], ms["plain"], ms["product"]
         gflop = 2 * args.patches * args.rows * dims / 1e9
         rows.append({"dims": dims, "memory_rows": args.rows, "patches": args.patches, "gflop_per_image": gflop,
-                     "search_ms": search, "product_ms": product, "product_gflops": gflop / product * 1e3,
+                     "search_ms": search, "plain_search_ms": plain, "plain_over_search": plain / search,
+                     "same_lengths": bool(abs(same[0] - same[1]).max() <= 1e-4),
+                     "product_ms": product, "product_gflops": gflop / product * 1e3,
                      "images_per_second_at_most": 1e3 / search})
-        print(f"{dims} dims x {args.rows} rows, {args.patches} patches ({gflop:.2f} GFLOP): search {search:.1f} ms "
-              f"(product alone {product:.1f} ms, {rows[-1]['product_gflops']:.0f} GFLOP/s): "
-              f"at most {1e3 / search:.0f} images/s")
+        print(f"{dims} dims x {args.rows} rows, {args.patches} patches ({gflop:.2f} GFLOP): search {search:.1f} ms, "
+              f"the plain form {plain:.1f} ms ({plain / search:.2f}x), product alone {product:.1f} ms "
+              f"({rows[-1]['product_gflops']:.0f} GFLOP/s): at most {1e3 / search:.0f} images/s")
     report = {"command": "python benchmarks/onnx_search_floor.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "onnxruntime": __import__("onnxruntime").__version__, "load_average_at_start": load,
               "rows": rows}

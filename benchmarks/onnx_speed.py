@@ -1,8 +1,8 @@
 """Speed and peak memory of scoring new images: predict.py's PyTorch path against the exported ONNX
 graph with deploy/onnx_predict.py, on the same CPU in one run.
 
-For each backbone and kind of checkpoint (published head, evidence head, patch memory alone; each
-with its default map), each way scores the same real images (MVTec AD pill test images) at batch 1
+For each backbone and kind of checkpoint (published head, evidence head, patch memory alone, and
+the default head, `head="auto"`, whatever it chose; each with its default map), each way scores the same real images (MVTec AD pill test images) at batch 1
 and batch 16, each in its own process (its peak memory, VmHWM, is its own; the ONNX process never
 imports torch):
 
@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `deploy` and `utils` import when run as `python benchmarks/onnx_speed.py`
 
 WAYS = ("torch_fp32", "torch_auto", "onnx")
-KINDS = ("published", "evidence", "patch_only")
+KINDS = ("published", "evidence", "patch_only", "auto")  # auto: the default head, whatever it chose
 MOBILENET_TARGET = 50.0  # images/s through ONNX Runtime, MobileNetV2 at 224 px, 2 cores, decoding excluded
 DEFAULT_DATA_DIR = os.environ.get("MVTEC_AD_DIR") or REPO_ROOT.parent / "shared" / "data" / "mvtec_anomaly_detection"
 

@@ -336,7 +336,7 @@ def test_the_runner_needs_neither_torch_nor_this_repository():
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("rows, block", [(50, 7), (300, 256)])  # one argmin per block; runs of 128 in a block
+@pytest.mark.parametrize("rows, block", [(50, 7), (300, 256)])  # one argmin per block; runs of 32 in a block
 def test_the_blocked_nearest_neighbour_search_is_patchknns(rows, block):
     """Nearest rows over several blocks, duplicate rows across blocks included (the first one wins,
     as one argmin over all rows): the residual and the distance of `patchknn.nearest_rows`.

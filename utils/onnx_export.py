@@ -30,7 +30,7 @@ from .geometry import canvas, resize_of
 from .inference import decision_of
 from .localizers import LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of
 from .model import CAMClassifier, HEADS, checkpoint_normalisation, check_input_size
-from .patchknn import PATCH_STRIDE, flatten_patches, patch_rule_of
+from .patchknn import PATCH_STRIDE, argmin_run, first_argmin, flatten_patches, patch_rule_of
 from .postprocess import gaussian_smooth, upsample_maps
 
 ONNX_FORMAT = "cam-defect-detector/onnx/1"  # the metadata's "format": what deploy/onnx_predict.py reads
@@ -44,6 +44,9 @@ EXPORTABLE_LOCALIZERS = ("cam", "patch_knn", "cam_knn", "evidence")
 # block is all the search holds at once (at batch 16 and 224 px, 12544 x 2048 floats = 103 MB,
 # against 500 MB for 10 000 rows in one block).
 MEMORY_BLOCK = 2048
+# Columns per run of the graph's argmin (`patchknn.first_argmin`): under ONNX Runtime runs of 32
+# beat 16, 64 and 128 (at 128 the within-run gather raised batch 16's peak memory by 120 MiB).
+ONNX_ARGMIN_RUN = 32
 
 
 class ExportError(ValueError):
@@ -130,9 +133,17 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
 
 class NearestMemory(nn.Module):
     """The patch memory (M, D) and its nearest-neighbour search, as `patchknn.nearest_rows` does it:
-    the nearest row by the matrix-product expansion on mean-centred rows, then the residual to that
-    row and its exact length. The memory is held centred (one copy), in blocks of MEMORY_BLOCK rows
-    whose minima are combined, so that only one block's score matrix exists at a time."""
+    the nearest row by the matrix-product expansion on mean-centred rows (the first at a tie, found
+    run by run as `patchknn.first_argmin` finds it), then the residual to that row and its exact
+    length. The memory is searched in blocks of MEMORY_BLOCK rows whose minima are combined, so
+    that only one block's score matrix exists at a time.
+
+    What ONNX Runtime makes of each form was measured (docs/export.md, "Speed"): each block is held
+    as one (D + 1, m_i) matrix [-2 m; ||m||^2] that a query row [q, 1] multiplies straight into
+    ||m||^2 - 2 q.m (a bias would cost a pass over the scores before the product); the argmin goes
+    run by run in runs of at most ONNX_ARGMIN_RUN columns (a row minimum is vectorised, an ArgMin
+    is not); and the nearest rows are looked up in a row-major copy of the memory with one gather
+    (a column gather from the transposed blocks took longer than the argmin)."""
 
     def __init__(self, memory: torch.Tensor, block: int | None = None) -> None:
         super().__init__()
@@ -141,30 +152,29 @@ class NearestMemory(nn.Module):
         mean = memory.mean(dim=0)
         centred = memory - mean
         self.register_buffer("mean", mean)  # (D,)
-        self.blocks = len(range(0, len(memory), block))
-        for i, start in enumerate(range(0, len(memory), block)):
-            part = centred[start:start + block]
-            # held transposed, (D, m_i), the matrix product's layout: one copy serves it and the lookup
-            self.register_buffer(f"cols{i}", part.T.contiguous())
-            self.register_buffer(f"sq{i}", (part * part).sum(dim=1))  # (m_i,)
+        self.register_buffer("rows", centred.contiguous())  # (M, D): the lookup's copy
+        self.starts = list(range(0, len(memory), block))
+        for i, start in enumerate(self.starts):
+            part = centred[start:start + block]  # (m_i, D)
+            # -2 is a power of two: -2 m is exact, so the scores round as addmm(||m||^2, q, m.T, alpha=-2) does
+            self.register_buffer(f"cols{i}", torch.cat([-2.0 * part.T, (part * part).sum(dim=1)[None]]).contiguous())
 
     def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual (Q, D) of each query row (Q, D) to its nearest memory row, and its length (Q,)."""
         q = queries - self.mean
+        ones = torch.ones_like(q[:, :1])
+        augmented = torch.cat([q, ones], dim=1)  # (Q, D + 1)
         best, index = [], []
-        for i in range(self.blocks):
+        for i, start in enumerate(self.starts):
+            cols = getattr(self, f"cols{i}")
             # ||q||^2 is the same for every row, so the argmin needs only ||m||^2 - 2 q.m: (Q, m_i)
-            scores = torch.addmm(getattr(self, f"sq{i}"), q, getattr(self, f"cols{i}"), alpha=-2.0)
-            at = scores.argmin(dim=1)  # (Q,): one pass over the scores; the minimum is gathered, not reduced again
-            low = scores.gather(1, at[:, None])[:, 0]
-            best.append(low)
-            index.append(at)
+            scores = augmented @ cols
+            at = first_argmin(scores, argmin_run(cols.shape[1], ONNX_ARGMIN_RUN))  # (Q,)
+            best.append(scores.gather(1, at[:, None])[:, 0])  # the minimum, gathered, not reduced again
+            index.append(at + start)
         # the first block holding the overall minimum, as one argmin over all rows takes the first
-        block = torch.stack(best, dim=1).argmin(dim=1)  # (Q,)
-        nearest = torch.zeros_like(q)
-        for i in range(self.blocks):
-            rows = getattr(self, f"cols{i}").index_select(1, index[i]).T  # (Q, D): block i's nearest rows
-            nearest = torch.where((block == i)[:, None], rows, nearest)
+        block = torch.stack(best, dim=1).argmin(dim=1, keepdim=True)  # (Q, 1)
+        nearest = self.rows.index_select(0, torch.stack(index, dim=1).gather(1, block)[:, 0])  # (Q, D)
         residual = q - nearest  # (Q, D) = query - its nearest memory row
         return residual, torch.linalg.vector_norm(residual, dim=1)
 
