@@ -6,8 +6,8 @@ layer alone, 128 with both layers, the evidence head's), run by ONNX Runtime on 
 one 224-px image; beside it the search's matrix product alone (one MatMul of the same shapes) and
 the form the graph held before (`PlainSearch`: a Gemm with the squared norms as its bias, one
 ArgMin per block, the nearest rows gathered from the transposed blocks), which finds the same rows.
-Each is timed as the median of --repeats runs after a warm-up, in this process, the three
-interleaved run by run so that the machine's drift falls on all of them alike. Whatever else a
+Each is timed as the median of --repeats runs in this process, the three taking turns in blocks
+of 10 runs (`median_ms`) so that the machine's drift falls on all of them alike. Whatever else a
 graph holds (backbone, head, maps), its images/s cannot exceed 1000 / the search's milliseconds.
 Run on a quiet machine:
 
@@ -84,17 +84,21 @@ def session_for(module: torch.nn.Module, queries: torch.Tensor, threads: int):
     return onnx_export.session_of(program.model_proto.SerializeToString(), threads)
 
 
-def median_ms(sessions: dict[str, Any], queries: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median milliseconds of one run of each session on `queries`, the sessions interleaved run by run."""
+def median_ms(sessions: dict[str, Any], queries: torch.Tensor, repeats: int, block: int = 10) -> dict[str, float]:
+    """Median milliseconds of one run of each session on `queries`: blocks of `block` runs of each
+    session in turn, each block after a pause and a warm-up run, until each has `repeats` runs.
+    Blocks, not single runs, take turns: ONNX Runtime's threads spin for a moment after a run, and
+    one session's spinning threads slow the next session's run (by 2-3x measured here)."""
     feed = {"queries": queries.numpy()}
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for session in sessions.values():
-        session.run(None, feed)  # warm-up
-    for _ in range(repeats):
+    while min(len(values) for values in times.values()) < repeats:
         for name, session in sessions.items():
-            start = time.perf_counter()
+            time.sleep(0.1)  # the previous session's threads go idle
             session.run(None, feed)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(min(block, repeats - len(times[name]))):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -2,9 +2,9 @@
 graph with deploy/onnx_predict.py, on the same CPU in one run.
 
 For each backbone and kind of checkpoint (published head, evidence head, patch memory alone, and
-the default head, `head="auto"`, whatever it chose; each with its default map), each way scores the same real images (MVTec AD pill test images) at batch 1
-and batch 16, each in its own process (its peak memory, VmHWM, is its own; the ONNX process never
-imports torch):
+the default head, `head="auto"`, whatever it chose; each with its default map), each way scores
+the same real images (MVTec AD pill test images) at batch 1 and batch 16, each in its own process
+(its peak memory, VmHWM, is its own; the ONNX process never imports torch):
 
 - `torch_fp32`: predict.py's path (`inference.score_batch`) in fp32;
 - `torch_auto`: the same at predict.py's default precision (bf16 autocast on CPUs with AVX512-BF16
