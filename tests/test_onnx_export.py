@@ -353,6 +353,35 @@ def test_the_blocked_nearest_neighbour_search_is_patchknns(rows, block):
     assert float(distance[-3:].abs().max()) < 1e-5  # a memory row finds itself
 
 
+def test_the_exported_search_keeps_the_form_onnx_runtime_runs_fast():
+    """The graph's search, exported alone over 4096 rows (two blocks of 2048): no Gemm (its bias is
+    broadcast into the score matrix before the product), no ArgMin reads more than 64 columns (one
+    ArgMin over a block's 2048 scores took 3-4x the run-wise search's time), none keeps its reduced
+    axis (`keepdims=1` over the blocks' minima tripled batch 16's peak memory), and one Gather looks
+    the nearest rows up. docs/export.md ("The floor the search sets") has the measurements.
+    Fails when: the blocks go back to addmm with a bias, to one argmin per block, to argmin with
+    keepdim=True, or to the column-by-column lookup from the transposed blocks."""
+    onnx = pytest.importorskip("onnx")
+    generator = torch.Generator().manual_seed(0)
+    memory, queries = torch.randn(4096, 16, generator=generator), torch.randn(50, 16, generator=generator)
+    with torch.no_grad():
+        program = torch.onnx.export(onnx_export.NearestMemory(memory), (queries,), None, input_names=["queries"],
+                                    dynamo=True, verbose=False)
+    model = onnx.shape_inference.infer_shapes(program.model_proto)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    nodes = model.graph.node
+    assert not [n for n in nodes if n.op_type == "Gemm"]
+    argmins = [n for n in nodes if n.op_type == "ArgMin"]
+    assert len(argmins) == 2 * 2 + 1  # per block: over the runs, within the run; then over the blocks
+    for n in argmins:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs.get("keepdims", 1) == 0, n.name
+        assert shapes[n.input[0]][attrs.get("axis", 0)] <= 64, (n.name, shapes[n.input[0]])
+    lookups = [n for n in nodes if n.op_type == "Gather" and any(len(shapes.get(o, [])) == 2 and shapes[o][1] == 16
+                                                                for o in n.output)]
+    assert len(lookups) == 1
+
+
 def test_map_departures_are_excused_only_next_to_a_near_tie():
     """A near-tie patch excuses its own cell and the 8 cells around it (the bilinear upsampling's
     reach), nothing else; a departing score is never excused.
