@@ -109,6 +109,15 @@ def test_the_evidence_step_benchmark_trains_the_same_head_both_ways():
     assert evidence.EvidenceHead.parts is original
 
 
+def test_the_argmin_run_benchmark_times_ways_that_find_argmins_index():
+    """Fails when: a run length of first_argmin finds another index than argmin (the timing would
+    compare different answers), or a requested length is not turned into a divisor of the rows."""
+    report = load_benchmark("argmin_run").main(["--queries", "40", "--rows", "300", "--runs", "16", "128",
+                                                "--repeats", "2"])
+    assert [(r["way"], r["run"]) for r in report["rows"]] == [("argmin", 1), ("run 16", 15), ("run 128", 100)]
+    assert all(r["same_index"] for r in report["rows"])
+
+
 def test_the_search_floor_benchmark_times_the_exported_search():
     """Fails when: onnx_search_floor.py stops exporting the library's search (or its figures do not
     bound the images/s), or the plain form it compares against finds other rows."""
