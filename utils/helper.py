@@ -496,24 +496,30 @@ def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
                  valid=None) -> tuple[str, float, str, dict]:
     """The patch layers, blur and map of the checkpoint, by out-of-fold pixel AUROC and AUPRO on the
     fit images' masks (K, H, W) bool (`selection.map_quality`), on their part's pixels `valid`
-    (K, H, W) bool (None: all). `layers`: the layer choices still open; own_maps ({name: (K, H, W)}):
-    the maps of the chosen head; groups (K,): the inner groups. Unless every group holds a masked
-    image (as for the decision, one image's luck would choose): the first layers, PatchCore's blur,
-    the head's own map (the patch map for the published head's)."""
+    (K, H, W) bool (None: all); a later candidate must lead by more than the tolerance and the
+    standard error of its lead over the masked images (`selection.map_margin`). `layers`: the
+    layer choices still open; own_maps ({name: (K, H, W)}): the maps of the chosen head; groups
+    (K,): the inner groups. Unless every group holds a masked image (as for the decision, one
+    image's luck would choose): the first layers, PatchCore's blur, the head's own map (the patch
+    map for the published head's)."""
     report: dict[str, dict] = {}
     if not _masked_in_every_group(masks, groups):
         own = "evidence" if "evidence" in own_maps else "patch_knn"
         return layers[0], selection_lib.SIGMAS[0], own, report
+    shares: dict[str, np.ndarray] = {}
     for name in layers:
         for sigma in selection_lib.SIGMAS:
-            report[f"patch_knn/{name}/{sigma:g}"] = selection_lib.map_quality(
-                candidates[name].patch_maps(sigma, size), masks, valid)
-    best = selection_lib.choose({k: v["score"] for k, v in report.items()}, list(report))
+            key = f"patch_knn/{name}/{sigma:g}"
+            report[key], shares[key] = selection_lib.map_evidence(candidates[name].patch_maps(sigma, size), masks, valid)
+    margin = selection_lib.map_margin(shares)
+    best = selection_lib.choose({k: v["score"] for k, v in report.items()}, list(report), margin)
     _, best_layers, best_sigma = best.split("/")
     for name, m in own_maps.items():
-        report[name] = selection_lib.map_quality(m, masks, valid)
+        report[name], shares[name] = selection_lib.map_evidence(m, masks, valid)
     order = ("evidence", best, "cam") if "evidence" in own_maps else (best, "cam")
-    chosen = selection_lib.choose({k: report[k]["score"] for k in order if k in report}, order)
+    chosen = selection_lib.choose({k: report[k]["score"] for k in order if k in report}, order, margin)
+    for name, m in report.items():  # what each map's score is known to within, against the one chosen
+        m["se_against_chosen"] = None if name == chosen else selection_lib.map_difference_se(shares[name], shares[chosen])
     return best_layers, float(best_sigma), "patch_knn" if chosen == best else chosen, report
 
 
@@ -557,10 +563,14 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     valid = None if fit_parts is None else geometry.part_pixels(fit_parts, size)
     if decision_layers != layers[0] and _masked_in_every_group(fit_masks, groups):
         # The layers make the map as well as the decision: other layers than the backbone's must not
-        # make a worse map out of fold (the default blur), where the masks can say so.
-        quality = {name: selection_lib.map_quality(candidates[name].patch_maps(selection_lib.SIGMAS[0], size),
-                                                   fit_masks, valid)["score"] for name in (layers[0], decision_layers)}
-        if quality[decision_layers] < quality[layers[0]] - selection_lib.TOLERANCE:
+        # make a worse map out of fold (the default blur). Few masked images cannot show that any more
+        # than they can show a map better: the other layers stay only when their map's lead, plus the
+        # tolerance, exceeds the standard error of that lead.
+        (other, other_shares), (default_map, default_shares) = (
+            selection_lib.map_evidence(candidates[name].patch_maps(selection_lib.SIGMAS[0], size), fit_masks, valid)
+            for name in (decision_layers, layers[0]))
+        lead = other["score"] - default_map["score"]
+        if lead + selection_lib.TOLERANCE <= selection_lib.map_difference_se(other_shares, default_shares):
             decision_layers = layers[0]
     oof["patch_knn"] = oof[decision_layers]
     own: dict[str, dict[str, torch.Tensor]] = {"evidence": {}, "published": {}}

@@ -152,6 +152,36 @@ def aupro(maps, masks, max_fpr: float = 0.3, valid=None) -> float | None:
     return float(auc(fpr, pro) / max_fpr)
 
 
+def image_shares(maps, masks, max_fpr: float = 0.3, valid=None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each image's share (N,) of `pixel_auroc` and of `aupro` of maps (N, H, W) against masks (N, H, W).
+
+    Both metrics are sums over defect pixels of one function of the pixel's placement u among the
+    defect-free pixels (the share of them below it, ties half): pixel AUROC is the mean of u, AUPRO
+    the mean over regions of each region's mean of max(0, max_fpr - (1 - u)) / max_fpr (1 - u is the
+    false-positive rate at which the pixel turns on, halfway through its tie group, as the
+    trapezoids of `aupro` credit it). Summed over images they give `pixel_auroc` exactly and `aupro`
+    up to the one segment its curve crosses max_fpr on. Images, not pixels, are the units a
+    standard error can count (pixels of one image are not independent: Obuchowski 1997, clustered
+    ROC data). None where either metric is None. `valid` (N, H, W) bool: the part's pixels only.
+    """
+    maps, masks = _maps_and_masks(maps, masks)
+    on = np.ones(maps.shape, bool) if valid is None else to_numpy(valid).astype(bool, copy=False)
+    if on.shape != maps.shape:
+        raise ValueError(f"valid {on.shape} must have the maps' shape {maps.shape}")
+    negatives = np.sort(maps[on & ~masks])
+    defect = on & masks
+    if len(negatives) == 0 or not defect.any():
+        return None
+    scores, image = maps[defect], np.nonzero(defect)[0]
+    region = _region_ids(masks)[defect]
+    placement = (np.searchsorted(negatives, scores, "left") + np.searchsorted(negatives, scores, "right")) / (
+        2 * len(negatives))
+    regions, region_index, region_size = np.unique(region, return_inverse=True, return_counts=True)
+    pro = np.maximum(0.0, max_fpr - (1.0 - placement)) / (max_fpr * region_size[region_index] * len(regions))
+    auroc = placement / len(scores)
+    return np.bincount(image, auroc, len(maps)), np.bincount(image, pro, len(maps))
+
+
 def pointing_game(maps, masks, valid=None) -> float | None:
     """Share of images with a non-empty mask whose map argmax (first in flat order) is in the mask.
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import aupro, pixel_auroc, ranking_metrics
+from .metrics import aupro, image_shares, pixel_auroc, ranking_metrics
 
 # Groups of the training split for the out-of-fold scores: each group is scored by models fitted on
 # the other. Two cost one fit of each head on all images (two on halves), the least that scores
@@ -97,11 +97,39 @@ def map_quality(maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor | N
     """Out-of-fold pixel AUROC and AUPRO of maps (N, H, W) against masks (N, H, W) bool, at
     1/MAP_POOL resolution, and "score", their mean (None without defect pixels). valid (N, H, W)
     bool: the part's pixels (resize="pad"), the only ones counted (a pooled pixel wholly on it)."""
+    return map_evidence(maps, masks, valid)[0]
+
+
+def map_evidence(maps: torch.Tensor, masks: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> tuple[dict[str, float | None], np.ndarray | None]:
+    """`map_quality` and the share of its score of each image with defect pixels (M,), in order
+    (`metrics.image_shares`; None without defect pixels): what `map_margin` needs to say how much
+    of a lead the masked images can carry."""
     small, defect = pooled(maps, masks)
     on_part = None if valid is None else F.avg_pool2d(valid[:, None].float(), MAP_POOL)[:, 0].numpy() == 1.0
     auc, pro = pixel_auroc(small, defect, on_part), aupro(small, defect, valid=on_part)
     score = None if auc is None or pro is None else (auc + pro) / 2
-    return {"pixel_auroc": auc, "aupro": pro, "score": score}
+    shares = image_shares(small, defect, valid=on_part)
+    if shares is None:
+        return {"pixel_auroc": auc, "aupro": pro, "score": score}, None
+    masked = (defect if on_part is None else defect & on_part).reshape(len(defect), -1).any(axis=1)
+    return {"pixel_auroc": auc, "aupro": pro, "score": score}, ((shares[0] + shares[1]) / 2)[masked]
+
+
+def map_difference_se(a: np.ndarray, b: np.ndarray) -> float:
+    """The standard error of the difference of two maps' scores from their masked images' shares a,
+    b (M,) (`map_evidence`, the same images): the images are the units and the difference is the sum
+    of theirs, so SE = sqrt(M) * their standard deviation; the defect-free pixels are held fixed.
+    Infinite with fewer than two masked images."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    return float("inf") if len(d) < 2 else float(np.sqrt(len(d)) * d.std(ddof=1))
+
+
+def map_margin(shares: Mapping[str, np.ndarray]) -> Callable[[str, str], float]:
+    """The margin (for `choose`) a challenger map's out-of-fold score must clear over the best so
+    far: TOLERANCE, or the standard error of their difference where that is larger (few masked
+    images: as for the decision, one image's luck must not choose a map). shares: {name: (M,)}."""
+    return lambda best, challenger: max(TOLERANCE, map_difference_se(shares[challenger], shares[best]))
 
 
 def describe(selection: dict) -> str:
