@@ -16,6 +16,7 @@ from utils.metrics import (
     classification_metrics,
     confusion_counts,
     decision_metrics,
+    image_shares,
     localisation_metrics,
     per_defect_type,
     pixel_auroc,
@@ -174,6 +175,39 @@ def test_aupro_matches_brute_force(decimals, max_fpr):
     expected = _aupro_brute_force(maps, masks, max_fpr)
     assert 0.0 < expected < 1.0
     assert aupro(maps, masks, max_fpr=max_fpr) == pytest.approx(expected, abs=1e-3)
+
+
+def test_image_shares_by_hand():
+    # Negatives 0.1, 0.2, 0.3 (image 0) and 0.05, 0.15 (image 1); defects 0.9 (image 0, one region)
+    # and 0.25, 0.12 (image 1, one region of two pixels). Placements among the 5 negatives: 1, 4/5,
+    # 2/5: pixel AUROC shares 1/3 and (4/5 + 2/5) / 3. AUPRO (max FPR 0.3, 2 regions): 0.9 turns on
+    # at FPR 0, (0.3 - 0) / 0.3 / (1 pixel * 2 regions) = 1/2; 0.25 at FPR 1/5, (0.3 - 0.2) / 0.3 /
+    # (2 pixels * 2 regions) = 1/12; 0.12 at FPR 3/5 > 0.3: nothing. Sums: pixel AUROC 2.2/3, AUPRO 7/12.
+    maps = np.array([[[0.9, 0.1, 0.2, 0.3]], [[0.25, 0.12, 0.05, 0.15]]])
+    masks = np.array([[[1, 0, 0, 0]], [[1, 1, 0, 0]]], dtype=bool)
+    auroc_shares, aupro_shares = image_shares(maps, masks)
+    np.testing.assert_allclose(auroc_shares, [1 / 3, 1.2 / 3])
+    np.testing.assert_allclose(aupro_shares, [1 / 2, 1 / 12])
+    assert pixel_auroc(maps, masks) == pytest.approx(2.2 / 3)
+    assert aupro(maps, masks) == pytest.approx(7 / 12)
+    assert image_shares(maps, np.zeros_like(masks)) is None
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_image_shares_sum_to_the_metrics(decimals):
+    # Catches a share that does not add up to the metric it splits (ties, regions, the part's pixels).
+    rng = np.random.default_rng(1)
+    masks = np.zeros((6, 20, 20), dtype=bool)
+    masks[0, 2:5, 2:6] = masks[0, 12:15, 15] = masks[1, 5:7, 1:9] = masks[3, 10:18, 10:12] = True
+    maps = rng.random(masks.shape) + 0.5 * masks
+    maps = maps if decimals is None else np.round(maps, decimals)
+    valid = np.ones_like(masks)
+    valid[:, :, 17:] = False
+    for on in (None, valid):
+        auroc_shares, aupro_shares = image_shares(maps, masks, valid=on)
+        assert auroc_shares[[2, 4, 5]].sum() == 0 and aupro_shares[[2, 4, 5]].sum() == 0
+        assert auroc_shares.sum() == pytest.approx(pixel_auroc(maps, masks, on), abs=1e-9)
+        assert aupro_shares.sum() == pytest.approx(aupro(maps, masks, valid=on), abs=2e-3)
 
 
 def test_aupro_undefined_and_bad_max_fpr():

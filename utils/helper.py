@@ -563,14 +563,11 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     valid = None if fit_parts is None else geometry.part_pixels(fit_parts, size)
     if decision_layers != layers[0] and _masked_in_every_group(fit_masks, groups):
         # The layers make the map as well as the decision: other layers than the backbone's must not
-        # make a worse map out of fold (the default blur). Few masked images cannot show that any more
-        # than they can show a map better: the other layers stay only when their map's lead, plus the
-        # tolerance, exceeds the standard error of that lead.
-        (other, other_shares), (default_map, default_shares) = (
+        # make a worse map out of fold (the default blur), and few masked images cannot show that.
+        other, default_map = (
             selection_lib.map_evidence(candidates[name].patch_maps(selection_lib.SIGMAS[0], size), fit_masks, valid)
             for name in (decision_layers, layers[0]))
-        lead = other["score"] - default_map["score"]
-        if lead + selection_lib.TOLERANCE <= selection_lib.map_difference_se(other_shares, default_shares):
+        if not selection_lib.shown_no_worse(other, default_map):
             decision_layers = layers[0]
     oof["patch_knn"] = oof[decision_layers]
     own: dict[str, dict[str, torch.Tensor]] = {"evidence": {}, "published": {}}

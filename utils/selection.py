@@ -132,6 +132,16 @@ def map_margin(shares: Mapping[str, np.ndarray]) -> Callable[[str, str], float]:
     return lambda best, challenger: max(TOLERANCE, map_difference_se(shares[challenger], shares[best]))
 
 
+def shown_no_worse(challenger: tuple[dict, np.ndarray], incumbent: tuple[dict, np.ndarray]) -> bool:
+    """Whether a map (`map_evidence` of the challenger) is shown to be no worse than another's
+    (the incumbent's, the same images): its score's lead plus TOLERANCE exceeds the standard error
+    of that lead. Few masked images cannot show a map no worse any more than they can show one
+    better: then the incumbent stays."""
+    (quality, shares), (incumbent_quality, incumbent_shares) = challenger, incumbent
+    lead = quality["score"] - incumbent_quality["score"]
+    return lead + TOLERANCE > map_difference_se(shares, incumbent_shares)
+
+
 def describe(selection: dict) -> str:
     """A few lines saying what head="auto" chose and the out-of-fold figures it chose from."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
