@@ -160,6 +160,8 @@ def describe(selection: dict) -> str:
     lines.append(f"map: {selection['map']}, patch layers {selection['patch_layers']!r}, blur "
                  f"{selection['patch_map_sigma']:g} cells")
     lines += [f"  {name:<20}pixel AUROC {fmt(m['pixel_auroc'])}  AUPRO {fmt(m['aupro'])}"
+              + (f"  (standard error of its difference from the map shown {m['se_against_chosen']:.3f})"
+                 if m.get("se_against_chosen") is not None else "")
               for name, m in selection["maps"].items()]
     if not selection["maps"]:
         lines.append("  not chosen: each of the groups needs a defect image with a mask; the head's own map, "
