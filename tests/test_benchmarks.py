@@ -89,7 +89,8 @@ def test_the_cost_breakdown_of_auto_times_every_stage_of_the_choice(tmp_path):
     report = cost.main(["--data-dir", str(tmp_path), "--subset", "synth", "--n-images", "60", "--backbone",
                         "mobilenet_v2", "--epochs", "1", "--precision", "fp32", "--out", str(out)])
     functions = report["functions"]
-    for name in ("_candidates", "nearest_rows", "_oof_evidence", "train_head", "_oof_published", "map_evidence"):
+    for name in ("_candidates", "nearest_rows", "_oof_evidence", "train_head", "_oof_published", "map_evidence",
+                 "image_shares"):
         assert functions[name]["calls"] > 0, name
     stages = functions["_candidates"]["seconds"] + functions["_oof_evidence"]["seconds"]
     assert report["stage_seconds"]["selection"] >= stages - functions["build_patch_memory"]["seconds"]
