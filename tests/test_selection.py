@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils import helper, localizers, parameters, selection
+from utils import helper, localizers, metrics, parameters, selection
 from utils.constants import ANOMALY, GOOD
 
 CPU = torch.device("cpu")
@@ -107,6 +107,9 @@ def test_a_map_lead_of_one_masked_images_luck_does_not_choose():
     maps, masks, lucky, _ = _lucky_and_better(5)
     (q, s), (q_lucky, s_lucky) = selection.map_evidence(maps, masks), selection.map_evidence(lucky, masks)
     assert len(s) == 5 and q_lucky["score"] - q["score"] > 0.03
+    small, defect = selection.pooled(maps, masks)  # the figures are the metrics' own, at half resolution
+    assert q["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(small, defect), abs=1e-12)
+    assert q["aupro"] == pytest.approx(metrics.aupro(small, defect), abs=1e-12)
     scores, shares = {"first": q["score"], "lucky": q_lucky["score"]}, {"first": s, "lucky": s_lucky}
     assert selection.choose(scores, ["first", "lucky"]) == "lucky"  # the tolerance alone would take it
     assert selection.choose(scores, ["first", "lucky"], selection.map_margin(shares)) == "first"
