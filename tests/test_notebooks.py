@@ -60,7 +60,8 @@ def test_training_writes_checkpoint_and_log(executed):
     # the decision and box thresholds for every map, calibrated on held-back good training images
     cal = ckpt["calibration"]
     assert set(cal["thresholds"]) == set(cal["floors"]) == {
-        "cam", "patch_knn", "cam_knn", "gradcam", "layercam", "gradcam_s8", "layercam_s8", "gradref", "explain"}
+        "cam", "patch_knn", "cam_knn", "patch_cam", "gradcam", "layercam", "gradcam_s8", "layercam_s8", "gradref",
+        "explain"}
     assert cal["min_area"] >= 1 and cal["method"] == "holdout"
     assert cal["decision"]["rule"] == "calibrated" and cal["decision"]["false_alarm_rate"] == 0.05
     # 64 good training images, 13 held back: they promise 1/14, not 5 %, and Training says so
@@ -87,7 +88,7 @@ def test_evaluation_writes_contract_metrics_and_beats_chance(executed):
     # Chance is 0.5 for both; the synthetic defects are easy, the margin is wide.
     assert m["balanced_accuracy"] >= 0.75
     assert m["image_auroc"] >= 0.9
-    assert set(m["localizers"]) == {"cam", "patch_knn", "cam_knn", "gradcam", "layercam", "gradcam_s8",
+    assert set(m["localizers"]) == {"cam", "patch_knn", "cam_knn", "patch_cam", "gradcam", "layercam", "gradcam_s8",
                                     "layercam_s8", "gradref", "explain"}
     assert m["localizer"] == "explain" and m["pixel_auroc"] == m["localizers"]["explain"]["pixel_auroc"]
     assert m["box_threshold"] == "calibrated" and m["calibration"]["thresholds"] == ckpt["calibration"]["thresholds"]
@@ -102,7 +103,7 @@ def test_evaluation_writes_contract_metrics_and_beats_chance(executed):
     assert rows and all((r["label"] == "Anomaly") == (int(r["n_boxes"]) > 0) for r in rows)
     for name, loc in m["localizers"].items():
         assert {"box_iou", "box_recall", "box_precision", "good_images_with_boxes"} <= set(loc), name
-    for name in ("cam", "patch_knn", "cam_knn"):
+    for name in ("cam", "patch_knn", "cam_knn", "patch_cam"):
         assert m["localizers"][name]["pixel_auroc"] > 0.5, name  # hotter inside the drawn defects than outside
     for png in ("predictions.png", "confusion_matrix.png", "roc_curve.png"):
         assert (out / png).stat().st_size > 0

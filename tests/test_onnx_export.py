@@ -137,25 +137,27 @@ def test_the_graph_gives_predicts_scores_labels_maps_and_boxes(exported, kind):
         np.testing.assert_allclose(scores, result["box_scores"], atol=onnx_export.MAP_TOLERANCE)
 
 
-def test_a_published_decision_shown_on_the_patch_map_exports_as_auto_writes_it(exported, tmp_path):
-    """head="auto" may decide with the published head and show the patch map (the synthetic subset's
-    auto checkpoint decides with the patch map alone): such a checkpoint exports its chosen map, and
-    the graph gives predict.py's scores, labels, maps and boxes.
-    Fails when: the export ignores the checkpoint's chosen map, or the graph's patch map beside the
-    published head drops the blur."""
+@pytest.mark.parametrize("shown", ["patch_knn", "patch_cam"])
+def test_a_published_decision_shown_on_the_patch_map_exports_as_auto_writes_it(exported, tmp_path, shown):
+    """head="auto" may decide with the published head and show the patch map, or the patch map
+    raised by the CAM (the synthetic subset's auto checkpoint decides with the patch map alone):
+    such a checkpoint exports its chosen map, and the graph gives predict.py's scores, labels, maps
+    and boxes.
+    Fails when: the export ignores the checkpoint's chosen map, the graph's patch map beside the
+    published head drops the blur, or its patch_cam takes the raw CAM instead of the scaled one."""
     made, _ = exported
     checkpoint, _, files = made["published"]
     ckpt = torch.load(checkpoint, weights_only=True)
-    ckpt["selection"] = {"requested": "auto", "decision": "published", "head": "published", "map": "patch_knn"}
-    chosen, model = tmp_path / "published_patch_map.pt", tmp_path / "published_patch_map.onnx"
+    ckpt["selection"] = {"requested": "auto", "decision": "published", "head": "published", "map": shown}
+    chosen, model = tmp_path / f"published_{shown}.pt", tmp_path / f"published_{shown}.onnx"
     torch.save(ckpt, chosen)
     assert export.main(["--checkpoint", str(chosen), "--out", str(model), "--no-check"]) == 0
     meta = runner.load_model(model).meta
-    assert meta["localizer"] == "patch_knn" and meta["classifier"]
+    assert meta["localizer"] == shown and meta["classifier"]
     net, ckpt = load_checkpoint(chosen)
     images = torch.stack([dataloader.read_image(f, SIZE) for f in files])
     results = inference.score_batch(images, net, ckpt)
-    assert {r["localizer"] for r in results} == {"patch_knn"}
+    assert {r["localizer"] for r in results} == {shown}
     outputs = onnx_export.run_session(onnx_export.session_of(model), images)
     diff = onnx_export.compare(results, outputs, float(inference.decision_of(ckpt)["threshold"]), None)
     assert diff["ok"], diff

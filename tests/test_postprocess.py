@@ -175,10 +175,15 @@ def test_localizer_maps_and_scores_by_hand():
     np.testing.assert_allclose(maps["cam"][1], 0.0)
     np.testing.assert_allclose(maps["patch_knn"], patch)
     np.testing.assert_allclose(maps["cam_knn"][0], [[0.0, 0.0], [0.0, 3.0]])
+    # patch_cam: the patch map times 1 + the scaled CAM: raised by half at the CAM's peak (p = 0.5),
+    # kept where the CAM is cold and everywhere in an image whose CAM says nothing
+    np.testing.assert_allclose(maps["patch_cam"][0], [[1.0, 0.0], [0.0, 4.5]])
+    np.testing.assert_allclose(maps["patch_cam"][1], patch[1])
     scores = localizer_image_scores(maps, prob, np.array([3.0, 2.0]))
     np.testing.assert_allclose(scores["cam"], prob)
     np.testing.assert_allclose(scores["patch_knn"], [3.0, 2.0])
     np.testing.assert_allclose(scores["cam_knn"], [3.0, 0.0])
+    np.testing.assert_allclose(scores["patch_cam"], [4.5, 2.0])
     assert set(localizer_maps(cam, prob)) == {"cam"}
 
 

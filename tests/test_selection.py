@@ -136,6 +136,13 @@ def test_other_layers_keep_the_decision_only_where_their_map_is_shown_no_worse()
     assert not selection.shown_no_worse(default, selection.map_evidence(better, masks))
 
 
+def _coarse_cam(masks: torch.Tensor, defective: torch.Tensor, grow: int = 3) -> torch.Tensor:
+    """A CAM as the published head's looks once scaled (N, H, W): a flat blob `grow` pixels wider
+    than the defect on each side in the defective images, 0 in the good ones."""
+    blob = torch.nn.functional.max_pool2d(masks[:, None].float(), 2 * grow + 1, stride=1, padding=grow)[:, 0]
+    return blob * defective[:, None, None]
+
+
 class _StandIn:
     """A layer choice's out-of-fold patch maps, the same at every blur."""
 
@@ -158,11 +165,34 @@ def test_the_checkpoints_map_needs_a_lead_beyond_its_standard_error():
     assert (layers, sigma, shown) == ("fine", selection.SIGMAS[0], "patch_knn")
     assert report["patch_knn/both/0.5"]["score"] > report["patch_knn/fine/0.5"]["score"] + 0.03
     assert report["patch_knn/both/0.5"]["se_against_chosen"] > 0.03
-    # the published head's CAM, lucky the same way against the patch map, is not shown either
+    # the published head's CAM seeing one masked image's defect: the patch map it raises
+    # (localizers.patch_cam) leads by that image's luck, and is not shown either
     candidates = {"fine": _StandIn(maps)}
-    layers, sigma, shown, report = helper._choose_maps(candidates, ("fine",), "published", {"cam": lucky}, masks,
+    one = _coarse_cam(masks, torch.arange(len(maps)) == 0)
+    layers, sigma, shown, report = helper._choose_maps(candidates, ("fine",), "published", {"cam": one}, masks,
                                                        groups, (16, 16))
-    assert shown == "patch_knn" and report["cam"]["score"] > report["patch_knn/fine/0.5"]["score"] + 0.03
+    assert shown == "patch_knn" and report["patch_cam"]["score"] > report["patch_knn/fine/0.5"]["score"] + 0.03
+    assert report["patch_cam"]["se_against_chosen"] > 0.03
+
+
+def test_the_patch_map_raised_by_the_cam_is_shown_where_it_maps_better_out_of_fold():
+    # 100 masked images: a patch map that lifts the defects a little above noise, a CAM that only
+    # says roughly where (a flat blob wider than the defect). Raising the patch map where the CAM
+    # looks ranks the defect pixels better than either alone, on every image: helper._choose_maps
+    # must show "patch_cam". A CAM that knows nothing (blobs on random places) must leave the patch
+    # map. Catches the candidate left out of the published head's maps, or scored on the CAM alone.
+    maps, masks = _masked_maps(100, n_good=40)
+    defective = masks.flatten(1).any(dim=1)
+    groups = torch.arange(len(maps)) % 2
+    cam = _coarse_cam(masks, defective)
+    layers, sigma, shown, report = helper._choose_maps({"fine": _StandIn(maps)}, ("fine",), "published",
+                                                       {"cam": cam}, masks, groups, (16, 16))
+    assert shown == "patch_cam", report
+    assert report["patch_cam"]["score"] > max(report["cam"]["score"], report["patch_knn/fine/0.5"]["score"])
+    elsewhere = _coarse_cam(torch.roll(masks, shifts=(8, 8), dims=(1, 2)), defective)
+    _, _, shown, report = helper._choose_maps({"fine": _StandIn(maps)}, ("fine",), "published",
+                                              {"cam": elsewhere}, masks, groups, (16, 16))
+    assert shown == "patch_knn", report
 
 
 def test_out_of_fold_patch_scores_never_compare_a_good_image_with_itself(tmp_path, make_model):

@@ -21,7 +21,7 @@ from .checkpoint import checkpoint_dict
 from .constants import ANOMALY, GOOD
 from .dataloader import batch_order, kfold_splits, positions
 from .inference import predict_frozen
-from .localizers import image_score_of, maps_of
+from .localizers import image_score_of, maps_of, patch_cam
 from .metrics import classification_metrics
 from .model import BackboneWeights, CAMClassifier
 from .patchknn import PATCH_LAYERS, PatchRule, build_memory, flatten_patches, memory_nbytes, patch_rule_of
@@ -498,8 +498,9 @@ def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
     fit images' masks (K, H, W) bool (`selection.map_quality`), on their part's pixels `valid`
     (K, H, W) bool (None: all); a later candidate must lead by more than the tolerance and the
     standard error of its lead over the masked images (`selection.map_margin`). `layers`: the
-    layer choices still open; own_maps ({name: (K, H, W)}): the maps of the chosen head; groups
-    (K,): the inner groups. Unless every group holds a masked image (as for the decision, one
+    layer choices still open; own_maps ({name: (K, H, W)}): the maps of the chosen head (with the
+    published head's CAM, the best patch map raised by it is a candidate too, `localizers.patch_cam`);
+    groups (K,): the inner groups. Unless every group holds a masked image (as for the decision, one
     image's luck would choose): the first layers, PatchCore's blur, the head's own map (the patch
     map for the published head's)."""
     report: dict[str, dict] = {}
@@ -516,7 +517,11 @@ def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
     _, best_layers, best_sigma = best.split("/")
     for name, m in own_maps.items():
         report[name], shares[name] = selection_lib.map_evidence(m, masks, valid)
-    order = ("evidence", best, "cam") if "evidence" in own_maps else (best, "cam")
+    if "cam" in own_maps:  # the published head's CAM raising the patch map where it looks
+        fused = patch_cam(candidates[best_layers].patch_maps(float(best_sigma), size), own_maps["cam"])
+        report["patch_cam"], shares["patch_cam"] = selection_lib.map_evidence(fused, masks, valid)
+    # the patch map first, then what adds the head's view to it, then the head's view alone
+    order = ("evidence", best, "cam") if "evidence" in own_maps else (best, "patch_cam", "cam")
     chosen = selection_lib.choose({k: report[k]["score"] for k in order if k in report}, order, margin)
     for name, m in report.items():  # what each map's score is known to within, against the one chosen
         m["se_against_chosen"] = None if name == chosen else selection_lib.map_difference_se(shares[name], shares[chosen])

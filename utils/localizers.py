@@ -9,9 +9,10 @@ import numpy as np
 from .explain import EXPLAIN, EXPLANATIONS, REFERENCE_EXPLANATIONS
 from .postprocess import minmax_normalise, probability_scaled, to_numpy
 
-MEMORY_LOCALIZERS = ("patch_knn", "cam_knn")  # these need the checkpoint's patch memory
+MEMORY_LOCALIZERS = ("patch_knn", "cam_knn", "patch_cam")  # these need the checkpoint's patch memory
 LOCALIZERS = ("cam", *MEMORY_LOCALIZERS, *EXPLANATIONS, "explain", "evidence")
-CLASSIFIER_LOCALIZERS = ("cam", "cam_knn", *EXPLANATIONS, "explain")  # need the published head, trained
+# need the published head, trained
+CLASSIFIER_LOCALIZERS = ("cam", "cam_knn", "patch_cam", *EXPLANATIONS, "explain")
 EVIDENCE_LOCALIZERS = ("evidence",)  # need the evidence head
 # need the checkpoint's explanation reference (checkpoints of Training.ipynb with a classifier have it)
 REFERENCE_LOCALIZERS = (*REFERENCE_EXPLANATIONS, *(("explain",) if EXPLAIN in REFERENCE_EXPLANATIONS else ()))
@@ -78,7 +79,8 @@ def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = N
     "cam": the per-image min-max CAM scaled by the image's Anomaly probability (the raw CAM's
     scale differs between images); "patch_knn": the nearest-neighbour distance to good training
     patches (its scale is fixed by the memory); "cam_knn": their product, the patch distance kept
-    where the classifier looks. `explanations` ({name: raw (N, H, W)} of `utils.explain`) are
+    where the classifier looks; "patch_cam": the patch distance raised where the classifier looks
+    (`patch_cam`). `explanations` ({name: raw (N, H, W)} of `utils.explain`) are
     scaled as the CAM is, and "explain" is the one named by `explain.EXPLAIN`.
     """
     if cam is None and patch_map is None and evidence is None:
@@ -91,11 +93,25 @@ def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = N
         maps["patch_knn"] = patch_map
         if cam is not None:
             maps["cam_knn"] = patch_map * minmax_normalise(cam)
+            maps["patch_cam"] = patch_cam(patch_map, maps["cam"])
     for name, m in (explanations or {}).items():
         maps[name] = probability_scaled(m, p_anomaly)
     if EXPLAIN in maps:
         maps["explain"] = maps[EXPLAIN]
     return maps
+
+
+def patch_cam(patch_map, cam):
+    """The patch map (N, H, W) times 1 plus the probability-scaled CAM (N, H, W), "cam" of
+    `localizer_maps` (each image's min-max CAM times its Anomaly probability, in [0, 1]).
+
+    The patch distance ranks pixels of every image on one scale but cannot tell an unusual texture
+    from a defect; the published head learnt that from the labels, coarsely (its CAM is a 7x7 grid
+    upsampled). The product keeps the patch map's detail and scale: where the head sees no anomaly
+    (probability near 0) the map is the patch map, and where it does, a patch's distance is raised
+    by up to its own value at the CAM's peak. Unlike "cam_knn", a patch the CAM misses keeps its
+    distance. Works on NumPy arrays and torch tensors alike (the exported graph computes it too)."""
+    return patch_map * (1 + cam)
 
 
 def maps_of(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -113,10 +129,11 @@ def image_score_of(pred: dict[str, np.ndarray]) -> np.ndarray:
 def localizer_image_scores(maps: dict[str, np.ndarray], p_anomaly, patch_score=None) -> dict[str, np.ndarray]:
     """Image-level score (N,) per localiser of `localizer_maps`: the classifier's Anomaly
     probability for "cam", the explanations and "evidence", the patch map's maximum (at feature
-    resolution) for "patch_knn", the map's maximum for "cam_knn"."""
+    resolution) for "patch_knn", the map's maximum for "cam_knn" and "patch_cam"."""
     scores = {name: to_numpy(p_anomaly) for name in maps if name not in MEMORY_LOCALIZERS}
     if "patch_knn" in maps:
         scores["patch_knn"] = to_numpy(patch_score)
-    if "cam_knn" in maps:
-        scores["cam_knn"] = maps["cam_knn"].reshape(len(maps["cam_knn"]), -1).max(axis=1)
+    for name in ("cam_knn", "patch_cam"):
+        if name in maps:
+            scores[name] = maps[name].reshape(len(maps[name]), -1).max(axis=1)
     return scores

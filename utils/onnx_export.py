@@ -28,7 +28,8 @@ from .evidence import EvidenceHead
 from .explain import EXPLANATIONS
 from .geometry import canvas, resize_of
 from .inference import decision_of
-from .localizers import LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of
+from .localizers import (LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of,
+                         patch_cam)
 from .model import CAMClassifier, HEADS, checkpoint_normalisation, check_input_size
 from .patchknn import PATCH_STRIDE, argmin_run, first_argmin, flatten_patches, patch_rule_of
 from .postprocess import gaussian_smooth, upsample_maps
@@ -39,7 +40,7 @@ OUTPUT_NAMES = ("decision_score", "label", "image_score", "map")
 # The maps a graph can hold: those computed by a forward pass alone. The explanations of the
 # published head (Grad-CAM and kin, gradref) need the gradient of the decision, which an
 # inference graph does not have.
-EXPORTABLE_LOCALIZERS = ("cam", "patch_knn", "cam_knn", "evidence")
+EXPORTABLE_LOCALIZERS = ("cam", "patch_knn", "cam_knn", "patch_cam", "evidence")
 # Memory rows per block of the nearest-neighbour search: the (patches x rows) score matrix of one
 # block is all the search holds at once (at batch 16 and 224 px, 12544 x 2048 floats = 103 MB,
 # against 500 MB for 10 000 rows in one block).
@@ -254,14 +255,18 @@ class ScoringGraph(nn.Module):
     def _chosen(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The exported map (N, S, S) and its image score (N,), as `localizers.localizer_maps` and
         `localizer_image_scores` make them."""
+        cam = minmax(out["cam"]) * out["p_anomaly"][:, None, None] if "cam" in out else None
         if self.localizer == "cam":
-            return minmax(out["cam"]) * out["p_anomaly"][:, None, None], out["p_anomaly"]
+            return cam, out["p_anomaly"]
         if self.localizer == "evidence":
             return out["evidence"], out["p_anomaly"]
         if self.localizer == "patch_knn":
             return out["patch_map"], out["patch_score"]
-        cam_knn = out["patch_map"] * minmax(out["cam"])
-        return cam_knn, cam_knn.amax(dim=(1, 2))
+        if self.localizer == "patch_cam":
+            fused = patch_cam(out["patch_map"], cam)
+        else:
+            fused = out["patch_map"] * minmax(out["cam"])  # cam_knn
+        return fused, fused.amax(dim=(1, 2))
 
 
 def metadata(checkpoint: dict[str, Any], localizer: str, checkpoint_name: str,
