@@ -128,3 +128,27 @@ def test_the_search_floor_benchmark_times_the_exported_search():
     assert row["images_per_second_at_most"] == pytest.approx(1e3 / row["search_ms"])
     assert row["gflop_per_image"] == pytest.approx(2 * 784 * 256 * 8 / 1e9)
     assert row["same_lengths"] and row["plain_over_search"] == pytest.approx(row["plain_search_ms"] / row["search_ms"])
+
+
+def test_the_map_fusion_benchmark_measures_the_maps_the_library_makes():
+    """The forms map_fusion.py compares, on hand-made maps: the CAM and patch_cam are the library's
+    (`localizers`), and the scaled forms divide by the good images' 99th percentile.
+    Fails when: the benchmark's patch_cam or CAM drifts from what predict.py shows (its figures would
+    describe another map), or the scale is taken from the defective images."""
+    import numpy as np
+
+    from utils import localizers
+
+    fusion = load_benchmark("map_fusion")
+    cam_raw = np.array([[[0.0, 4.0], [2.0, 4.0]], [[1.0, 3.0], [3.0, 1.0]]], dtype=np.float32)
+    p = np.array([0.5, 0.1], dtype=np.float32)
+    patch = np.array([[[1.0, 2.0], [3.0, 4.0]], [[0.5, 1.0], [1.0, 2.0]]], dtype=np.float32)
+    good = np.array([False, True])
+    out = fusion.forms(cam_raw, p, patch, good)
+    np.testing.assert_allclose(out["cam"], localizers.localizer_maps(cam_raw, p, patch)["cam"])
+    np.testing.assert_allclose(out["patch_cam"], localizers.localizer_maps(cam_raw, p, patch)["patch_cam"])
+    # by hand: image 0's CAM peak (min-max 1, p = 0.5) raises its patch by half
+    np.testing.assert_allclose(out["patch_cam"][0], [[1.0, 3.0], [3.75, 6.0]])
+    scale = np.quantile(patch[1], 0.99)  # the good image's pixels only
+    # image 0's top-left pixel: its CAM is 0 there, so the scaled sum is the patch's 1 over that scale
+    np.testing.assert_allclose(out["scaled patch + 1 x scaled cam"][0][0, 0], 1.0 / scale, rtol=1e-6)
