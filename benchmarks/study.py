@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import calibration, dataloader, geometry, helper, localizers, metrics, parameters, postprocess, runtime  # noqa: E402
 from utils import model as model_lib  # noqa: E402
+from utils import selection  # noqa: E402
 from utils.checkpoint import atomic_write_bytes, save_json  # noqa: E402
 from utils.constants import ANOMALY, GOOD, MVTEC_DIR_ENV  # noqa: E402
 
@@ -293,6 +294,9 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/study_cache", help="folder for the frozen passes")
     parser.add_argument("--scratch", default="/tmp/study_scratch", help="weights_dir/results_dir of the configs")
     parser.add_argument("--out", default="results/study.json")
+    parser.add_argument("--inner-folds", type=int, default=None,
+                        help="the inner groups of head='auto' (selection.INNER_FOLDS, default "
+                             f"{selection.INNER_FOLDS}): what choosing on larger inner fits changes and costs")
     parser.add_argument("--table", action="store_true", help="print the tables of --out and stop")
     parser.add_argument("--auto-table", action="store_true",
                         help="print the table of head='auto' against the other variants of --out and stop")
@@ -303,6 +307,11 @@ def main() -> None:
         report = json.loads(Path(args.out).read_text())
         print(auto_table(report) if args.auto_table else tables(report))
         return
+    if args.inner_folds is not None:
+        if args.inner_folds < 2:
+            parser.error(f"--inner-folds must be at least 2 (every image scored by a fit without it), got "
+                         f"{args.inner_folds}")
+        selection.INNER_FOLDS = args.inner_folds
     device = runtime.resolve_device(args.device)
     args.precision = runtime.resolve_precision(args.precision, device)
     out_path = Path(args.out)
