@@ -255,7 +255,8 @@ class ScoringGraph(nn.Module):
     def _chosen(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The exported map (N, S, S) and its image score (N,), as `localizers.localizer_maps` and
         `localizer_image_scores` make them."""
-        cam = minmax(out["cam"]) * out["p_anomaly"][:, None, None] if "cam" in out else None
+        if self.localizer in ("cam", "patch_cam"):  # the CAM as shown: min-max per image times the probability
+            cam = minmax(out["cam"]) * out["p_anomaly"][:, None, None]
         if self.localizer == "cam":
             return cam, out["p_anomaly"]
         if self.localizer == "evidence":
