@@ -2,7 +2,8 @@
 
 For each backbone, a checkpoint of each kind is trained on part of the category as Training.ipynb
 trains it (`helper.run_fold`): the published head, the evidence head, the patch memory alone
-(good images only) and the default head (`head="auto"`, whichever decision and map it chooses).
+(good images only), both heads fused (`head="fused"`) and the default head (`head="auto"`, whichever
+decision and map it chooses).
 Each is exported (export.py's code) and the same held-out test images are scored three ways:
 predict.py's path (`inference.score_batch`, fp32), the graph under ONNX Runtime, and end to end
 from the files by predict.py and deploy/onnx_predict.py. Reported per checkpoint: the largest
@@ -50,7 +51,7 @@ from utils.download import sha256_of  # noqa: E402
 from utils.model import load_backbone_weights  # noqa: E402
 
 DEFAULT_DATA_DIR = os.environ.get(MVTEC_DIR_ENV) or REPO_ROOT.parent / "shared" / "data" / "mvtec_anomaly_detection"
-KINDS = ("published", "evidence", "patch_only", "auto")  # auto: the default head, whatever it chooses
+KINDS = ("published", "evidence", "patch_only", "auto", "fused")  # auto: the default head, whatever it chooses
 CPU = torch.device("cpu")
 
 
@@ -111,7 +112,7 @@ def config_of(args: argparse.Namespace, backbone: str, kind: str, work: Path) ->
         epochs=parameters.PUBLISHED_RECIPE["epochs"] if kind == "evidence" else args.epochs,
         class_weight=[1, 3], target_train_accuracy=0.98, test_size=0.2, seed=42, heatmap_thres=0.7, n_cv_folds=0,
         weights_dir=str(work), results_dir=str(work), device="cpu", precision="fp32", patch_memory_size=args.memory,
-        patch_memory_method="random", head=kind if kind in ("evidence", "auto") else "published")
+        patch_memory_method="random", head=kind if kind in ("evidence", "auto", "fused") else "published")
 
 
 def train(args, backbone, kind, samples, frozen, template, train_idx, test, work) -> Path:

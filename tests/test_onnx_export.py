@@ -4,7 +4,7 @@ refused with a message.
 
 Three checkpoints are trained here as Training.ipynb trains them (`helper.run_fold`), on a 44-image
 synthetic subset at 64 px with pretrained MobileNetV2 (install.sh installs its weights): the published
-head, the evidence head, and no classifier (good training images only: the patch map decides). The
+head, the evidence head, both fused, and no classifier (good training images only: the patch map decides). The
 graphs are exported with memory blocks of 300 rows, so the blocked nearest-neighbour search combines
 several blocks. The numbers are plumbing checks, not MVTec results; benchmarks/onnx_parity.py
 checks real pill.
@@ -43,7 +43,7 @@ ort = pytest.importorskip("onnxruntime",
 
 CPU = torch.device("cpu")
 SIZE = 64
-KINDS = ("published", "evidence", "patch_only", "auto")  # auto: the default head, whatever it chose
+KINDS = ("published", "evidence", "patch_only", "auto", "fused")  # auto: the default head, whatever it chose
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,7 +61,7 @@ def _train(root: Path, kind: str, out: Path, image_size: int | list[int] = SIZE)
         test_size=0.3, seed=0, heatmap_thres=0.7, n_cv_folds=0, weights_dir=str(out.parent),
         results_dir=str(out.parent),
         device="cpu", precision="fp32", patch_memory_size=1000, patch_memory_method="random", calibration="holdout",
-        box_min_area=4, head=kind if kind in ("evidence", "auto") else "published")
+        box_min_area=4, head=kind if kind in ("evidence", "auto", "fused") else "published")
     samples = dataloader.index_subset(root, "synthetic")
     train, test = dataloader.split_samples(samples, test_size=0.3, seed=0)
     if kind == "patch_only":  # good training images alone: no classifier is trained
@@ -176,7 +176,7 @@ def test_metadata_carries_the_checkpoints_thresholds(exported):
         meta = runner.load_model(model).meta
         calibration, localizer = ckpt["calibration"], inference.default_localizer(ckpt)
         assert meta["localizer"] == localizer == {"published": "cam", "evidence": "evidence", "patch_only": "patch_knn",
-                                                  "auto": ckpt.get("selection", {}).get("map")}[kind]
+                                                  "auto": ckpt.get("selection", {}).get("map"), "fused": "evidence"}[kind]
         assert meta["decision"] == calibration["decision"]
         assert meta["decision_threshold"] == calibration["decision"]["threshold"]
         assert meta["false_alarm_rate"] == calibration["decision"]["false_alarm_rate"] == 0.05

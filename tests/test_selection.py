@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils import helper, localizers, metrics, parameters, selection
+from utils import helper, inference, localizers, metrics, parameters, selection
+from utils.checkpoint import load_checkpoint
 from utils.constants import ANOMALY, GOOD
 
 CPU = torch.device("cpu")
@@ -258,6 +259,91 @@ def test_the_head_with_the_better_out_of_fold_auroc_is_fitted_and_recorded(tmp_p
     assert ckpt["config"]["head"] == "evidence" and ckpt["selection"]["decision"] == "evidence"
     assert localizers.head_of(ckpt) == "evidence" and localizers.default_localizer(ckpt) == "evidence"
     assert any(k.startswith("evidence_head.") for k in ckpt["state_dict"])
+
+
+def test_the_fused_scores_by_hand():
+    # Two inner groups of three: two good images and one defective each. Group 0: published logits
+    # goods (1, 3), mean 2, std sqrt(2); evidence goods (0, 2), mean 1, std sqrt(2). Group 1: published
+    # goods (10, 14), mean 12, std 2 sqrt(2); evidence goods (-1, 1), mean 0, std sqrt(2). Each image:
+    # its two standardised logits summed, within its own group. Catches standardising by all of a
+    # group's images (the defects too), by the whole split's goods, or summing the raw logits.
+    y = np.array([0, 0, 1, 0, 0, 1])
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    published = np.array([1.0, 3.0, 5.0, 10.0, 14.0, 12.0])
+    evidence = np.array([0.0, 2.0, 1.0, -1.0, 1.0, 3.0])
+    r2 = np.sqrt(2)
+    expected = [-r2, r2, 3 / r2 + 0.0, -r2, r2, 0.0 + 3 / r2]
+    np.testing.assert_allclose(selection.fused_scores(y, groups, published, evidence), expected)
+    flat = evidence.copy()
+    flat[[3, 4]] = 0.5  # group 1's good images give the evidence head no spread: no scale to put it on
+    assert selection.fused_scores(y, groups, published, flat) is None
+
+
+def _complementary_heads(monkeypatch, size=(64, 64)):
+    """Out-of-fold image logits of the two heads, each seeing half of the defect images (the
+    evidence head the first six, the published head the last six) and neither the rest: alone each
+    ranks at about 0.75, together near 1."""
+    rng = np.random.default_rng(0)
+
+    def logits(y, seen):
+        out = rng.normal(size=len(y)).astype(np.float32)
+        defects = np.flatnonzero(y.numpy() != GOOD)
+        out[defects[seen]] += 6.0
+        return out
+
+    half = slice(0, N_DEFECT // 2)
+    other = slice(N_DEFECT // 2, N_DEFECT)
+    monkeypatch.setattr(helper, "_oof_evidence", lambda config, inputs, y, groups, size_, parts, device: (
+        logits(y, half), torch.zeros(len(y), *size)))
+    monkeypatch.setattr(helper, "_oof_published", lambda config, t, f, labels, fit_idx, *rest: (
+        logits(labels[fit_idx], other), torch.zeros(len(fit_idx), *size)))
+
+
+def test_two_heads_that_see_different_defects_are_fused_on_good_images_neither_saw(tmp_path, make_model, monkeypatch):
+    # Catches: the fused candidate left out of the decision; the fused model scaled by the fit's
+    # own good images (the heads trained on them) instead of the held-back ones, or with its rows
+    # swapped; a fused checkpoint that loses the scale or a head; fusion offered without images to
+    # scale it by.
+    n_ref = 6
+    frozen, labels, types = _frozen(N_GOOD + n_ref, N_DEFECT)
+    idx = torch.arange(len(labels))
+    reference = idx[N_GOOD:N_GOOD + n_ref]  # good images outside the fit, as calibration="holdout" holds back
+    fit_idx = torch.cat([idx[:N_GOOD], idx[N_GOOD + n_ref:]])
+    _complementary_heads(monkeypatch)
+    config = _config(tmp_path)
+    fitted = helper.fit(config, make_model("mobilenet_v2"), frozen, labels, fit_idx, types=types, device=CPU,
+                        precision="fp32", reference=reference)
+    s = fitted.selection
+    assert (s["decision"], s["head"]) == ("fused", "fused"), s["image_auroc"]
+    assert s["image_auroc"]["fused"] > max(s["image_auroc"]["evidence"], s["image_auroc"]["published"]) + 0.1
+    model = fitted.model
+    assert model.evidence_head is not None and model.fusion is not None and model.explain_reference is not None
+    out = helper.score(fitted, frozen, reference, size=(64, 64), batch_size=6, device=CPU, precision="fp32")
+    standardised = [(out[f"logit_{name}"] - mean) / std for name, (mean, std) in
+                    zip(("published", "evidence"), model.fusion.tolist())]
+    for z in standardised:  # on the images that scaled them, each head's logits have mean 0 and std 1
+        assert abs(z.mean()) < 1e-4 and z.std(ddof=1) == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(out["p_anomaly"], 1 / (1 + np.exp(-(standardised[0] + standardised[1]))), atol=1e-6)
+    assert "p_published" in out and "cam" in out and "evidence" in out
+    fold = helper.Fold(fitted, {"thresholds": {}}, None, reference, np.zeros(n_ref))
+    assert fold.head == "fused"
+    ckpt = fold.checkpoint(config, [], n_train=len(fit_idx))
+    assert ckpt["config"]["head"] == "fused" and torch.equal(ckpt["fusion"], model.fusion)
+    assert any(k.startswith("evidence_head.") for k in ckpt["state_dict"]) and "fc.weight" in ckpt["state_dict"]
+    path = tmp_path / "fused.pt"
+    torch.save(ckpt, path)
+    loaded, _ = load_checkpoint(path)
+    again = inference.predict_frozen(loaded, frozen.features[reference], frozen.tap[reference], size=(64, 64),
+                                     batch_size=6, device=CPU, precision="fp32", patch_memory=ckpt["patch_memory"],
+                                     patch_rule=fitted.patch_rule)
+    np.testing.assert_allclose(again["p_anomaly"], out["p_anomaly"], atol=1e-6)
+    assert localizers.default_localizer(ckpt) == s["map"]
+    for name in ("cam", "patch_cam", "evidence", "patch_knn"):  # both heads' maps are the checkpoint's
+        localizers.check_checkpoint_localizer(name, ckpt)
+    unscaled = helper.fit(config, make_model("mobilenet_v2"), frozen, labels, fit_idx, types=types, device=CPU,
+                          precision="fp32")
+    assert "fused" not in unscaled.selection["image_auroc"] and unscaled.selection["decision"] != "fused"
+    assert "calibration='holdout'" in selection.describe(unscaled.selection)
 
 
 def test_one_defect_image_chooses_nothing(tmp_path, make_model):

@@ -14,7 +14,7 @@ import torch
 
 from .constants import CLASS_NAMES
 from .evidence import EvidenceHead
-from .model import CAMClassifier, get_spec
+from .model import EVIDENCE_HEADS, FUSED, PUBLISHED_HEADS, CAMClassifier, get_spec
 
 CHECKPOINT_FORMAT = "cam-defect-detector/1"
 FROZEN_PREFIX = "frozen."  # state_dict keys of the frozen layers (all a patch-memory-only checkpoint holds)
@@ -91,12 +91,20 @@ def checkpoint_dict(
 
     The state_dict holds the layers the model uses: with the published head, the whole network;
     with the evidence head (config "head"), the frozen layers (the patch features come from them)
-    and the evidence head; with classifier=False (no classifier was trained, e.g. good training
-    images only) the frozen layers alone, and the checkpoint's "classifier" flag is False.
+    and the evidence head; with both ("fused") all of it, and "fusion" holds the (2, 2) scale of
+    their logits (`model.fused_logit`); with classifier=False (no classifier was trained, e.g. good
+    training images only) the frozen layers alone, and the checkpoint's "classifier" flag is False.
     """
-    evidence = classifier and config.get("head", "published") == "evidence"
+    head = config.get("head", "published")
+    fused = classifier and head == FUSED
+    if fused and model.fusion is None:
+        raise ValueError("a fused checkpoint needs the model's fusion (the scale of its heads' logits); it is None")
+    evidence = classifier and head == "evidence"
     keep = (lambda k: k.startswith(FROZEN_PREFIX) or k.startswith(EVIDENCE_PREFIX)) if evidence else (
-        (lambda k: not k.startswith(EVIDENCE_PREFIX)) if classifier else (lambda k: k.startswith(FROZEN_PREFIX)))
+        (lambda k: True) if fused else (lambda k: not k.startswith(EVIDENCE_PREFIX)) if classifier else (
+            lambda k: k.startswith(FROZEN_PREFIX)))
+    if fused:
+        extra = {**(extra or {}), "fusion": model.fusion.detach().cpu().float().clone()}
     return {
         "format": CHECKPOINT_FORMAT,
         "classifier": bool(classifier),
@@ -201,21 +209,31 @@ def _model_of(path: Path, ckpt: dict[str, Any]) -> CAMClassifier:
     config = ckpt["config"]
     model = CAMClassifier(config["backbone"], pretrained=False, pooling=config.get("pooling", "avg"))
     state = ckpt["state_dict"]
+    head = config.get("head", "published") if has_classifier(ckpt) else None
     try:
-        if has_classifier(ckpt) and config.get("head", "published") == "evidence":
-            model.evidence_head = EvidenceHead.from_state_dict(
+        evidence_head = None
+        if head in EVIDENCE_HEADS:
+            evidence_head = EvidenceHead.from_state_dict(
                 {k[len(EVIDENCE_PREFIX):]: v for k, v in state.items() if k.startswith(EVIDENCE_PREFIX)})
             state = {k: v for k, v in state.items() if not k.startswith(EVIDENCE_PREFIX)}
-        if has_classifier(ckpt) and model.evidence_head is None:
+        if head in PUBLISHED_HEADS:
             model.load_state_dict(state)
         else:
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or any(k.startswith(FROZEN_PREFIX) for k in missing):
                 raise RuntimeError(f"unexpected {unexpected[:3]}, missing frozen layers "
                                    f"{[k for k in missing if k.startswith(FROZEN_PREFIX)][:3]}")
+        model.evidence_head = evidence_head
     except (RuntimeError, KeyError) as err:
         raise ValueError(f"Checkpoint {path}: its state_dict does not fit a {config['backbone']} model "
                          f"({str(err).splitlines()[0]}). It is damaged or was edited; train again.") from err
+    if head == FUSED:
+        fusion = ckpt.get("fusion")
+        if not isinstance(fusion, torch.Tensor) or tuple(fusion.shape) != (2, 2) or \
+                not bool(torch.isfinite(fusion).all()) or not bool((fusion[:, 1] > 0).all()):
+            raise ValueError(f"Checkpoint {path}: its head is 'fused' but its fusion is not a finite (2, 2) tensor "
+                             f"of (mean, std > 0) rows. It is damaged or was edited; train again.")
+        model.fusion = fusion.float()
     reference = ckpt.get("explain_reference")
     if reference is not None:
         if not isinstance(reference, torch.Tensor) or reference.dim() != 3 or not torch.isfinite(reference).all():

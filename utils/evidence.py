@@ -283,6 +283,12 @@ def evidence_scores(head: EvidenceHead, residual: torch.Tensor, distance: torch.
     it adds to the margin Anomaly - Good. Logits, not probabilities: the sigmoid flattens the
     hottest patches of a confident image to 1.0 in float32, and the map would lose its peak.
     `inside` (B, h, w) bool: the cells pooled (resize="pad"; None: all)."""
-    head.eval()
-    image, patch = head(residual, distance, inside)
+    image, patch = evidence_logits(head, residual, distance, inside)
     return torch.sigmoid(image), patch
+
+
+def evidence_logits(head: EvidenceHead, residual: torch.Tensor, distance: torch.Tensor,
+                    inside: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`evidence_scores` before the sigmoid: the image logit (B,) and the map (B, h, w)."""
+    head.eval()
+    return head(residual, distance, inside)

@@ -23,7 +23,7 @@ from .dataloader import batch_order, kfold_splits, positions
 from .inference import predict_frozen
 from .localizers import image_score_of, maps_of, patch_cam
 from .metrics import classification_metrics
-from .model import BackboneWeights, CAMClassifier
+from .model import FUSED, BackboneWeights, CAMClassifier
 from .patchknn import PATCH_LAYERS, PatchRule, build_memory, flatten_patches, memory_nbytes, patch_rule_of
 from .postprocess import grid_to_map
 from .runtime import autocast, cache_dtype, prepare_model, to_input, to_layout
@@ -243,7 +243,7 @@ def training_length(config: dict[str, Any]) -> tuple[str, int]:
     """What one `on_epoch_end` call of the run's training counts, and at most how many there are:
     ("epoch", epochs) for the published head, ("step", evidence.STEPS) full-batch steps for the
     evidence head (which takes no `epochs`, `parameters.PUBLISHED_RECIPE`)."""
-    return ("epoch", config["epochs"]) if config["head"] == "published" else ("step", evidence_lib.STEPS)
+    return ("epoch", config["epochs"]) if config["head"] in ("published", FUSED) else ("step", evidence_lib.STEPS)
 
 
 def new_model(config: dict[str, Any], weights: BackboneWeights | None, device: torch.device,
@@ -263,6 +263,7 @@ def fresh_copy(model: CAMClassifier, seed: int) -> CAMClassifier:
     fresh.fc.reset_parameters()
     fresh.explain_reference = None
     fresh.evidence_head = None
+    fresh.fusion = None
     return fresh
 
 
@@ -386,15 +387,19 @@ def fit(
     precision: str,
     progress: bool = False,
     on_epoch_end: Callable[[int, float, float], None] | None = None,
+    reference: torch.Tensor | None = None,
 ) -> Fitted:
     """Everything a model learns from the images `fit_idx` (K,): the patch memory of their good
     images, and, when they include anomalies, the run's head (`config["head"]`): the published
     fine-tuned layers and dense layer with the explanation reference, or the evidence head; with
-    "auto", whichever of the two heads and the patch map alone out-of-fold evidence prefers
-    (`_fit_auto`; types (N,): each image's defect type, to stratify its groups)."""
+    "auto", whichever of the two heads, both fused, and the patch map alone out-of-fold evidence
+    prefers (`_fit_auto`; types (N,): each image's defect type, to stratify its groups; reference
+    (R,): good images outside fit_idx, never trained on, that put the fused heads on one scale; None:
+    no fused candidate)."""
     if config["head"] == "auto":
         return _fit_auto(config, template, frozen, labels, fit_idx, types=types, masks=masks, images=images,
-                         device=device, precision=precision, progress=progress, on_epoch_end=on_epoch_end)
+                         device=device, precision=precision, progress=progress, on_epoch_end=on_epoch_end,
+                         reference=reference)
     model = fresh_copy(template, config["seed"])
     y = labels[fit_idx]
     classifier = bool((y != GOOD).any())
@@ -402,13 +407,23 @@ def fit(
     if config["patch_memory_size"]:
         memory, memory_images, memory_info = patch_memory_of(config, frozen, fit_idx[y == GOOD])
     history = NO_TRAINING
-    if classifier and config["head"] == "published":
+    fused = classifier and config["head"] == FUSED
+    if fused and (reference is None or len(reference) < 2):
+        raise ValueError("head='fused' puts its two heads on one scale with good images neither saw: pass two or "
+                         "more as `reference` (helper.run_fold passes calibration='holdout''s calibration images)")
+    if classifier and config["head"] in ("evidence", FUSED):
+        history = _train_evidence(config, model, frozen, labels, fit_idx, memory, memory_images, masks, device,
+                                  progress and not fused, None if fused else on_epoch_end)
+    if classifier and config["head"] in ("published", FUSED):
+        steps = history
         history = _train_classifier(config, model, frozen, labels, fit_idx, images, device, precision, progress,
                                     on_epoch_end)
         model.explain_reference = explain_lib.reference_features(frozen.features[fit_idx], y)
-    elif classifier:
-        history = _train_evidence(config, model, frozen, labels, fit_idx, memory, memory_images, masks, device,
-                                  progress, on_epoch_end)
+        if fused:  # both heads' training time; the epochs are the published head's
+            history = {**history, "seconds": history["seconds"] + steps["seconds"], "evidence": steps}
+            model.fusion = fusion_of(model, frozen, reference, memory, patch_rule_of(config),
+                                     size=geometry.canvas(config["image_size"]), batch_size=config["batch_size"],
+                                     device=device, precision=precision)
     return Fitted(model, classifier, memory, memory_info, history, patch_rule_of(config))
 
 
@@ -450,8 +465,8 @@ def _candidates(config, frozen, labels, fit_idx, groups, layers, device) -> _Can
 
 
 def _oof_evidence(config, inputs, y, groups, size, parts, device) -> tuple[np.ndarray, torch.Tensor]:
-    """Out-of-fold Anomaly probabilities (K,) and maps (K, H, W) of the evidence head: each group
-    scored by a head trained on the other groups' images."""
+    """Out-of-fold image logits (K,) and maps (K, H, W) of the evidence head: each group scored by
+    a head trained on the other groups' images."""
     p, patch = torch.empty(len(y)), torch.empty_like(inputs.distance)
     for g in groups.unique().tolist():
         held = groups == g
@@ -461,14 +476,14 @@ def _oof_evidence(config, inputs, y, groups, size, parts, device) -> tuple[np.nd
         evidence_lib.train_head(head, rest, y[~held], class_weight=config["class_weight"], device=device)
         for idx in torch.nonzero(held).flatten().split(evidence_lib.CHUNK):
             r, d = inputs.batch(idx)
-            prob, logits = evidence_lib.evidence_scores(head, r.to(device), d.to(device), inputs.inside_of(idx))
-            p[idx], patch[idx] = prob.cpu(), logits.cpu()
+            image, logits = evidence_lib.evidence_logits(head, r.to(device), d.to(device), inputs.inside_of(idx))
+            p[idx], patch[idx] = image.detach().float().cpu(), logits.detach().cpu()
     return p.numpy(), grid_to_map(patch, size, parts)
 
 
 def _oof_published(config, template, frozen, labels, fit_idx, groups, images, size, device, precision):
-    """Out-of-fold Anomaly probabilities (K,) and CAM maps (K, H, W) of the published head: each
-    group scored by a head fitted on the other groups' images."""
+    """Out-of-fold image logits (K,) and CAM maps (K, H, W) (scaled by the probability, as shown) of
+    the published head: each group scored by a head fitted on the other groups' images."""
     p, cams = np.empty(len(fit_idx), np.float32), None
     for g in groups.unique().tolist():
         held = groups == g
@@ -478,7 +493,7 @@ def _oof_published(config, template, frozen, labels, fit_idx, groups, images, si
                              device=device, precision=precision, parts=frozen.parts_of(fit_idx[held]))
         cam = maps_of(out)["cam"]
         cams = np.empty((len(fit_idx), *cam.shape[1:]), np.float32) if cams is None else cams
-        p[held.numpy()], cams[held.numpy()] = out["p_anomaly"], cam
+        p[held.numpy()], cams[held.numpy()] = out["logit_published"], cam
     return p, torch.from_numpy(cams)
 
 
@@ -498,8 +513,8 @@ def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
     fit images' masks (K, H, W) bool (`selection.map_quality`), on their part's pixels `valid`
     (K, H, W) bool (None: all); a later candidate must lead by more than the tolerance and the
     standard error of its lead over the masked images (`selection.map_margin`). `layers`: the
-    layer choices still open; own_maps ({name: (K, H, W)}): the maps of the chosen head (with the
-    published head's CAM, the best patch map raised by it is a candidate too, `localizers.patch_cam`);
+    layer choices still open; own_maps ({name: (K, H, W)}): the maps of the chosen head or heads (with
+    the published head's CAM, the best patch map raised by it is a candidate too, `localizers.patch_cam`);
     groups (K,): the inner groups. Unless every group holds a masked image (as for the decision, one
     image's luck would choose): the first layers, PatchCore's blur, the head's own map (the patch
     map for the published head's)."""
@@ -520,20 +535,22 @@ def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
     if "cam" in own_maps:  # the published head's CAM raising the patch map where it looks
         fused = patch_cam(candidates[best_layers].patch_maps(float(best_sigma), size), own_maps["cam"])
         report["patch_cam"], shares["patch_cam"] = selection_lib.map_evidence(fused, masks, valid)
-    # the patch map first, then what adds the head's view to it, then the head's view alone
-    order = ("evidence", best, "cam") if "evidence" in own_maps else (best, "patch_cam", "cam")
-    chosen = selection_lib.choose({k: report[k]["score"] for k in order if k in report}, order, margin)
+    # the evidence head's map (it starts as the patch map), the patch map, then what adds the
+    # published head's view to it, then that view alone; each where the decision has it
+    order = [k for k in ("evidence", best, "patch_cam", "cam") if k in report]
+    chosen = selection_lib.choose({k: report[k]["score"] for k in order}, order, margin)
     for name, m in report.items():  # what each map's score is known to within, against the one chosen
         m["se_against_chosen"] = None if name == chosen else selection_lib.map_difference_se(shares[name], shares[chosen])
     return best_layers, float(best_sigma), "patch_knn" if chosen == best else chosen, report
 
 
 def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images, device, precision, progress,
-              on_epoch_end) -> Fitted:
-    """head="auto": choose the decision (the patch map alone, the evidence head or the published
-    head), the patch layers, the blur and the map shown from out-of-fold scores of the images
-    `fit_idx` (K,) in `selection.INNER_FOLDS` groups stratified by defect type, then fit what was
-    chosen on all of them. Patch layers or blur set in `config` (not None) are kept as given."""
+              on_epoch_end, reference=None) -> Fitted:
+    """head="auto": choose the decision (the patch map alone, the evidence head, the published head
+    or both fused), the patch layers, the blur and the map shown from out-of-fold scores of the
+    images `fit_idx` (K,) in `selection.INNER_FOLDS` groups stratified by defect type, then fit what
+    was chosen on all of them. Patch layers or blur set in `config` (not None) are kept as given.
+    reference (R,): good images never trained on, which scale the fused heads (`fusion_of`)."""
     y = labels[fit_idx]
     size = geometry.canvas(config["image_size"])
     n_defects, n_good = int((y != GOOD).sum()), int((y == GOOD).sum())
@@ -589,8 +606,18 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
                                                  device, precision)
         aurocs[head] = decided[head] = selection_lib.oof_auroc(y_np, p)
         oof[head] = p
+    fused_note = _fused_note(config, reference, oof)
+    if fused_note is None:
+        fused = selection_lib.fused_scores(y_np, groups.numpy(), oof["published"], oof["evidence"])
+        if fused is None:
+            fused_note = "a group's good images gave a head's logits no spread"
+        else:
+            oof["fused"], aurocs["fused"] = fused, selection_lib.oof_auroc(y_np, fused)
+            decided["fused"] = aurocs["fused"]
     decision = "patch_knn" if n_defects == 0 else selection_lib.choose(decided, selection_lib.DECISIONS,
                                                                        selection_lib.margin_of(y_np, oof))
+    if decision == "fused":  # the CAM shown beside the evidence map
+        own["fused"] = {**own["evidence"], **own["published"]}
     open_layers = layers if decision == "published" else (decision_layers,)
     chosen_layers, sigma, shown, map_report = _choose_maps(
         candidates, open_layers, decision, own.get(decision, {}), fit_masks, groups, size, valid)
@@ -601,28 +628,63 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     selection_seconds = time.perf_counter() - start - chosen.info["seconds"]
     model = fresh_copy(template, config["seed"])
     history = NO_TRAINING
-    if decision == "published":
+    if decision in ("evidence", "fused"):
+        head = evidence_lib.EvidenceHead(chosen.memory.shape[1])
+        fused = decision == "fused"  # then the published head's epochs are what is reported as it trains
+        history = evidence_lib.train_head(head, chosen.inputs, y, class_weight=config["class_weight"], device=device,
+                                          progress=progress and not fused, on_epoch_end=None if fused else on_epoch_end)
+        model.evidence_head = head.eval()
+    if decision in ("published", "fused"):
+        steps = history
         history = _train_classifier(config, model, frozen, labels, fit_idx, images, device, precision, progress,
                                     on_epoch_end)
         model.explain_reference = explain_lib.reference_features(frozen.features[fit_idx], y)
-    elif decision == "evidence":
-        head = evidence_lib.EvidenceHead(chosen.memory.shape[1])
-        history = evidence_lib.train_head(head, chosen.inputs, y, class_weight=config["class_weight"], device=device,
-                                          progress=progress, on_epoch_end=on_epoch_end)
-        model.evidence_head = head.eval()
+        if decision == "fused":  # both heads' training time; the epochs are the published head's
+            history = {**history, "seconds": history["seconds"] + steps["seconds"], "evidence": steps}
+            model.fusion = fusion_of(model, frozen, reference, chosen.memory, PatchRule(chosen_layers, sigma),
+                                     size=size, batch_size=config["batch_size"], device=device, precision=precision)
     selection = {
         "requested": "auto", "decision": decision, "head": None if decision == "patch_knn" else decision,
         "map": shown, "patch_layers": chosen_layers, "patch_map_sigma": sigma, "inner_folds": int(groups.max()) + 1,
         "n_images": len(fit_idx), "n_defects": n_defects, "heads_eligible": heads, "image_auroc": aurocs,
         "maps": map_report, "tolerance": selection_lib.TOLERANCE, "seconds": selection_seconds,
+        "fused_note": fused_note,
+        "fusion": None if model.fusion is None else dict(zip(("published", "evidence"), model.fusion.tolist())),
         # the standard error of each candidate's out-of-fold AUROC less the one it had to beat
         "image_auroc_se": {**{f"patch_knn/{name}": selection_lib.auroc_difference_se(y_np, oof[name], oof[layers[0]])
                               for name in layers[1:]},
                            **{name: selection_lib.auroc_difference_se(y_np, oof[name], oof["patch_knn"])
-                              for name in ("evidence", "published") if name in oof}},
+                              for name in ("evidence", "published", "fused") if name in oof}},
     }
     return Fitted(model, decision != "patch_knn", chosen.memory, chosen.info, history,
                   PatchRule(chosen_layers, sigma), selection)
+
+
+def _fused_note(config, reference, oof) -> str | None:
+    """Why the fused decision is not a candidate (None: it is): it needs both heads scored out of
+    fold, good images its heads never saw to scale them (calibration="holdout"'s, two at least), and
+    a stated false-alarm rate (its score is not a probability, so the argmax rule means nothing)."""
+    if "evidence" not in oof or "published" not in oof:
+        return "both heads must be scored out of fold"
+    if reference is None or len(reference) < 2:
+        return "it needs good images neither head saw to scale them: calibration='holdout' with two or more"
+    if config["false_alarm_rate"] is None:
+        return "its score is not a probability: it needs a stated false_alarm_rate, not the argmax"
+    return None
+
+
+def fusion_of(model: CAMClassifier, frozen: Frozen, reference: torch.Tensor, memory: torch.Tensor, rule: PatchRule,
+              *, size: tuple[int, int], batch_size: int, device: torch.device, precision: str) -> torch.Tensor:
+    """The fused decision's scale (2, 2) (`model.fused_logit`): the mean and standard deviation of
+    the published and the evidence head's image logits over the good images `reference` (R,), which
+    neither head saw. Rows (published, evidence)."""
+    model.fusion = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # both heads scored; their logits are what is read
+    out = predict_frozen(model, frozen.features[reference], frozen.tap_of(reference), size=size, batch_size=batch_size,
+                         device=device, precision=precision, patch_memory=memory, patch_rule=rule,
+                         parts=frozen.parts_of(reference))
+    logits = torch.from_numpy(np.stack([out["logit_published"], out["logit_evidence"]], axis=1)).double()  # (R, 2)
+    # a spread of zero (identical logits) would divide by zero: the floor keeps the sum finite
+    return torch.stack([logits.mean(dim=0), logits.std(dim=0).clamp_min(1e-6)], dim=1).float()
 
 
 def score(fitted: Fitted, frozen: Frozen, idx: torch.Tensor, *, size: tuple[int, int], batch_size: int,
@@ -630,12 +692,13 @@ def score(fitted: Fitted, frozen: Frozen, idx: torch.Tensor, *, size: tuple[int,
     """`inference.predict_frozen` of the images `idx` (K,) with a fitted model: every map it offers
     (`maps`), or only what the decision needs."""
     evidence = fitted.model.evidence_head is not None
+    fused = evidence and fitted.model.fusion is not None
     tapped = maps or evidence or not fitted.classifier
     return predict_frozen(fitted.model, frozen.features[idx], frozen.tap_of(idx) if tapped else None, size=size,
                           batch_size=batch_size, device=device, precision=precision,
                           patch_memory=fitted.memory if tapped else None, patch_rule=fitted.patch_rule,
                           classifier=fitted.classifier,
-                          explain=maps and fitted.classifier and not evidence, parts=frozen.parts_of(idx))
+                          explain=maps and fitted.classifier and (fused or not evidence), parts=frozen.parts_of(idx))
 
 
 def _cross_fit_scores(config, template, frozen, labels, train, types, *, masks, images, size, device, precision):
@@ -700,9 +763,11 @@ class Fold:
 
     @property
     def head(self) -> str | None:
-        """The head trained ("published" or "evidence"), None when the patch map alone decides."""
+        """The head trained ("published", "evidence" or both "fused"), None when the patch map alone decides."""
         if not self.classifier:
             return None
+        if self.model.fusion is not None:
+            return FUSED
         return "evidence" if self.model.evidence_head is not None else "published"
 
     def checkpoint(self, config: dict[str, Any], test_files: Sequence[str], n_train: int) -> dict[str, Any]:
@@ -759,7 +824,7 @@ def run_fold(
     else:
         fit_idx, cal = train, train[labels[train] == GOOD]
     fitted = fit(config, template, frozen, labels, fit_idx, types=types, masks=masks, images=images,
-                 progress=progress, on_epoch_end=on_epoch_end, **run)
+                 progress=progress, on_epoch_end=on_epoch_end, reference=cal if method == "holdout" else None, **run)
     fit_seconds, clock = time.perf_counter() - clock, time.perf_counter()
     seconds["memory"] = fitted.memory_info["seconds"] if fitted.memory_info else 0.0
     seconds["epochs"] = fitted.history.get("seconds", 0.0)

@@ -29,8 +29,8 @@ from .explain import EXPLANATIONS
 from .calibration import decide
 from .localizers import (MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of, image_score_of,
                          localizer_image_scores, maps_of)
-from .model import CAMClassifier, checkpoint_normalisation, check_input_size
-from .evidence import evidence_scores, residuals
+from .model import EVIDENCE_HEADS, CAMClassifier, checkpoint_normalisation, check_input_size, fused_logit
+from .evidence import evidence_logits, residuals
 from .patchknn import PatchRule, patch_rule_of
 from .postprocess import BOX_THRESHOLDS, grid_to_map, upsample_maps
 from .runtime import autocast, to_input, to_layout
@@ -101,13 +101,17 @@ def _score_batch(model: CAMClassifier, frozen: torch.Tensor, tap8: torch.Tensor 
     """Everything of one batch from its frozen output (B, C, h, w) and stride-8 tap (B, C8, h8, w8):
     the patch map (embedded and blurred by `rule`) and its image score (with a memory); with the published head the Anomaly
     probability, the raw CAM and the explanations; with the evidence head its probability and
-    its map. With parts (B, 2) (resize="pad", `geometry`), scores come from the part's cells
-    only and every map is at its minimum on the padding. Runs inside the caller's autocast."""
+    its map; with both (head "fused") all of that, each head's logit, the published head's own
+    probability ("p_published") and the fused decision's ("p_anomaly", `fused_logit`). With parts
+    (B, 2) (resize="pad", `geometry`), scores come from the part's cells only and every map is at
+    its minimum on the padding. Runs inside the caller's autocast."""
     out: dict[str, torch.Tensor] = {}
     evidence = model.evidence_head is not None
-    if classifier and not evidence:
+    fused = evidence and model.fusion is not None  # both heads, the decision on their logits (`fused_logit`)
+    if classifier and (fused or not evidence):
         scores, maps = model.head(frozen)
         out["p_anomaly"] = scores.float().softmax(dim=1)[:, ANOMALY]
+        out["logit_published"] = scores.float()[:, ANOMALY] - scores.float()[:, GOOD]  # exact where p rounds to 1
         out["cam"] = model.cam(maps, size)
         if explain:
             _, explanations = explain_lib.explanation_maps(model, tap8, model.spec.taps[0])
@@ -123,8 +127,13 @@ def _score_batch(model: CAMClassifier, frozen: torch.Tensor, tap8: torch.Tensor 
         out["patch_map"] = grid_to_map(distance, size, parts, rule.smooth)
         out["patch_score"] = masked_max(distance, inside)
         if classifier and evidence:
-            out["p_anomaly"], patch = evidence_scores(model.evidence_head, residual, distance, inside)
-            out["evidence"] = grid_to_map(patch, size, parts)
+            logit, patch = evidence_logits(model.evidence_head, residual, distance, inside)
+            out["evidence"], out["logit_evidence"] = grid_to_map(patch, size, parts), logit.float()
+            if fused:  # the CAM stays scaled by the published head's own probability (`localizers.maps_of`)
+                out["p_published"] = out["p_anomaly"]
+                out["p_anomaly"] = torch.sigmoid(fused_logit(out["logit_published"], logit, model.fusion.to(logit.device)))
+            else:
+                out["p_anomaly"] = torch.sigmoid(logit)
     return {k: v.detach().float().cpu() for k, v in out.items()}
 
 
@@ -172,7 +181,9 @@ def predict(
     and with `explain` one raw (N, H, W) map per name of `explain.EXPLANATIONS` (gradients of the
     decision from the stride-8 tap up). A model with an evidence head (head="evidence") gives its
     "p_anomaly" and "evidence" (N, H, W) map instead of the CAM and explanations, and needs the
-    patch memory. With classifier=False (a model trained without one) only the frozen layers run:
+    patch memory; a fused one (head="fused", `model.fused_logit`) gives both heads' outputs, the
+    published head's "p_published", and as "p_anomaly" the fused decision's score in (0, 1). Each
+    head's image logit comes too ("logit_published", "logit_evidence"). With classifier=False (a model trained without one) only the frozen layers run:
     no "p_anomaly", "cam" or explanations, so a patch_memory is required. `parts` (N, 2): with
     resize="pad", where each image lies on the canvas (`dataloader.load_parts`).
     """
@@ -343,7 +354,7 @@ def needs(checkpoint: dict[str, Any], localizer: str) -> dict[str, Any]:
     (for the patch maps, the evidence head, or the decision of a checkpoint without a classifier),
     the explanations (for theirs)."""
     classifier = has_classifier(checkpoint)
-    memory = localizer in MEMORY_LOCALIZERS or not classifier or head_of(checkpoint) == "evidence"
+    memory = localizer in MEMORY_LOCALIZERS or not classifier or head_of(checkpoint) in EVIDENCE_HEADS
     return {"patch_memory": checkpoint.get("patch_memory") if memory else None,
             "patch_rule": patch_rule_of(checkpoint.get("config") or {}), "classifier": classifier,
             "explain": localizer in (*EXPLANATIONS, "explain")}

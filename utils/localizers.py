@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .explain import EXPLAIN, EXPLANATIONS, REFERENCE_EXPLANATIONS
+from .model import EVIDENCE_HEADS, PUBLISHED_HEADS
 from .postprocess import minmax_normalise, probability_scaled, to_numpy
 
 MEMORY_LOCALIZERS = ("patch_knn", "cam_knn", "patch_cam")  # these need the checkpoint's patch memory
@@ -21,13 +22,13 @@ REFERENCE_LOCALIZERS = (*REFERENCE_EXPLANATIONS, *(("explain",) if EXPLAIN in RE
 def check_localizer(localizer: str, has_classifier: bool, has_memory: bool, where: str = "the checkpoint",
                     has_reference: bool = True, head: str = "published") -> None:
     """Raise a ValueError naming what `where` lacks when `localizer` cannot be computed from it.
-    has_classifier: a head was trained; head: which ("published" or "evidence")."""
+    has_classifier: a head was trained; head: which ("published", "evidence", or "fused": both)."""
     if localizer not in LOCALIZERS:
         raise ValueError(f"localizer={localizer!r} must be one of {LOCALIZERS}.")
-    if localizer in EVIDENCE_LOCALIZERS and not (has_classifier and head == "evidence"):
+    if localizer in EVIDENCE_LOCALIZERS and not (has_classifier and head in EVIDENCE_HEADS):
         raise ValueError(f"localizer={localizer!r} is the evidence head's map, but {where} has no evidence head: "
                          f"train with head='evidence', or use localizer='patch_knn' or 'cam'.")
-    if localizer in CLASSIFIER_LOCALIZERS and has_classifier and head != "published":
+    if localizer in CLASSIFIER_LOCALIZERS and has_classifier and head not in PUBLISHED_HEADS:
         raise ValueError(f"localizer={localizer!r} is a map of the published head, but {where} holds the "
                          f"{head} head: use localizer='evidence' (its own map) or 'patch_knn'.")
     if localizer in CLASSIFIER_LOCALIZERS and not has_classifier:
@@ -66,7 +67,7 @@ def default_localizer(checkpoint: dict[str, Any]) -> str:
         return chosen
     if not checkpoint.get("classifier", True):
         return "patch_knn"
-    return "evidence" if head_of(checkpoint) == "evidence" else "cam"
+    return "evidence" if head_of(checkpoint) in EVIDENCE_HEADS else "cam"
 
 
 def localizer_maps(cam, p_anomaly, patch_map=None, explanations: dict | None = None,
@@ -116,7 +117,8 @@ def patch_cam(patch_map, cam):
 
 def maps_of(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`localizer_maps` of the output of `inference.predict`: every map it computed."""
-    return localizer_maps(pred.get("cam"), pred.get("p_anomaly"), pred.get("patch_map"),
+    # the CAM is scaled by its own head's probability: with both heads ("fused") the decision's is not the CAM's
+    return localizer_maps(pred.get("cam"), pred.get("p_published", pred.get("p_anomaly")), pred.get("patch_map"),
                           explanations={k: pred[k] for k in EXPLANATIONS if k in pred}, evidence=pred.get("evidence"))
 
 

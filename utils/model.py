@@ -31,9 +31,16 @@ POOLINGS = ("avg", "max", "topk")
 # The classifier head: "published" (the fine-tuned last block, pooling and dense layer, whose CAM
 # and explanations show the evidence after the fact) or "evidence" (utils/evidence.py: the decision
 # is computed from a map of per-patch evidence, which is then its explanation by construction);
-# "auto", the default, chooses one of them or none (the patch map alone) from out-of-fold scores of
-# the training split (helper._fit_auto), and its checkpoint records the head it chose.
-HEADS = ("auto", "published", "evidence")
+# "auto", the default, chooses one of them, both ("fused") or none (the patch map alone) from
+# out-of-fold scores of the training split (helper._fit_auto), and its checkpoint records the head
+# it chose.
+# "fused" keeps both heads and decides on their image logits, each standardised by good images
+# neither head saw (calibration="holdout"'s), summed (`fused_logit`).
+FUSED = "fused"
+HEADS = ("auto", "published", "evidence", FUSED)
+CHECKPOINT_HEADS = HEADS
+EVIDENCE_HEADS = ("evidence", FUSED)  # checkpoint heads with the evidence head (which reads the patch memory)
+PUBLISHED_HEADS = ("published", FUSED)  # checkpoint heads with the published head (its CAM, its explanations)
 TOPK_FRACTION = 0.1  # "topk": the mean of the top 10 % of positions (20 of 196 at 224 px)
 
 
@@ -249,6 +256,10 @@ class CAMClassifier(nn.Module):
         # The evidence head (`utils.evidence.EvidenceHead`) of head="evidence", set by training or
         # load_checkpoint; a submodule once set, so it moves with the model.
         self.evidence_head: nn.Module | None = None
+        # The fused decision (FUSED): the (mean, std) of the published and the evidence head's image
+        # logits over good images neither saw, rows in that order, (2, 2); None otherwise. A plain
+        # attribute like explain_reference: the checkpoint carries it beside the state_dict.
+        self.fusion: torch.Tensor | None = None
 
     def train(self, mode: bool = True) -> "CAMClassifier":
         """Switch mode, keeping every BatchNorm on its ImageNet statistics.
@@ -324,3 +335,14 @@ def check_input_size(width: int, height: int) -> None:
             f"Input size {width}x{height} must be a multiple of {SIZE_MULTIPLE} and at least "
             f"{SIZE_MULTIPLE * 2} px (e.g. 64, 224, 256)."
         )
+
+
+def fused_logit(published: torch.Tensor, evidence: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
+    """The fused decision's score (N,): the published head's image logit (N,) (log p(Anomaly) /
+    p(Good)) and the evidence head's (N,), each in standard deviations above its mean over good
+    images neither head saw (fusion (2, 2): rows (mean, std) of published, evidence), summed. Each
+    head's scale is its own (the published head's logits run to tens, the evidence head's to a few),
+    so summing them raw would let the larger drown the other; standardised, an image either head
+    finds unusual among good parts scores high. Not a probability: its threshold is calibrated."""
+    stacked = torch.stack([published, evidence], dim=-1).float()  # (N, 2)
+    return ((stacked - fusion[:, 0]) / fusion[:, 1]).sum(dim=-1)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CHECKPOINT_FORMAT, atomic_write_bytes, has_classifier
-from .constants import ANOMALY, CLASS_NAMES
+from .constants import ANOMALY, CLASS_NAMES, GOOD
 from .dataloader import normalise
 from .evidence import EvidenceHead
 from .explain import EXPLANATIONS
@@ -30,7 +30,8 @@ from .geometry import canvas, resize_of
 from .inference import decision_of
 from .localizers import (LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of,
                          patch_cam)
-from .model import CAMClassifier, HEADS, checkpoint_normalisation, check_input_size
+from .model import (CHECKPOINT_HEADS, EVIDENCE_HEADS, PUBLISHED_HEADS, CAMClassifier, checkpoint_normalisation,
+                    check_input_size, fused_logit)
 from .patchknn import PATCH_STRIDE, argmin_run, first_argmin, flatten_patches, patch_rule_of
 from .postprocess import gaussian_smooth, upsample_maps
 
@@ -63,9 +64,9 @@ def check_exportable(checkpoint: dict[str, Any], localizer: str, where: str = "t
         raise ExportError(f"{where} has format {checkpoint.get('format')!r}, not {CHECKPOINT_FORMAT!r}: only "
                           f"checkpoints written by Training.ipynb export; train again.")
     head = head_of(checkpoint)
-    if has_classifier(checkpoint) and head not in HEADS:
+    if has_classifier(checkpoint) and head not in CHECKPOINT_HEADS:
         raise ExportError(f"{where} holds the head {head!r}, which the exporter does not know (it knows "
-                          f"{', '.join(HEADS)}): update this repository, or export a checkpoint of a known head.")
+                          f"{', '.join(CHECKPOINT_HEADS)}): update this repository, or export a checkpoint of a known head.")
     if localizer in (*EXPLANATIONS, "explain"):
         raise ExportError(f"localizer={localizer!r} needs the gradient of the decision, which an ONNX inference "
                           f"graph does not compute: export the checkpoint's default map "
@@ -123,7 +124,7 @@ def _check_input(config: dict[str, Any], where: str) -> None:
 def _needs_memory(checkpoint: dict[str, Any], localizer: str) -> bool:
     """Whether the graph holds the patch memory: for the patch maps, the evidence head, or the
     decision of a checkpoint without a classifier (`inference.needs`)."""
-    return localizer in MEMORY_LOCALIZERS or not has_classifier(checkpoint) or head_of(checkpoint) == "evidence"
+    return localizer in MEMORY_LOCALIZERS or not has_classifier(checkpoint) or head_of(checkpoint) in EVIDENCE_HEADS
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:
@@ -199,8 +200,12 @@ class ScoringGraph(nn.Module):
         self.localizer = localizer
         self.size = canvas(config["image_size"])  # (H, W)
         self.classifier = has_classifier(checkpoint)
-        self.evidence = self.classifier and head_of(checkpoint) == "evidence"
-        self.published = self.classifier and not self.evidence
+        head = head_of(checkpoint)
+        self.evidence = self.classifier and head in EVIDENCE_HEADS
+        self.published = self.classifier and head in PUBLISHED_HEADS
+        self.fused = self.evidence and self.published  # the decision on both heads' logits (`fused_logit`)
+        if self.fused:
+            self.register_buffer("fusion", model.fusion.detach().float().clone())
         self.rule = patch_rule_of(config)
         mean, std = checkpoint_normalisation(config)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
@@ -222,6 +227,9 @@ class ScoringGraph(nn.Module):
         out = self._published(frozen) if self.published else {}
         if self.memory is not None:
             out.update(self._patches(tapped[0], frozen))
+        if self.fused:  # the CAM stays scaled by its own head's probability, as `localizers.maps_of` scales it
+            out["p_published"] = out["p_anomaly"]
+            out["p_anomaly"] = torch.sigmoid(fused_logit(out["logit_published"], out["logit_evidence"], self.fusion))
         decision_score = out["p_anomaly"] if self.classifier else out["patch_score"]
         map_, image_score = self._chosen(out)
         # compared in float64 as `calibration.decide` compares; the argmax rule is p >= 0.5
@@ -232,12 +240,13 @@ class ScoringGraph(nn.Module):
     def _published(self, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
         """The published head: Anomaly probability (N,) and raw CAM (N, H, W)."""
         scores, maps = self.model.head(frozen)  # (N, 2), (N, C, h, w)
-        return {"p_anomaly": scores.softmax(dim=1)[:, ANOMALY], "cam": self.model.cam(maps, self.size)}
+        return {"p_anomaly": scores.softmax(dim=1)[:, ANOMALY], "logit_published": scores[:, ANOMALY] - scores[:, GOOD],
+                "cam": self.model.cam(maps, self.size)}
 
     def _patches(self, tap8: torch.Tensor, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
         """The patch map (N, S, S), blurred as the checkpoint's rule says, its image score (N,) (the
-        maximum at feature resolution, before upsampling and blur); the evidence head's probability
-        (N,) and its map (N, S, S) of patch logits."""
+        maximum at feature resolution, before upsampling and blur); the evidence head's image logit
+        (N,), its probability (not when fused) and its map (N, S, S) of patch logits."""
         emb = self.rule.embed(tap8, frozen)  # (N, D, h8, w8)
         n, d, h, w = emb.shape
         residual, distance = self.memory(emb.permute(0, 2, 3, 1).reshape(-1, d))
@@ -249,14 +258,16 @@ class ScoringGraph(nn.Module):
         if self.evidence:
             patch, _ = self.model.evidence_head.parts(residual, distance)  # (N, h8, w8) logits
             image = patch.reshape(n, -1).topk(self.topk, dim=1).values.mean(dim=1)
-            out.update(p_anomaly=torch.sigmoid(image), evidence=upsample_maps(patch, size))
+            out.update(logit_evidence=image, evidence=upsample_maps(patch, size))
+            if not self.fused:
+                out["p_anomaly"] = torch.sigmoid(image)
         return out
 
     def _chosen(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The exported map (N, S, S) and its image score (N,), as `localizers.localizer_maps` and
         `localizer_image_scores` make them."""
-        if self.localizer in ("cam", "patch_cam"):  # the CAM as shown: min-max per image times the probability
-            cam = minmax(out["cam"]) * out["p_anomaly"][:, None, None]
+        if self.localizer in ("cam", "patch_cam"):  # the CAM as shown: min-max per image times its head's probability
+            cam = minmax(out["cam"]) * out.get("p_published", out["p_anomaly"])[:, None, None]
         if self.localizer == "cam":
             return cam, out["p_anomaly"]
         if self.localizer == "evidence":
@@ -285,7 +296,8 @@ def metadata(checkpoint: dict[str, Any], localizer: str, checkpoint_name: str,
         "input": {"name": INPUT_NAME, "shape": ["N", h, w, 3], "dtype": "uint8", "colour": "RGB",
                   "preparation": "decoded as a viewer shows it (EXIF orientation, 8-bit RGB), stretched to "
                                  "the input size with Pillow's bilinear resize"},
-        "outputs": {"decision_score": "(N,) float32: the Anomaly probability, or without a classifier the patch "
+        "outputs": {"decision_score": "(N,) float32: the Anomaly probability (head 'fused': the sigmoid of the "
+                                      "heads' standardised logits summed), or without a classifier the patch "
                                       "map's image score; the label is decided on it",
                     "label": "(N,) int64: 1 = Anomaly (class_names[1]) under the decision",
                     "image_score": "(N,) float32: the map's image score",
@@ -393,7 +405,7 @@ def near_ties(model: CAMClassifier, checkpoint: dict[str, Any], images: torch.Te
     nearest, and their residuals differ). None for the other maps: a distance is the same from
     either row, so they are continuous at a tie. Exact distances in float64, `batch_size` images at
     a time (each needs h8 * w8 x M doubles)."""
-    if not (has_classifier(checkpoint) and head_of(checkpoint) == "evidence"):
+    if not (has_classifier(checkpoint) and head_of(checkpoint) in EVIDENCE_HEADS):
         return None
     config = checkpoint["config"]
     mean, std = checkpoint_normalisation(config)

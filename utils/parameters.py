@@ -11,7 +11,7 @@ from .dataloader import SPLITS
 from .constants import SIZE_MULTIPLE
 from .evidence import LR, STEPS, TOPK_FRACTION
 from .geometry import DEFAULT_RESIZE, RESIZES
-from .model import HEADS, POOLINGS, get_spec, load_backbone_weights, normalisation
+from .model import EVIDENCE_HEADS, FUSED, HEADS, POOLINGS, get_spec, load_backbone_weights, normalisation
 from .patchknn import MEMORY_METHODS, PATCH_LAYERS
 from .runtime import PRECISIONS, SEED_RANGE, is_seed, resolve_device
 
@@ -143,13 +143,21 @@ def _check_evidence_recipe(p: dict[str, Any]) -> None:
 def _check_decision(p: dict[str, Any]) -> None:
     """The head, its decision and its calibration (see `training_config`)."""
     check(p["head"] in HEADS, "head", p["head"], f"one of {HEADS} ('auto' chooses from the training split, "
-          f"'published' is the seed's head)")
+          f"'published' is the seed's head, 'fused' both heads)")
     _check_evidence_recipe(p)
     check(isinstance(p["mask_supervision"], bool), "mask_supervision", p["mask_supervision"], "True or False")
     check(not p["mask_supervision"] or p["head"] == "evidence", "mask_supervision", p["mask_supervision"],
           "False unless head='evidence' (only the evidence head learns from masks)")
     check(p["head"] != "evidence" or p["patch_memory_size"] > 0, "patch_memory_size", p["patch_memory_size"],
           "a positive number of patches with head='evidence' (its evidence is the residual to the memory)")
+    check(p["head"] != FUSED or p["patch_memory_size"] > 0, "patch_memory_size", p["patch_memory_size"],
+          "a positive number of patches with head='fused' (its evidence head reads the residual to the memory)")
+    check(p["head"] != FUSED or p["calibration"] == "holdout", "calibration", p["calibration"],
+          "'holdout' with head='fused': the held-back good images, which neither head sees, put the two "
+          "heads' logits on one scale")
+    check(p["head"] != FUSED or p["false_alarm_rate"] is not None, "false_alarm_rate", p["false_alarm_rate"],
+          "a share of good parts in (0, 1), e.g. 0.05, with head='fused': its score is not a probability, "
+          "so the argmax rule (None) means nothing")
     check(p["head"] != "auto" or p["patch_memory_size"] > 0, "patch_memory_size", p["patch_memory_size"],
           "a positive number of patches with head='auto' (it chooses among the patch map and the heads; "
           "set head='published' for none)")
@@ -233,12 +241,12 @@ DEFAULT_PATCH_MAP_SIGMA = 0.5
 def resolve_patch_layers(patch_layers: str | None, head: str, backbone: str) -> str | None:
     """The patch embedding's layers: `patch_layers`, or for None: with head="auto" None (it chooses
     them from the training split); otherwise what was measured best on pill and toothbrush
-    (docs/results.md): with head="evidence", "both" (the head decides better with the stride-16
+    (docs/results.md): with head="evidence" or "fused", "both" (the evidence head decides better with the stride-16
     context); otherwise the backbone's `patch_layers`, the taps its patch map localises best with
     ("fine" for MobileNetV2, "both" for VGG16)."""
     if patch_layers is not None or head == "auto":
         return patch_layers
-    return "both" if head == "evidence" else get_spec(backbone).patch_layers
+    return "both" if head in EVIDENCE_HEADS else get_spec(backbone).patch_layers
 
 
 def training_config(**params: Any) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from .metrics import aupro, image_shares, ranking_metrics
 # the patch map keeps near-ties: the safe side.
 INNER_FOLDS = 2
 # The decisions, simplest first: the patch map learns nothing from defect images, the evidence head
-# starts as the patch map and departs from it a little, the published head learns from scratch.
-DECISIONS = ("patch_knn", "evidence", "published")
+# starts as the patch map and departs from it a little, the published head learns from scratch, and
+# "fused" keeps both heads and sums their standardised logits (`model.fused_logit`).
+DECISIONS = ("patch_knn", "evidence", "published", "fused")
 # Blurs of the patch map tried, in patch cells (0.5: PatchCore's 4 px at 224 px, the default first).
 SIGMAS = (0.5, 0.0, 1.0)
 # Out-of-fold differences this small are noise at the sizes of a training split: within it, the
@@ -83,6 +84,25 @@ def margin_of(y: np.ndarray, scores: Mapping[str, np.ndarray]) -> Callable[[str,
 def oof_auroc(y: np.ndarray, scores: np.ndarray | None) -> float | None:
     """Image AUROC (None with one class or without scores) of out-of-fold scores (N,) for labels (N,)."""
     return None if scores is None else ranking_metrics(y, scores)["image_auroc"]
+
+
+def fused_scores(y: np.ndarray, groups: np.ndarray, published: np.ndarray, evidence: np.ndarray) -> np.ndarray | None:
+    """Out-of-fold scores (K,) of the fused decision (`model.fused_logit`) from each head's
+    out-of-fold image logits (K,): within each inner group (groups (K,), scored by one inner fit of
+    each head), each head's logits standardised by the mean and standard deviation over that
+    group's good images (labels y (K,), 1 defective), then summed. The deployed model is scaled the
+    same way, by good images its heads never saw (the calibration images). None where a group has
+    fewer than two good images, or a head gives its good images no spread: no scale to put it on."""
+    y, groups = np.asarray(y).astype(bool), np.asarray(groups)
+    total = np.zeros(len(y))
+    for g in np.unique(groups):
+        member = groups == g
+        for logits in (np.asarray(published, float), np.asarray(evidence, float)):
+            good = logits[member & ~y]
+            if len(good) < 2 or not good.std(ddof=1) > 0:
+                return None
+            total[member] += (logits[member] - good.mean()) / good.std(ddof=1)
+    return total
 
 
 def pooled(maps: torch.Tensor, masks: torch.Tensor, factor: int = MAP_POOL) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +179,9 @@ def describe(selection: dict) -> str:
                      "(at least 2 in all)")
     else:
         lines += [f"  {name:<20}not fitted: it would need an AUROC above 1 to beat the simpler ones"
-                  for name in DECISIONS[1:] if name not in selection["image_auroc"]]
+                  for name in ("evidence", "published") if name not in selection["image_auroc"]]
+        if "fused" not in selection["image_auroc"] and selection.get("fused_note"):
+            lines.append(f"  {'fused':<20}not scored: {selection['fused_note']}")
     lines.append(f"map: {selection['map']}, patch layers {selection['patch_layers']!r}, blur "
                  f"{selection['patch_map_sigma']:g} cells")
     lines += [f"  {name:<20}pixel AUROC {fmt(m['pixel_auroc'])}  AUPRO {fmt(m['aupro'])}"
