@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder for predictions.csv, predictions.json and overlays/")
     parser.add_argument("--localizer", default=None,
                         help="map for the image score, the boxes and the overlay; default: the checkpoint's own "
-                             "(cam for the published head, evidence for the evidence head, patch_knn without a "
-                             "classifier); also cam_knn, patch_cam, or an explanation of the published head (explain, "
+                             "(the one head='auto' chose; else cam for the published head, evidence for the evidence "
+                             "and the fused heads, patch_knn without a classifier); also cam_knn, patch_cam, or an explanation of the published head (explain, "
                              "gradcam, layercam, gradcam_s8, layercam_s8, gradref)")
     parser.add_argument("--box-threshold", default=inference.DEFAULT_BOX_THRESHOLD,
                         choices=inference.BOX_THRESHOLDS,
