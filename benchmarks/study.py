@@ -53,6 +53,7 @@ VARIANTS: dict[str, tuple[dict, int | None]] = {
     "published": ({"head": "published"}, None),  # calibration "holdout", the default
     "published_cross_fit": ({"head": "published", "calibration": "cross_fit"}, None),
     "evidence": ({"head": "evidence"}, None),
+    "fused": ({"head": "fused"}, None),  # both heads, the decision on their standardised logits summed
     "evidence_cross_fit": ({"head": "evidence", "calibration": "cross_fit"}, None),
     # the evidence head with its defective training images grouped as its good ones (helper.GROUP_DEFECTS)
     "evidence_grouped_defects": ({"head": "evidence"}, None),
