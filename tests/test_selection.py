@@ -433,3 +433,19 @@ def test_auto_refuses_what_it_cannot_choose_from(tmp_path):
     assert (config["patch_layers"], config["patch_map_sigma"]) == ("fine", 0.5)
     config = _config(tmp_path, patch_layers="both", patch_map_sigma=1.0)  # set by hand: kept as given
     assert (config["head"], config["patch_layers"], config["patch_map_sigma"]) == ("auto", "both", 1.0)
+
+
+def test_the_fused_head_refuses_what_would_leave_it_without_a_scale(tmp_path):
+    # Its scale comes from the held-back calibration images, and its score is no probability: a
+    # cross-fit calibration (nothing held back) or the argmax rule is refused with the reason.
+    with pytest.raises(ValueError, match="calibration='cross_fit' is invalid.*head='fused'"):
+        _config(tmp_path, head="fused", calibration="cross_fit")
+    with pytest.raises(ValueError, match="false_alarm_rate=None is invalid.*head='fused'"):
+        _config(tmp_path, head="fused", false_alarm_rate=None)
+    with pytest.raises(ValueError, match="patch_memory_size=0 is invalid.*head='fused'"):
+        _config(tmp_path, head="fused", patch_memory_size=0)
+    assert _config(tmp_path, head="fused")["patch_layers"] == "both"  # the evidence head's layers
+    frozen, labels, types = _frozen(N_GOOD, N_DEFECT)
+    with pytest.raises(ValueError, match="head='fused'.*reference"):
+        helper.fit(_config(tmp_path, head="fused"), None, frozen, labels, torch.arange(len(labels)), types=types,
+                   device=CPU, precision="fp32")

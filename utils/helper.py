@@ -400,17 +400,17 @@ def fit(
         return _fit_auto(config, template, frozen, labels, fit_idx, types=types, masks=masks, images=images,
                          device=device, precision=precision, progress=progress, on_epoch_end=on_epoch_end,
                          reference=reference)
-    model = fresh_copy(template, config["seed"])
     y = labels[fit_idx]
     classifier = bool((y != GOOD).any())
-    memory, memory_images, memory_info = None, None, None
-    if config["patch_memory_size"]:
-        memory, memory_images, memory_info = patch_memory_of(config, frozen, fit_idx[y == GOOD])
-    history = NO_TRAINING
     fused = classifier and config["head"] == FUSED
     if fused and (reference is None or len(reference) < 2):
         raise ValueError("head='fused' puts its two heads on one scale with good images neither saw: pass two or "
                          "more as `reference` (helper.run_fold passes calibration='holdout''s calibration images)")
+    model = fresh_copy(template, config["seed"])
+    memory, memory_images, memory_info = None, None, None
+    if config["patch_memory_size"]:
+        memory, memory_images, memory_info = patch_memory_of(config, frozen, fit_idx[y == GOOD])
+    history = NO_TRAINING
     if classifier and config["head"] in ("evidence", FUSED):
         history = _train_evidence(config, model, frozen, labels, fit_idx, memory, memory_images, masks, device,
                                   progress and not fused, None if fused else on_epoch_end)
