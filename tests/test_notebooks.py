@@ -299,6 +299,36 @@ def test_evidence_head_notebooks_write_its_checkpoint_and_metrics(evidence_run, 
     assert json.loads((tmp_path / "predictions.json").read_text())["settings"]["localizer"] == "evidence"
 
 
+def test_the_fused_head_notebooks_write_both_heads_and_predict_follows(tmp_path):
+    # Training and Evaluation with head="fused" (MobileNetV2, random weights, 64 px, the holdout
+    # calibration it needs). Catches a checkpoint without its scale or one of the heads, an
+    # Evaluation that cannot score it (its maps are both heads': the CAM and the explanations
+    # beside the evidence map), and predict.py labelling otherwise than Evaluation.
+    dirs = {"data_dir": str(tmp_path / "data"), "weights_dir": str(tmp_path / "weights"),
+            "results_dir": str(tmp_path / "results")}
+    pm.execute_notebook(ROOT / "Training.ipynb", tmp_path / "Training.ipynb", cwd=str(ROOT),
+                        parameters={**TRAIN_PARAMS, "backbone": "mobilenet_v2", "head": "fused", **dirs},
+                        progress_bar=False)
+    pm.execute_notebook(ROOT / "Evaluation.ipynb", tmp_path / "Evaluation.ipynb", cwd=str(ROOT),
+                        parameters={"subset_name": "synthetic", "backbone": "mobilenet_v2", "n_samples": 4,
+                                    "grid_maps": ["evidence"], **dirs}, progress_bar=False)
+    checkpoint = tmp_path / "weights" / "synthetic_mobilenet_v2.pt"
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["config"]["head"] == "fused" and ckpt["classifier"] and tuple(ckpt["fusion"].shape) == (2, 2)
+    assert any(k.startswith("evidence_head.") for k in ckpt["state_dict"]) and "fc.weight" in ckpt["state_dict"]
+    assert {"evidence", "cam", "patch_cam", "patch_knn"} <= set(ckpt["calibration"]["thresholds"])
+    m = json.loads((tmp_path / "results" / "synthetic_mobilenet_v2" / "metrics.json").read_text())
+    assert CONTRACT_KEYS <= set(m) and m["head"] == "fused" and m["localizer"] == "evidence"
+    assert {"evidence", "cam", "patch_cam", "explain"} <= set(m["localizers"])
+    assert m["image_auroc"] >= 0.9  # random weights at 64 px on the drawn defects; chance is 0.5
+    paths = [str(tmp_path / "data" / p) for p in ckpt["test_files"]]
+    assert predict.main(["--checkpoint", str(checkpoint), "--images", *paths, "--out", str(tmp_path / "pred")]) == 0
+    ours = _csv_rows(tmp_path / "pred" / "predictions.csv")
+    evaluation = _csv_rows(tmp_path / "results" / "synthetic_mobilenet_v2" / "predictions.csv")
+    assert [r["label"] for r in ours] == [r["label"] for r in evaluation]
+    assert [float(r["p_anomaly"]) for r in ours] == pytest.approx([float(r["p_anomaly"]) for r in evaluation], abs=1e-5)
+
+
 def test_the_default_head_records_its_choice_in_checkpoint_log_and_metrics(tmp_path):
     # Training and Evaluation with their defaults (head="auto"; small settings). Catches a checkpoint
     # that records "auto" or an open patch rule instead of what was fitted, a choice lost on the way
@@ -313,7 +343,7 @@ def test_the_default_head_records_its_choice_in_checkpoint_log_and_metrics(tmp_p
                         progress_bar=False)
     ckpt = torch.load(tmp_path / "weights" / "synthetic_mobilenet_v2.pt", weights_only=True)
     chosen = ckpt["selection"]
-    assert chosen["requested"] == "auto" and chosen["decision"] in ("patch_knn", "evidence", "published")
+    assert chosen["requested"] == "auto" and chosen["decision"] in ("patch_knn", "evidence", "published", "fused")
     assert ckpt["classifier"] == (chosen["decision"] != "patch_knn")
     assert ckpt["config"]["head"] == (chosen["head"] or "auto")
     assert (ckpt["config"]["patch_layers"], ckpt["config"]["patch_map_sigma"]) == (
