@@ -677,8 +677,9 @@ def fusion_of(model: CAMClassifier, frozen: Frozen, reference: torch.Tensor, mem
               *, size: tuple[int, int], batch_size: int, device: torch.device, precision: str) -> torch.Tensor:
     """The fused decision's scale (2, 2) (`model.fused_logit`): the mean and standard deviation of
     the published and the evidence head's image logits over the good images `reference` (R,), which
-    neither head saw. Rows (published, evidence)."""
-    model.fusion = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # both heads scored; their logits are what is read
+    neither head saw. Rows (published, evidence). The model, which holds both heads, is left with a
+    unit scale; the caller sets the one returned."""
+    model.fusion = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # so that both heads score; their logits are what is read
     out = predict_frozen(model, frozen.features[reference], frozen.tap_of(reference), size=size, batch_size=batch_size,
                          device=device, precision=precision, patch_memory=memory, patch_rule=rule,
                          parts=frozen.parts_of(reference))
