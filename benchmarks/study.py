@@ -165,6 +165,9 @@ def _run_variant(args, subset, backbone, variant, weights, samples, masks, devic
         # what the fold decides with and shows: with head="auto" folds may choose differently
         scored = {**out.test, "decision_score": localizers.image_score_of(out.test),
                   "shown_map": localizers.maps_of(out.test)[shown]}
+        if "cam" in out.test:  # the probability the CAM is scaled by, in every fold that has one (a fused
+            # fold's "p_anomaly" is the fused score, `localizers.maps_of`): pooled maps scale it alike
+            scored["p_published"] = out.test.get("p_published", out.test["p_anomaly"])
         for key, value in scored.items():
             pooled.setdefault(key, []).append(value)
         pooled.setdefault("index", []).append(test.numpy())
