@@ -99,10 +99,14 @@ def checkpoint_dict(
     fused = classifier and head == FUSED
     if fused and model.fusion is None:
         raise ValueError("a fused checkpoint needs the model's fusion (the scale of its heads' logits); it is None")
-    evidence = classifier and head == "evidence"
-    keep = (lambda k: k.startswith(FROZEN_PREFIX) or k.startswith(EVIDENCE_PREFIX)) if evidence else (
-        (lambda k: True) if fused else (lambda k: not k.startswith(EVIDENCE_PREFIX)) if classifier else (
-            lambda k: k.startswith(FROZEN_PREFIX)))
+
+    def keep(key: str) -> bool:
+        if not classifier:
+            return key.startswith(FROZEN_PREFIX)
+        if head == "evidence":
+            return key.startswith((FROZEN_PREFIX, EVIDENCE_PREFIX))
+        return fused or not key.startswith(EVIDENCE_PREFIX)
+
     if fused:
         extra = {**(extra or {}), "fusion": model.fusion.detach().cpu().float().clone()}
     return {

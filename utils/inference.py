@@ -183,8 +183,9 @@ def predict(
     "p_anomaly" and "evidence" (N, H, W) map instead of the CAM and explanations, and needs the
     patch memory; a fused one (head="fused", `model.fused_logit`) gives both heads' outputs, the
     published head's "p_published", and as "p_anomaly" the fused decision's score in (0, 1). Each
-    head's image logit comes too ("logit_published", "logit_evidence"). With classifier=False (a model trained without one) only the frozen layers run:
-    no "p_anomaly", "cam" or explanations, so a patch_memory is required. `parts` (N, 2): with
+    head's image logit comes too ("logit_published", "logit_evidence"). With classifier=False (a
+    model trained without one) only the frozen layers run: no "p_anomaly", "cam" or explanations,
+    so a patch_memory is required. `parts` (N, 2): with
     resize="pad", where each image lies on the canvas (`dataloader.load_parts`).
     """
     _check_predict(model, classifier, patch_memory, patch_rule)

@@ -37,8 +37,7 @@ POOLINGS = ("avg", "max", "topk")
 # "fused" keeps both heads and decides on their image logits, each standardised by good images
 # neither head saw (calibration="holdout"'s), summed (`fused_logit`).
 FUSED = "fused"
-HEADS = ("auto", "published", "evidence", FUSED)
-CHECKPOINT_HEADS = HEADS
+HEADS = ("auto", "published", "evidence", FUSED)  # also what a checkpoint's config may record
 EVIDENCE_HEADS = ("evidence", FUSED)  # checkpoint heads with the evidence head (which reads the patch memory)
 PUBLISHED_HEADS = ("published", FUSED)  # checkpoint heads with the published head (its CAM, its explanations)
 TOPK_FRACTION = 0.1  # "topk": the mean of the top 10 % of positions (20 of 196 at 224 px)

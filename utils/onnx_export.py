@@ -30,7 +30,7 @@ from .geometry import canvas, resize_of
 from .inference import decision_of
 from .localizers import (LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of,
                          patch_cam)
-from .model import (CHECKPOINT_HEADS, EVIDENCE_HEADS, PUBLISHED_HEADS, CAMClassifier, checkpoint_normalisation,
+from .model import (HEADS, EVIDENCE_HEADS, PUBLISHED_HEADS, CAMClassifier, checkpoint_normalisation,
                     check_input_size, fused_logit)
 from .patchknn import PATCH_STRIDE, argmin_run, first_argmin, flatten_patches, patch_rule_of
 from .postprocess import gaussian_smooth, upsample_maps
@@ -64,9 +64,9 @@ def check_exportable(checkpoint: dict[str, Any], localizer: str, where: str = "t
         raise ExportError(f"{where} has format {checkpoint.get('format')!r}, not {CHECKPOINT_FORMAT!r}: only "
                           f"checkpoints written by Training.ipynb export; train again.")
     head = head_of(checkpoint)
-    if has_classifier(checkpoint) and head not in CHECKPOINT_HEADS:
+    if has_classifier(checkpoint) and head not in HEADS:
         raise ExportError(f"{where} holds the head {head!r}, which the exporter does not know (it knows "
-                          f"{', '.join(CHECKPOINT_HEADS)}): update this repository, or export a checkpoint of a known head.")
+                          f"{', '.join(HEADS)}): update this repository, or export a checkpoint of a known head.")
     if localizer in (*EXPLANATIONS, "explain"):
         raise ExportError(f"localizer={localizer!r} needs the gradient of the decision, which an ONNX inference "
                           f"graph does not compute: export the checkpoint's default map "
