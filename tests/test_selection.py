@@ -279,6 +279,25 @@ def test_the_fused_scores_by_hand():
     assert selection.fused_scores(y, groups, published, flat) is None
 
 
+def test_two_inner_fits_on_their_own_scales_are_judged_as_the_one_deployed_fit_would_be():
+    # Two inner groups, each scored by its own fit. Group 0's fit scores goods (0, 2, 4) and defects
+    # (3, 5): AUROC 5/6 within it. Group 1's fit ranks alike on a scale ten times wider and 100 up:
+    # goods (100, 120, 140), defects (130, 150). Pooled raw, every group-1 image outranks every
+    # group-0 one (group 0's defects lose to all three group-1 goods: AUROC 2/3); on each group's
+    # good images' scale (mean 2, std 2; mean 120, std 20) both groups give -1, 0, 1 and 0.5, 1.5,
+    # which pool to 5/6, each fit's own ranking. Catches pooling the raw scores.
+    y = np.array([0, 0, 0, 1, 1, 0, 0, 0, 1, 1])
+    groups = np.array([0] * 5 + [1] * 5)
+    scores = np.array([0.0, 2.0, 4.0, 3.0, 5.0, 100.0, 120.0, 140.0, 130.0, 150.0])
+    np.testing.assert_allclose(selection.on_good_scale(y, groups, scores), [-1, 0, 1, 0.5, 1.5] * 2)
+    assert selection.oof_auroc(y, scores) == pytest.approx(2 / 3)
+    assert selection.oof_auroc(y, selection.comparable(y, groups, scores)) == pytest.approx(5 / 6)
+    flat = scores.copy()
+    flat[[5, 6, 7]] = 120.0  # group 1's goods give no scale: judged on the raw scores, not refused
+    assert selection.on_good_scale(y, groups, flat) is None
+    np.testing.assert_array_equal(selection.comparable(y, groups, flat), flat)
+
+
 def _complementary_heads(monkeypatch, size=(64, 64)):
     """Out-of-fold image logits of the two heads, each seeing half of the defect images (the
     evidence head the first six, the published head the last six) and neither the rest: alone each

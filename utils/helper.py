@@ -576,7 +576,9 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     if not heads:
         layers = layers[:1]  # the other layers' memory would never be used: it is not built
     candidates = {name: _candidates(config, frozen, labels, fit_idx, groups, name, device) for name in layers}
-    oof = {name: c.patch_scores() for name, c in candidates.items()}  # out-of-fold image scores (K,)
+    # out-of-fold image scores (K,), every candidate's on its groups' good images' scale
+    groups_np = groups.numpy()
+    oof = {name: selection_lib.comparable(y_np, groups_np, c.patch_scores()) for name, c in candidates.items()}
     aurocs = {f"patch_knn/{name}": selection_lib.oof_auroc(y_np, s) for name, s in oof.items()}
     decision_layers = layers[0] if not heads else selection_lib.choose(
         {name: aurocs[f"patch_knn/{name}"] for name in layers}, layers, selection_lib.margin_of(y_np, oof))
@@ -604,11 +606,11 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
         else:
             p, own[head]["cam"] = _oof_published(config, template, frozen, labels, fit_idx, groups, images, size,
                                                  device, precision)
-        aurocs[head] = decided[head] = selection_lib.oof_auroc(y_np, p)
-        oof[head] = p
+        oof[head] = selection_lib.comparable(y_np, groups_np, p)
+        aurocs[head] = decided[head] = selection_lib.oof_auroc(y_np, oof[head])
     fused_note = _fused_note(config, reference, oof)
     if fused_note is None:
-        fused = selection_lib.fused_scores(y_np, groups.numpy(), oof["published"], oof["evidence"])
+        fused = selection_lib.fused_scores(y_np, groups_np, oof["published"], oof["evidence"])
         if fused is None:
             fused_note = "a group's good images gave a head's logits no spread"
         else:

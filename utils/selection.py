@@ -86,23 +86,41 @@ def oof_auroc(y: np.ndarray, scores: np.ndarray | None) -> float | None:
     return None if scores is None else ranking_metrics(y, scores)["image_auroc"]
 
 
-def fused_scores(y: np.ndarray, groups: np.ndarray, published: np.ndarray, evidence: np.ndarray) -> np.ndarray | None:
-    """Out-of-fold scores (K,) of the fused decision (`model.fused_logit`) from each head's
-    out-of-fold image logits (K,): within each inner group (groups (K,), scored by one inner fit of
-    each head), each head's logits standardised by the mean and standard deviation over that
-    group's good images (labels y (K,), 1 defective), then summed. The deployed model is scaled the
-    same way, by good images its heads never saw (the calibration images). None where a group has
-    fewer than two good images, or a head gives its good images no spread: no scale to put it on."""
-    y, groups = np.asarray(y).astype(bool), np.asarray(groups)
-    total = np.zeros(len(y))
+def on_good_scale(y: np.ndarray, groups: np.ndarray, scores: np.ndarray) -> np.ndarray | None:
+    """Out-of-fold scores (K,) with each inner group's (groups (K,)) standardised by the mean and
+    standard deviation over that group's good images (labels y (K,), 1 defective). Each group is
+    scored by its own inner fit, whose scores run on its own scale (a published head's logits to
+    tens, differently in each fit); pooled raw, the two scales would rank images by which fit
+    scored them. The deployed candidate is one fit, so its test images share one scale: on the good
+    images' scale the pooled ranking asks what that one fit is asked. None where a group has fewer
+    than two good images or its good images have no spread."""
+    y, groups, scores = np.asarray(y).astype(bool), np.asarray(groups), np.asarray(scores, float)
+    scaled = np.empty(len(scores))
     for g in np.unique(groups):
         member = groups == g
-        for logits in (np.asarray(published, float), np.asarray(evidence, float)):
-            good = logits[member & ~y]
-            if len(good) < 2 or not good.std(ddof=1) > 0:
-                return None
-            total[member] += (logits[member] - good.mean()) / good.std(ddof=1)
-    return total
+        good = scores[member & ~y]
+        if len(good) < 2 or not good.std(ddof=1) > 0:
+            return None
+        scaled[member] = (scores[member] - good.mean()) / good.std(ddof=1)
+    return scaled
+
+
+def comparable(y: np.ndarray, groups: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The out-of-fold scores (K,) every candidate is judged on: `on_good_scale`, or the scores as
+    they are where a group's good images give no scale (all candidates' pooled AUROC then rests on
+    raw scores from different fits, as the fused candidate's cannot: it is not scored)."""
+    scaled = on_good_scale(y, groups, scores)
+    return np.asarray(scores, float) if scaled is None else scaled
+
+
+def fused_scores(y: np.ndarray, groups: np.ndarray, published: np.ndarray, evidence: np.ndarray) -> np.ndarray | None:
+    """Out-of-fold scores (K,) of the fused decision (`model.fused_logit`) from each head's
+    out-of-fold image logits (K,): each head's logits on its groups' good images' scale
+    (`on_good_scale`, groups (K,), labels y (K,), 1 defective), summed. The deployed model is scaled
+    the same way, by good images its heads never saw (the calibration images). None where a group
+    has fewer than two good images, or a head gives its good images no spread: no scale to put it on."""
+    scaled = [on_good_scale(y, groups, logits) for logits in (published, evidence)]
+    return None if any(s is None for s in scaled) else scaled[0] + scaled[1]
 
 
 def pooled(maps: torch.Tensor, masks: torch.Tensor, factor: int = MAP_POOL) -> tuple[np.ndarray, np.ndarray]:
