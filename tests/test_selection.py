@@ -365,6 +365,32 @@ def test_two_heads_that_see_different_defects_are_fused_on_good_images_neither_s
     assert "calibration='holdout'" in selection.describe(unscaled.selection)
 
 
+def test_a_head_whose_inner_fits_run_on_two_scales_is_judged_as_one_fit(tmp_path, make_model, monkeypatch):
+    # The evidence head's two inner fits each rank their own group perfectly, but the second fit's
+    # logits run ten times wider and 100 up: pooled raw, every image of group 1 outranks every one
+    # of group 0, and the head ranks 0.75, below the patch map (nine of the twelve defects stand out
+    # on it: 0.91). One fit, as deployed, would rank all of them first: on each group's good images'
+    # scale it does, and it decides. Catches the heads' out-of-fold scores pooled raw.
+    frozen, labels, types = _frozen(N_GOOD, N_DEFECT)
+    frozen.tap[N_GOOD:N_GOOD + 9, :, 5, 5] += 6.0  # nine of the twelve defects stand out on the patch map
+    rng = np.random.default_rng(0)
+
+    def two_scales(config, inputs, y, groups, size, parts, device):
+        out = rng.normal(size=len(y)) + 6.0 * (y.numpy() != GOOD)
+        second = groups.numpy() == 1
+        out[second] = 10 * out[second] + 100
+        return out.astype(np.float32), torch.zeros(len(y), 64, 64)
+
+    monkeypatch.setattr(helper, "_oof_evidence", two_scales)
+    monkeypatch.setattr(helper, "_oof_published", lambda config, t, f, labels, fit_idx, *rest: (
+        rng.normal(size=len(fit_idx)).astype(np.float32), torch.zeros(len(fit_idx), 64, 64)))
+    fitted = helper.fit(_config(tmp_path), make_model("mobilenet_v2"), frozen, labels, torch.arange(len(labels)),
+                        types=types, device=CPU, precision="fp32")
+    s = fitted.selection
+    assert 0.8 < s["image_auroc"]["patch_knn/fine"] < 0.97, s["image_auroc"]  # the patch map ranks well, not all
+    assert s["image_auroc"]["evidence"] == pytest.approx(1.0) and s["decision"] == "evidence", s["image_auroc"]
+
+
 def test_one_defect_image_chooses_nothing(tmp_path, make_model):
     # With one defect image an inner fit has none to learn from and one group none to rank: the
     # heads are not candidates, and neither are the layers nor the blur, as the few-defect
