@@ -107,8 +107,8 @@ def on_good_scale(y: np.ndarray, groups: np.ndarray, scores: np.ndarray) -> np.n
 
 def comparable(y: np.ndarray, groups: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """The out-of-fold scores (K,) every candidate is judged on: `on_good_scale`, or the scores as
-    they are where a group's good images give no scale (all candidates' pooled AUROC then rests on
-    raw scores from different fits, as the fused candidate's cannot: it is not scored)."""
+    they are where a group's good images give them no scale (that candidate is then judged pooled
+    raw; the fused candidate, which needs the scale, is not scored: `fused_scores`)."""
     scaled = on_good_scale(y, groups, scores)
     return np.asarray(scores, float) if scaled is None else scaled
 
