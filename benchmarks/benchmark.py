@@ -7,6 +7,8 @@ flag), so each peak-memory figure belongs to that way alone. Run from the reposi
     python benchmarks/benchmark.py --quick    # smoke run: 10 images, 2 epochs
     python benchmarks/benchmark.py --subset pill --n-images 300 --ways train_plain_split,notebook
                                               # the whole Training.ipynb against the plain loop
+    python benchmarks/benchmark.py --subset pill --n-images 300 --ways notebook,notebook_auto \
+        --vgg16-weights /tmp/vgg16_oxford.pth     # the default head's price where a head decides
 """
 
 from __future__ import annotations
@@ -106,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.set_num_threads in each child; 0 keeps torch's default (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="seed of weights and batch order (default: %(default)s)")
+    p.add_argument("--vgg16-weights", default=None,
+                   help="the notebook ways' VGG16 weights file (python -m utils.offline_weights --vgg16-oxford "
+                        "PATH); default: random weights, where no head learns and head=\"auto\" keeps the "
+                        "patch map, so its price then leaves out the chosen head's fit")
     p.add_argument("--ways", default=",".join(DEFAULT_WAYS),
                    help=f"comma-separated ways to measure (default: %(default)s; also: "
                         f"{','.join(w for w in WAYS if w not in DEFAULT_WAYS)})")
@@ -307,10 +313,11 @@ def mirror_samples(data_dir: Path, samples: list[Sample], out: Path) -> None:
 
 def run_training_notebook(args, data_dir: Path, samples: list[Sample], head: str = "published") -> dict[str, Any]:
     """Wall seconds of Training.ipynb as a user runs it with papermill (kernel start included) on these
-    images: VGG16 (random weights), `head`, for the published head (and auto's published candidate)
-    --epochs with early stopping off (the evidence head takes neither: `parameters.PUBLISHED_RECIPE`), every other parameter at its
-    default; and where the time went (training.json's stage seconds; "other" is the rest: kernel
-    start, imports, the data checks, saving)."""
+    images: VGG16 (random weights, or --vgg16-weights), `head`, for the published head (and auto's
+    published candidate) --epochs with early stopping off (the evidence head takes neither:
+    `parameters.PUBLISHED_RECIPE`), every other parameter at its default; and where the time went
+    (training.json's stage seconds; "other" is the rest: kernel start, imports, the data checks,
+    saving)."""
     import papermill as pm  # only this way needs it
 
     subset = samples[0].path.split("/")[0]
@@ -318,7 +325,8 @@ def run_training_notebook(args, data_dir: Path, samples: list[Sample], head: str
         work = Path(tmp)
         mirror_samples(data_dir, samples, work / "data")
         parameters = dict(data_dir=str(work / "data"), subset_name=subset, download=False, backbone="vgg16",
-                          pretrained=False, image_size=args.image_size, batch_size=args.batch_size,
+                          pretrained=bool(args.vgg16_weights), backbone_weights=args.vgg16_weights,
+                          image_size=args.image_size, batch_size=args.batch_size,
                           test_size=NOTEBOOK_TEST_SIZE, seed=args.seed, weights_dir=str(work / "weights"),
                           results_dir=str(work / "results"), device=args.device, precision="auto", head=head,
                           # auto fits the published head as a candidate: the same epochs as the published way
@@ -410,6 +418,8 @@ def spawn_way(way: str, args: argparse.Namespace, data_dir: Path, subset: str) -
                "--image-size", str(args.image_size), "--threads", str(args.threads),
                "--repeats", str(args.repeats),
                "--device", args.device, "--seed", str(args.seed)]
+        if args.vgg16_weights:
+            cmd += ["--vgg16-weights", str(Path(args.vgg16_weights).resolve())]
         env = {**os.environ, "TQDM_DISABLE": "1"}  # children's progress bars would garble the table
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not out.is_file():
