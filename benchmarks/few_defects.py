@@ -55,6 +55,7 @@ def measure_run(out: helper.Fold, y: np.ndarray, masks: np.ndarray | None) -> di
            # the out-of-fold evidence the decision was taken on (None where no choice could be made)
            "selection_image_auroc": selection.get("image_auroc"),
            "selection_image_auroc_se": selection.get("image_auroc_se"),
+           "selection_maps": selection.get("maps"),  # the candidate maps' out-of-fold figures, the map's evidence
            "patch_layers": out.fitted.patch_rule.layers, "patch_map_sigma": out.fitted.patch_rule.sigma,
            "image_auroc": metrics.ranking_metrics(y, localizers.image_score_of(out.test))["image_auroc"],
            "patch_image_auroc": metrics.ranking_metrics(y, out.test["patch_score"])["image_auroc"],
