@@ -152,3 +152,50 @@ def test_the_map_fusion_benchmark_measures_the_maps_the_library_makes():
     scale = np.quantile(patch[1], 0.99)  # the good image's pixels only
     # image 0's top-left pixel: its CAM is 0 there, so the scaled sum is the patch's 1 over that scale
     np.testing.assert_allclose(out["scaled patch + 1 x scaled cam"][0][0, 0], 1.0 / scale, rtol=1e-6)
+
+
+def test_the_notebook_ways_run_with_the_weights_file_they_are_given(tmp_path, monkeypatch):
+    """`--vgg16-weights` reaches the notebook in every way's own process: the parent forwards it to
+    the child it spawns, and the child hands it to Training.ipynb as `backbone_weights` with
+    `pretrained=True` (a flag dropped on either hop would time random weights under the file's name)."""
+    import json
+    import subprocess
+
+    import papermill
+
+    bench = load_benchmark()
+    weights = tmp_path / "vgg16.pth"
+    weights.write_bytes(b"")
+    args = bench.parse_args(["--ways", "notebook_auto", "--vgg16-weights", str(weights)])
+
+    spawned = []
+
+    def fake_child(cmd, **kwargs):
+        spawned.append(cmd)
+        Path(cmd[cmd.index("--child-out") + 1]).write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_child)
+    bench.spawn_way("notebook_auto", args, tmp_path, "synth")
+    child_args = bench.parse_args(spawned[0][2:])
+    assert child_args.only == "notebook_auto" and Path(child_args.vgg16_weights) == weights.resolve()
+
+    given = {}
+
+    def fake_notebook(source, output, parameters, **kwargs):
+        given.update(parameters)
+        results = Path(parameters["results_dir"]) / "run"
+        results.mkdir(parents=True)
+        (results / "training.json").write_text(json.dumps(
+            {"stage_seconds": {"decode": 0.0, "frozen_pass": 0.0, "epochs": 0.0}, "peak_rss_mib": 0,
+             "frozen_cache_mib": 0}))
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_notebook)
+    data = tmp_path / "data"
+    generate_synthetic_subset(data / "synth", seed=0, n_train_good=2, n_test_good=1, n_per_defect=1, image_size=32)
+    bench.run_training_notebook(child_args, data, index_subset(data, "synth"), head="auto")
+    assert given["backbone_weights"] == str(weights.resolve()) and given["pretrained"] is True
+    assert given["head"] == "auto"
+
+    bench.run_training_notebook(bench.parse_args([]), data, index_subset(data, "synth"))
+    assert given["backbone_weights"] is None and given["pretrained"] is False  # random weights, as before
