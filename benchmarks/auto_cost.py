@@ -8,6 +8,8 @@ fits, the candidate maps' pixel metrics. Seconds of nested functions overlap (a 
 its children's); calls count each entry. Run on a quiet machine; a breakdown, not a race:
 
     python benchmarks/auto_cost.py --subset pill --n-images 300 --out results/reference/auto_cost.json
+    python benchmarks/auto_cost.py --subset pill --n-images 300 --vgg16-weights /tmp/vgg16_oxford.pth \
+        --out results/reference/auto_cost_real.json    # where a head decides
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch  # noqa: E402
 
 from benchmark import cpu_model  # noqa: E402
 from utils import dataloader, evidence, helper, parameters, runtime, selection  # noqa: E402
+from utils import model as model_lib  # noqa: E402
 from utils.checkpoint import save_json  # noqa: E402
 
 DEFAULT_DATA_DIR = os.environ.get("MVTEC_AD_DIR") or REPO_ROOT.parent / "shared" / "data" / "mvtec_anomaly_detection"
@@ -60,7 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--subset", default="pill")
     p.add_argument("--n-images", type=int, default=300)
-    p.add_argument("--backbone", default="vgg16", help="random weights, as benchmark.py's notebook ways")
+    p.add_argument("--backbone", default="vgg16", help="random weights unless --vgg16-weights, as benchmark.py's")
+    p.add_argument("--vgg16-weights", default=None,
+                   help="VGG16's weights file (the Oxford file): the choice where a head decides; default: random "
+                        "weights, where the patch map does")
     p.add_argument("--epochs", type=int, default=10, help="the published candidate's, early stopping off")
     p.add_argument("--precision", default="auto")
     p.add_argument("--seed", type=int, default=42)
@@ -73,12 +79,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cpu")
     precision = runtime.resolve_precision(args.precision, device)
     samples = dataloader.index_subset(args.data_dir, args.subset)[: args.n_images]
+    weights = model_lib.load_backbone_weights(args.vgg16_weights, args.backbone) if args.vgg16_weights else None
     config = parameters.training_config(
-        data_dir=args.data_dir, subset_name=args.subset, download=False, backbone=args.backbone, pretrained=False,
+        data_dir=args.data_dir, subset_name=args.subset, download=False, backbone=args.backbone,
+        pretrained=weights is not None, backbone_weights=args.vgg16_weights,
         image_size=224, batch_size=10, epochs=args.epochs, lr=1e-4, class_weight=[1, 3], target_train_accuracy=None,
         test_size=0.2, seed=args.seed, heatmap_thres=0.7, n_cv_folds=0, weights_dir="unused", results_dir="unused",
         device="cpu", precision=precision, head="auto")
-    template = helper.new_model(config, None, device, precision)
+    template = helper.new_model(config, weights, device, precision)
     images = dataloader.load_images(args.data_dir, samples, 224)
     masks = dataloader.load_masks(args.data_dir, samples, 224, "stretch")
     start = time.perf_counter()
