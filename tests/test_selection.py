@@ -21,6 +21,11 @@ def _config(tmp_path, **overrides):
         "patch_memory_size": 100000, "patch_memory_method": "random", **overrides})
 
 
+def _published_maps(n: int, size) -> dict[str, torch.Tensor]:
+    """What a stand-in for `helper._oof_published` returns beside its logits: blank maps (n, *size)."""
+    return {"cam": torch.zeros(n, *size), "explain": torch.zeros(n, *size)}
+
+
 def _frozen(n_good: int, n_defect: int, bump: float = 0.0, seed: int = 0):
     """MobileNetV2's frozen outputs at 64 px, drawn from one distribution for every image: stride-16
     (N, 96, 4, 4) and stride-8 tap (N, 32, 8, 8); defective images get `bump` added to every channel
@@ -239,7 +244,7 @@ def test_the_head_with_the_better_out_of_fold_auroc_is_fitted_and_recorded(tmp_p
         return p, torch.zeros(len(y), *size)
 
     def useless_published(config, template, frozen_, labels_, fit_idx, groups, images, size_, device, precision):
-        return np.full(len(fit_idx), 0.5, np.float32), torch.zeros(len(fit_idx), *size)
+        return np.full(len(fit_idx), 0.5, np.float32), _published_maps(len(fit_idx), size)
 
     monkeypatch.setattr(helper, "_oof_evidence", good_evidence)
     monkeypatch.setattr(helper, "_oof_published", useless_published)
@@ -315,7 +320,7 @@ def _complementary_heads(monkeypatch, size=(64, 64)):
     monkeypatch.setattr(helper, "_oof_evidence", lambda config, inputs, y, groups, size_, parts, device: (
         logits(y, half), torch.zeros(len(y), *size)))
     monkeypatch.setattr(helper, "_oof_published", lambda config, t, f, labels, fit_idx, *rest: (
-        logits(labels[fit_idx], other), torch.zeros(len(fit_idx), *size)))
+        logits(labels[fit_idx], other), _published_maps(len(fit_idx), size)))
 
 
 def test_two_heads_that_see_different_defects_are_fused_on_good_images_neither_saw(tmp_path, make_model, monkeypatch):
@@ -383,7 +388,7 @@ def test_a_head_whose_inner_fits_run_on_two_scales_is_judged_as_one_fit(tmp_path
 
     monkeypatch.setattr(helper, "_oof_evidence", two_scales)
     monkeypatch.setattr(helper, "_oof_published", lambda config, t, f, labels, fit_idx, *rest: (
-        rng.normal(size=len(fit_idx)).astype(np.float32), torch.zeros(len(fit_idx), 64, 64)))
+        rng.normal(size=len(fit_idx)).astype(np.float32), _published_maps(len(fit_idx), (64, 64))))
     fitted = helper.fit(_config(tmp_path), make_model("mobilenet_v2"), frozen, labels, torch.arange(len(labels)),
                         types=types, device=CPU, precision="fp32")
     s = fitted.selection
@@ -426,7 +431,7 @@ def test_layers_that_rank_better_but_map_worse_are_not_taken(tmp_path, make_mode
         return np.full(len(y), 0.5, np.float32), torch.zeros(len(y), *size)
 
     def useless_published(config, template, frozen_, labels_, fit_idx, groups, images, size, device, precision):
-        return np.full(len(fit_idx), 0.5, np.float32), torch.zeros(len(fit_idx), *size)
+        return np.full(len(fit_idx), 0.5, np.float32), _published_maps(len(fit_idx), size)
 
     monkeypatch.setattr(helper, "_oof_evidence", useless_evidence)
     monkeypatch.setattr(helper, "_oof_published", useless_published)
@@ -462,7 +467,7 @@ def test_layers_whose_map_leads_by_one_images_luck_are_not_taken(tmp_path, make_
     monkeypatch.setattr(helper, "_oof_evidence", lambda config, inputs, y, *rest: (np.full(len(y), 0.5, np.float32),
                                                                                    torch.zeros(len(y), 64, 64)))
     monkeypatch.setattr(helper, "_oof_published", lambda config, t, f, l, fit_idx, *rest: (
-        np.full(len(fit_idx), 0.5, np.float32), torch.zeros(len(fit_idx), 64, 64)))
+        np.full(len(fit_idx), 0.5, np.float32), _published_maps(len(fit_idx), (64, 64))))
     fitted = helper.fit(_config(tmp_path), make_model("mobilenet_v2"), frozen, labels, torch.arange(n),
                         types=types, masks=masks, device=CPU, precision="fp32")
     s = fitted.selection

@@ -482,19 +482,24 @@ def _oof_evidence(config, inputs, y, groups, size, parts, device) -> tuple[np.nd
 
 
 def _oof_published(config, template, frozen, labels, fit_idx, groups, images, size, device, precision):
-    """Out-of-fold image logits (K,) and CAM maps (K, H, W) (scaled by the probability, as shown) of
-    the published head: each group scored by a head fitted on the other groups' images."""
-    p, cams = np.empty(len(fit_idx), np.float32), None
+    """Out-of-fold image logits (K,) and maps {"cam", "explain"} (K, H, W) (scaled by the probability,
+    as shown) of the published head: each group scored by a head fitted on the other groups' images,
+    its explanation's good reference (`explain.reference_features`) theirs too."""
+    p, maps = np.empty(len(fit_idx), np.float32), {}
     for g in groups.unique().tolist():
         held = groups == g
+        rest, scored = fit_idx[~held], fit_idx[held]
         model = fresh_copy(template, config["seed"])
-        _train_classifier(config, model, frozen, labels, fit_idx[~held], images, device, precision, False, None)
-        out = predict_frozen(model, frozen.features[fit_idx[held]], None, size=size, batch_size=config["batch_size"],
-                             device=device, precision=precision, parts=frozen.parts_of(fit_idx[held]))
-        cam = maps_of(out)["cam"]
-        cams = np.empty((len(fit_idx), *cam.shape[1:]), np.float32) if cams is None else cams
-        p[held.numpy()], cams[held.numpy()] = out["logit_published"], cam
-    return p, torch.from_numpy(cams)
+        _train_classifier(config, model, frozen, labels, rest, images, device, precision, False, None)
+        model.explain_reference = explain_lib.reference_features(frozen.features[rest], labels[rest])
+        out = predict_frozen(model, frozen.features[scored], frozen.tap_of(scored), size=size,
+                             batch_size=config["batch_size"], device=device, precision=precision, explain=True,
+                             parts=frozen.parts_of(scored))
+        shown = maps_of(out)
+        for name in ("cam", "explain"):
+            maps.setdefault(name, np.empty((len(fit_idx), *shown[name].shape[1:]), np.float32))[held.numpy()] = shown[name]
+        p[held.numpy()] = out["logit_published"]
+    return p, {name: torch.from_numpy(m) for name, m in maps.items()}
 
 
 def _in_every_group(marked: torch.Tensor, groups: torch.Tensor) -> bool:
@@ -536,8 +541,9 @@ def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
         fused = patch_cam(candidates[best_layers].patch_maps(float(best_sigma), size), own_maps["cam"])
         report["patch_cam"], shares["patch_cam"] = selection_lib.map_evidence(fused, masks, valid)
     # the evidence head's map (it starts as the patch map), the patch map, then what adds the
-    # published head's view to it, then that view alone; each where the decision has it
-    order = [k for k in ("evidence", best, "patch_cam", "cam") if k in report]
+    # published head's view to it, then that view alone, then the explanation of its decision
+    # (a backward pass more); each where the decision has it
+    order = [k for k in ("evidence", best, "patch_cam", "cam", "explain") if k in report]
     chosen = selection_lib.choose({k: report[k]["score"] for k in order}, order, margin)
     for name, m in report.items():  # what each map's score is known to within, against the one chosen
         m["se_against_chosen"] = None if name == chosen else selection_lib.map_difference_se(shares[name], shares[chosen])
@@ -604,8 +610,8 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
             p, own[head]["evidence"] = _oof_evidence(config, candidates[decision_layers].inputs, y, groups, size,
                                                      fit_parts, device)
         else:
-            p, own[head]["cam"] = _oof_published(config, template, frozen, labels, fit_idx, groups, images, size,
-                                                 device, precision)
+            p, own[head] = _oof_published(config, template, frozen, labels, fit_idx, groups, images, size, device,
+                                          precision)
         oof[head] = selection_lib.comparable(y_np, groups_np, p)
         aurocs[head] = decided[head] = selection_lib.oof_auroc(y_np, oof[head])
     fused_note = _fused_note(config, reference, oof)
