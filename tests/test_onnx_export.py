@@ -31,10 +31,10 @@ from PIL import Image
 import export
 import predict
 from deploy import onnx_predict as runner
-from utils import dataloader, helper, inference, onnx_export, parameters, plots, postprocess
+from utils import dataloader, explain, helper, inference, onnx_export, parameters, plots, postprocess
 from utils.checkpoint import load_checkpoint
 from utils.constants import GOOD, IMAGE_EXTENSIONS
-from utils.model import weights_file
+from utils.model import CAMClassifier, weights_file
 from utils.patchknn import PatchRule, nearest_rows
 from utils.synthetic import generate_synthetic_subset
 
@@ -137,14 +137,16 @@ def test_the_graph_gives_predicts_scores_labels_maps_and_boxes(exported, kind):
         np.testing.assert_allclose(scores, result["box_scores"], atol=onnx_export.MAP_TOLERANCE)
 
 
-@pytest.mark.parametrize("shown", ["patch_knn", "patch_cam"])
+@pytest.mark.parametrize("shown", ["patch_knn", "patch_cam", "explain"])
 def test_a_published_decision_shown_on_the_patch_map_exports_as_auto_writes_it(exported, tmp_path, shown):
-    """head="auto" may decide with the published head and show the patch map, or the patch map
-    raised by the CAM (the synthetic subset's auto checkpoint decides with the patch map alone):
-    such a checkpoint exports its chosen map, and the graph gives predict.py's scores, labels, maps
-    and boxes.
+    """head="auto" may decide with the published head and show the patch map, the patch map
+    raised by the CAM, or the explanation of the decision (the synthetic subset's auto checkpoint
+    decides with the patch map alone): such a checkpoint exports its chosen map, and the graph gives
+    predict.py's scores, labels, maps and boxes.
     Fails when: the export ignores the checkpoint's chosen map, the graph's patch map beside the
-    published head drops the blur, or its patch_cam takes the raw CAM instead of the scaled one."""
+    published head drops the blur, its patch_cam takes the raw CAM instead of the scaled one, or
+    its explanation drops the good reference, keeps negative attributions (no ReLU) or is not
+    scaled by the probability."""
     made, _ = exported
     checkpoint, _, files = made["published"]
     ckpt = torch.load(checkpoint, weights_only=True)
@@ -338,6 +340,40 @@ def test_the_runner_needs_neither_torch_nor_this_repository():
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("backbone, pooling", [("vgg16", "avg"), ("vgg16", "topk"), ("mobilenet_v2", "avg"),
+                                               ("mobilenet_v2", "max")])
+def test_the_exported_decision_gradient_is_autograds(backbone, pooling):
+    """The published head's gradient at the frozen output (`onnx_export.DecisionGradient`, what the
+    graph's `explain` map is made of) is the one `explain.explanation_maps` takes with autograd, in
+    PyTorch and under ONNX Runtime: through VGG16's ReLUs and max pooling and MobileNetV2's
+    BatchNorms, ReLU6s, depthwise convolutions and residuals, under each pooling, on a canvas that is
+    not square, for a batch of another size than the one traced (random weights: plumbing, not results).
+    Fails when: the convolution's input gradient ignores its groups or its output padding (a
+    stride-2 convolution's output has half the rows of its input: which size it came from is lost),
+    or the trace fixes the batch size."""
+    torch.manual_seed(0)
+    model = CAMClassifier(backbone, pretrained=False, pooling=pooling).eval()
+    with torch.no_grad():
+        example = model.frozen_features(torch.zeros(2, 3, 64, 96))[0]
+    traced = onnx_export.DecisionGradient(model, example).eval()
+    assert all(p.requires_grad for p in model.trainable.parameters())  # the model is left as it was
+    frozen = torch.randn(3, *example.shape[1:]).abs()
+    with torch.enable_grad():
+        leaf = frozen.clone().requires_grad_(True)
+        scores, maps = model.head(leaf)
+        expected, = torch.autograd.grad(explain.decision_margin(scores).sum(), (leaf,))
+    got = traced(frozen)
+    torch.testing.assert_close(got[0], scores.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(got[2], expected, rtol=0, atol=0)
+    scale = float(expected.abs().max())
+    assert scale > 0
+    program = torch.onnx.export(traced, (example,), None, dynamo=True, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    session = onnx_export.session_of(program.model_proto.SerializeToString())
+    outputs = session.run(None, {session.get_inputs()[0].name: frozen.numpy()})
+    np.testing.assert_allclose(outputs[2], expected.numpy(), rtol=0, atol=1e-4 * scale)
+
+
 @pytest.mark.parametrize("rows, block", [(50, 7), (300, 256)])  # one argmin per block; runs of 32 in a block
 def test_the_blocked_nearest_neighbour_search_is_patchknns(rows, block):
     """Nearest rows over several blocks, duplicate rows across blocks included (the first one wins,
@@ -406,14 +442,14 @@ def test_map_departures_are_excused_only_next_to_a_near_tie():
 
 
 def test_what_cannot_be_exported_is_refused_with_a_message(exported, tmp_path, capsys):
-    """Fails when: the exporter accepts an explanation map, an unknown head or a checkpoint without
+    """Fails when: the exporter accepts an explanation map other than `explain`, an unknown head or a checkpoint without
     the calibrated decision, or starts without the export extra's packages."""
     made, _ = exported
     published, evidence = made["published"][0], made["evidence"][0]
     ckpt = torch.load(published, weights_only=True)
     cases = {
-        "gradient": (published, ["--localizer", "gradref"], "needs the gradient of the decision"),
-        "explain": (published, ["--localizer", "explain"], "export the checkpoint's default map ('cam'"),
+        "gradient": (published, ["--localizer", "layercam_s8"], "needs the gradient of the decision at a layer"),
+        "explanation": (published, ["--localizer", "gradcam"], "export the checkpoint's default map ('cam'"),
         "unknown map": (published, ["--localizer", "heat"], "not a map this repository exports"),
         "evidence map of a published head": (published, ["--localizer", "evidence"], "has no evidence head"),
     }

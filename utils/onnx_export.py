@@ -25,7 +25,7 @@ from .checkpoint import CHECKPOINT_FORMAT, atomic_write_bytes, has_classifier
 from .constants import ANOMALY, CLASS_NAMES, GOOD
 from .dataloader import normalise
 from .evidence import EvidenceHead
-from .explain import EXPLANATIONS
+from .explain import EXPLAIN, EXPLANATIONS, decision_margin
 from .geometry import canvas, resize_of
 from .inference import decision_of
 from .localizers import (LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of,
@@ -38,10 +38,13 @@ from .postprocess import gaussian_smooth, upsample_maps
 ONNX_FORMAT = "cam-defect-detector/onnx/1"  # the metadata's "format": what deploy/onnx_predict.py reads
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("decision_score", "label", "image_score", "map")
-# The maps a graph can hold: those computed by a forward pass alone. The explanations of the
-# published head (Grad-CAM and kin, gradref) need the gradient of the decision, which an
-# inference graph does not have.
-EXPORTABLE_LOCALIZERS = ("cam", "patch_knn", "cam_knn", "patch_cam", "evidence")
+# The explanation a graph can hold: `explain` (`explain.EXPLAIN`, the gradient times the departure
+# from the good reference at the frozen output) needs the gradient of the published head's decision
+# at the frozen output, which the graph computes in forward operations (`DecisionGradient`). The
+# others (Grad-CAM and kin) need it at layers the graph does not differentiate.
+GRADIENT_LOCALIZERS = ("explain", EXPLAIN)
+# The maps a graph can hold.
+EXPORTABLE_LOCALIZERS = ("cam", "patch_knn", "cam_knn", "patch_cam", "evidence", *GRADIENT_LOCALIZERS)
 # Memory rows per block of the nearest-neighbour search: the (patches x rows) score matrix of one
 # block is all the search holds at once (at batch 16 and 224 px, 12544 x 2048 floats = 103 MB,
 # against 500 MB for 10 000 rows in one block).
@@ -67,11 +70,11 @@ def check_exportable(checkpoint: dict[str, Any], localizer: str, where: str = "t
     if has_classifier(checkpoint) and head not in HEADS:
         raise ExportError(f"{where} holds the head {head!r}, which the exporter does not know (it knows "
                           f"{', '.join(HEADS)}): update this repository, or export a checkpoint of a known head.")
-    if localizer in (*EXPLANATIONS, "explain"):
-        raise ExportError(f"localizer={localizer!r} needs the gradient of the decision, which an ONNX inference "
-                          f"graph does not compute: export the checkpoint's default map "
-                          f"({default_localizer(checkpoint)!r}, leave --localizer out) or one of "
-                          f"{', '.join(EXPORTABLE_LOCALIZERS)}.")
+    if localizer in EXPLANATIONS and localizer not in GRADIENT_LOCALIZERS:
+        raise ExportError(f"localizer={localizer!r} needs the gradient of the decision at a layer the exported "
+                          f"graph does not differentiate (it does the frozen output's, for 'explain'): export the "
+                          f"checkpoint's default map ({default_localizer(checkpoint)!r}, leave --localizer out) "
+                          f"or one of {', '.join(EXPORTABLE_LOCALIZERS)}.")
     if localizer not in EXPORTABLE_LOCALIZERS:
         raise ExportError(f"localizer={localizer!r} is not a map this repository exports; use one of "
                           f"{', '.join(EXPORTABLE_LOCALIZERS)} (known maps: {', '.join(LOCALIZERS)}).")
@@ -183,6 +186,56 @@ class NearestMemory(nn.Module):
         return residual, torch.linalg.vector_norm(residual, dim=1)
 
 
+def _convolution_input_gradient(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
+                                output_padding, groups, output_mask):
+    """`aten.convolution_backward` for the input alone (the weights are constants here): the
+    transposed convolution of the output's gradient (N, C_out, h, w) with the same weights, its
+    output padding chosen so that the result has the input's (N, C_in, H, W) shape. torch.onnx has
+    no translation of the backward operator; ONNX has ConvTranspose."""
+    if transposed or len(weight.shape) != 4:
+        raise ExportError("the published head's gradient is exported for 2-d convolutions only")
+    kernel = weight.shape[2:]
+    extra = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                   + dilation[i] * (kernel[i] - 1) + 1) for i in range(2)]
+    grad_input = F.conv_transpose2d(grad_output, weight, None, stride, padding, extra, groups, dilation)
+    return grad_input, None, None
+
+
+class DecisionGradient(nn.Module):
+    """The published head from the frozen output (N, C, h, w): its scores (N, 2), its last feature
+    maps (N, C', h', w') and the gradient (N, C, h, w) of its decision margin
+    (`explain.decision_margin`) at the frozen output, which `explain.explanation_maps` takes with
+    autograd. An ONNX graph has no autograd, so the head's forward and backward pass are traced
+    once into operators (make_fx, the batch symbolic), the convolution's backward, which torch.onnx
+    cannot translate, as `_convolution_input_gradient`."""
+
+    def __init__(self, model: CAMClassifier, example: torch.Tensor) -> None:
+        super().__init__()
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        # torch.onnx decomposes the ReLU's, BatchNorm's and max pooling's backward operators itself
+        decompositions = {torch.ops.aten.convolution_backward.default: _convolution_input_gradient}
+
+        def head_and_gradient(frozen: torch.Tensor):
+            with torch.enable_grad():
+                frozen = frozen.detach().requires_grad_(True)
+                scores, maps = model.head(frozen)
+                gradient, = torch.autograd.grad(decision_margin(scores).sum(), (frozen,))
+            return scores.detach(), maps.detach(), gradient
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        model.requires_grad_(False)  # the weights are constants of the graph: no gradient of theirs is traced
+        try:
+            self.traced = make_fx(head_and_gradient, decomposition_table=decompositions, tracing_mode="symbolic",
+                                  _allow_non_fake_inputs=True)(example)
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+
+    def forward(self, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.traced(frozen)
+
+
 class ScoringGraph(nn.Module):
     """What the ONNX graph computes for one checkpoint and one map.
 
@@ -214,6 +267,12 @@ class ScoringGraph(nn.Module):
         decision = decision_of(checkpoint)
         self.calibrated = decision["rule"] == "calibrated"
         self.threshold = float(decision["threshold"])
+        self.gradient = None
+        if localizer in GRADIENT_LOCALIZERS:  # `explain.reference_attribution` of the frozen output
+            with torch.no_grad():
+                example = model.frozen_features(torch.zeros(2, 3, *self.size))[0]
+            self.gradient = DecisionGradient(model, example)
+            self.register_buffer("reference", model.explain_reference.detach().float().clone())
         if self.evidence:
             head: EvidenceHead = model.evidence_head
             h8, w8 = self.size[0] // PATCH_STRIDE, self.size[1] // PATCH_STRIDE  # the stride-8 patch grid
@@ -238,10 +297,17 @@ class ScoringGraph(nn.Module):
         return decision_score, label.long(), image_score, map_
 
     def _published(self, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The published head: Anomaly probability (N,) and raw CAM (N, H, W)."""
-        scores, maps = self.model.head(frozen)  # (N, 2), (N, C, h, w)
-        return {"p_anomaly": scores.softmax(dim=1)[:, ANOMALY], "logit_published": scores[:, ANOMALY] - scores[:, GOOD],
-                "cam": self.model.cam(maps, self.size)}
+        """The published head: Anomaly probability (N,) and raw CAM (N, H, W); with the gradient,
+        the raw explanation (N, H, W) (`explain.reference_attribution`, upsampled)."""
+        if self.gradient is None:
+            scores, maps = self.model.head(frozen)  # (N, 2), (N, C, h, w)
+        else:
+            scores, maps, gradient = self.gradient(frozen)
+        out = {"p_anomaly": scores.softmax(dim=1)[:, ANOMALY], "logit_published": scores[:, ANOMALY] - scores[:, GOOD],
+               "cam": self.model.cam(maps, self.size)}
+        if self.gradient is not None:
+            out["explain"] = upsample_maps(F.relu((gradient * (frozen - self.reference[None])).sum(dim=1)), self.size)
+        return out
 
     def _patches(self, tap8: torch.Tensor, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
         """The patch map (N, S, S), blurred as the checkpoint's rule says, its image score (N,) (the
@@ -270,6 +336,8 @@ class ScoringGraph(nn.Module):
             cam = minmax(out["cam"]) * out.get("p_published", out["p_anomaly"])[:, None, None]
         if self.localizer == "cam":
             return cam, out["p_anomaly"]
+        if self.localizer in GRADIENT_LOCALIZERS:  # scaled as the CAM is
+            return minmax(out["explain"]) * out.get("p_published", out["p_anomaly"])[:, None, None], out["p_anomaly"]
         if self.localizer == "evidence":
             return out["evidence"], out["p_anomaly"]
         if self.localizer == "patch_knn":
