@@ -201,6 +201,53 @@ def test_the_patch_map_raised_by_the_cam_is_shown_where_it_maps_better_out_of_fo
     assert shown == "patch_knn", report
 
 
+def test_the_explanation_is_shown_where_it_maps_better_out_of_fold():
+    # 100 masked images: the patch map lifts the defects a little above noise, the CAM a blob wider
+    # than the defect; the published head's explanation marks the defect pixels themselves. It is
+    # the last candidate (a backward pass more), and must be shown where it leads beyond the margin;
+    # an explanation pointing elsewhere must leave the patch map raised by the CAM. Catches the
+    # explanation left out of the published head's candidates.
+    maps, masks = _masked_maps(100, n_good=40)
+    defective = masks.flatten(1).any(dim=1)
+    groups = torch.arange(len(maps)) % 2
+    cam = _coarse_cam(masks, defective)
+    sharp = masks.float() * 0.9 + 0.05 * torch.rand(masks.shape, generator=torch.Generator().manual_seed(1))
+    _, _, shown, report = helper._choose_maps({"fine": _StandIn(maps)}, ("fine",), "published",
+                                              {"cam": cam, "explain": sharp}, masks, groups, (16, 16))
+    assert shown == "explain", report
+    assert report["explain"]["score"] > report["patch_cam"]["score"] + 0.01
+    elsewhere = torch.roll(sharp, shifts=(8, 8), dims=(1, 2))
+    _, _, shown, report = helper._choose_maps({"fine": _StandIn(maps)}, ("fine",), "published",
+                                              {"cam": cam, "explain": elsewhere}, masks, groups, (16, 16))
+    assert shown == "patch_cam", report
+
+
+def test_each_inner_fits_explanation_is_referenced_to_the_good_images_it_was_fitted_on(tmp_path, make_model,
+                                                                                      monkeypatch):
+    # helper._oof_published scores each group with a published head fitted on the other group, and
+    # the explanation's baseline (`explain.reference_features`, the good images' mean features) must
+    # come from that group too: a held image in its own baseline would be explained against itself.
+    # Its maps are shown as predict.py shows them: each image's explanation min-max scaled times the
+    # head's probability, so at most that probability. Catches the reference taken over the whole
+    # training split, or left unset (no explanation to score).
+    frozen, labels, types = _frozen(N_GOOD, N_DEFECT)
+    fit_idx = torch.arange(len(labels))
+    groups = helper.assign_groups(types, 2, 0)
+    seen = []
+    real = helper.explain_lib.reference_features
+    monkeypatch.setattr(helper.explain_lib, "reference_features",
+                        lambda features, labels_: seen.append(features.clone()) or real(features, labels_))
+    logits, maps = helper._oof_published(_config(tmp_path), make_model("mobilenet_v2"), frozen, labels, fit_idx,
+                                         groups, None, (64, 64), CPU, "fp32")
+    assert set(maps) == {"cam", "explain"} and maps["explain"].shape == (len(labels), 64, 64)
+    assert len(seen) == 2
+    for g, features in enumerate(seen):  # the fit of group g's scores saw the other group only
+        assert torch.equal(features, frozen.features[fit_idx[groups != g]])
+    p = 1 / (1 + np.exp(-logits))
+    peak = maps["explain"].flatten(1).amax(dim=1).numpy()
+    assert (maps["explain"] >= 0).all() and np.all(peak <= p + 1e-6) and np.isclose(peak, p, atol=1e-6).mean() > 0.9
+
+
 def test_out_of_fold_patch_scores_never_compare_a_good_image_with_itself(tmp_path, make_model):
     # Goods and defects from one distribution: an honest out-of-fold AUROC of the patch map is near
     # 0.5. Catches comparing good images with the whole memory (their own patches in it: distance
