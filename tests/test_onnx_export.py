@@ -145,8 +145,7 @@ def test_a_published_decision_shown_on_the_patch_map_exports_as_auto_writes_it(e
     predict.py's scores, labels, maps and boxes.
     Fails when: the export ignores the checkpoint's chosen map, the graph's patch map beside the
     published head drops the blur, its patch_cam takes the raw CAM instead of the scaled one, or
-    its explanation drops the good reference, keeps negative attributions (no ReLU) or is not
-    scaled by the probability."""
+    its explanation drops the good reference or is not scaled by the probability."""
     made, _ = exported
     checkpoint, _, files = made["published"]
     ckpt = torch.load(checkpoint, weights_only=True)

@@ -25,7 +25,7 @@ from .checkpoint import CHECKPOINT_FORMAT, atomic_write_bytes, has_classifier
 from .constants import ANOMALY, CLASS_NAMES, GOOD
 from .dataloader import normalise
 from .evidence import EvidenceHead
-from .explain import EXPLAIN, EXPLANATIONS, decision_margin
+from .explain import EXPLAIN, EXPLANATIONS, decision_margin, reference_attribution
 from .geometry import canvas, resize_of
 from .inference import decision_of
 from .localizers import (LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of,
@@ -306,7 +306,7 @@ class ScoringGraph(nn.Module):
         out = {"p_anomaly": scores.softmax(dim=1)[:, ANOMALY], "logit_published": scores[:, ANOMALY] - scores[:, GOOD],
                "cam": self.model.cam(maps, self.size)}
         if self.gradient is not None:
-            out["explain"] = upsample_maps(F.relu((gradient * (frozen - self.reference[None])).sum(dim=1)), self.size)
+            out["explain"] = upsample_maps(reference_attribution(frozen, gradient, self.reference), self.size)
         return out
 
     def _patches(self, tap8: torch.Tensor, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
