@@ -37,7 +37,7 @@ DEFAULT_DATA_DIR = os.environ.get("MVTEC_AD_DIR") or REPO_ROOT.parent / "shared"
 # (module, function) pairs whose calls are timed
 TIMED = ((helper, "_candidates"), (helper, "patch_memory_of"), (helper, "build_patch_memory"),
          (evidence, "evidence_inputs"), (evidence, "nearest_rows"), (helper, "_oof_evidence"),
-         (evidence, "train_head"), (helper, "_oof_published"), (helper, "_train_classifier"),
+         (evidence, "train_head"), (helper, "_oof_published"), (helper, "_oof_explain"), (helper, "_train_classifier"),
          (helper, "_choose_maps"), (selection, "map_evidence"), (selection, "image_shares"),
          (helper, "predict_frozen"))
 

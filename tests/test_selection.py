@@ -21,9 +21,10 @@ def _config(tmp_path, **overrides):
         "patch_memory_size": 100000, "patch_memory_method": "random", **overrides})
 
 
-def _published_maps(n: int, size) -> dict[str, torch.Tensor]:
-    """What a stand-in for `helper._oof_published` returns beside its logits: blank maps (n, *size)."""
-    return {"cam": torch.zeros(n, *size), "explain": torch.zeros(n, *size)}
+def _published_maps(n: int, size) -> tuple[torch.Tensor, list]:
+    """What a stand-in for `helper._oof_published` returns beside its logits: blank CAMs (n, *size)
+    and no inner fits."""
+    return torch.zeros(n, *size), []
 
 
 def _frozen(n_good: int, n_defect: int, bump: float = 0.0, seed: int = 0):
@@ -237,15 +238,67 @@ def test_each_inner_fits_explanation_is_referenced_to_the_good_images_it_was_fit
     real = helper.explain_lib.reference_features
     monkeypatch.setattr(helper.explain_lib, "reference_features",
                         lambda features, labels_: seen.append(features.clone()) or real(features, labels_))
-    logits, maps = helper._oof_published(_config(tmp_path), make_model("mobilenet_v2"), frozen, labels, fit_idx,
-                                         groups, None, (64, 64), CPU, "fp32")
-    assert set(maps) == {"cam", "explain"} and maps["explain"].shape == (len(labels), 64, 64)
-    assert len(seen) == 2
+    config = _config(tmp_path)
+    logits, cams, models = helper._oof_published(config, make_model("mobilenet_v2"), frozen, labels, fit_idx, groups,
+                                                 None, (64, 64), CPU, "fp32")
+    assert len(seen) == 2 and len(models) == 2
     for g, features in enumerate(seen):  # the fit of group g's scores saw the other group only
         assert torch.equal(features, frozen.features[fit_idx[groups != g]])
+    explained = helper._oof_explain(config, models, frozen, fit_idx, groups, (64, 64), CPU, "fp32")
+    assert explained.shape == cams.shape == (len(labels), 64, 64)
     p = 1 / (1 + np.exp(-logits))
-    peak = maps["explain"].flatten(1).amax(dim=1).numpy()
-    assert (maps["explain"] >= 0).all() and np.all(peak <= p + 1e-6) and np.isclose(peak, p, atol=1e-6).mean() > 0.9
+    peak = explained.flatten(1).amax(dim=1).numpy()
+    assert (explained >= 0).all() and np.all(peak <= p + 1e-6) and np.isclose(peak, p, atol=1e-6).mean() > 0.9
+
+
+def test_the_explanation_is_computed_and_shown_only_for_a_decision_with_the_published_head(tmp_path, make_model,
+                                                                                          monkeypatch):
+    # The published head decides out of fold and its inner fits' explanations mark the masked
+    # defects exactly: the checkpoint shows `explain`, and predict.py can compute it (the final fit
+    # has its reference). Where the evidence head decides, the explanations (a backward pass per
+    # image) are never computed. Catches `_oof_explain` left uncalled, called for every decision, or
+    # given the wrong inner fits.
+    frozen, labels, types = _frozen(N_GOOD, N_DEFECT)
+    n = len(labels)
+    masks = torch.zeros(n, 64, 64, dtype=torch.bool)
+    masks[N_GOOD:, 40:48, 40:48] = True
+    inner = ["fit without group 0", "fit without group 1"]
+    calls = []
+
+    def explained(config, models, frozen_, fit_idx, groups, size, device, precision):
+        calls.append(list(models))
+        return masks[fit_idx].float()
+
+    def published(config, template, frozen_, labels_, fit_idx, groups, images, size, device, precision):
+        return (labels_[fit_idx] != GOOD).numpy().astype(np.float32) * 5, torch.zeros(len(fit_idx), *size), inner
+
+    monkeypatch.setattr(helper, "_oof_evidence", lambda config, inputs, y, groups, size, parts, device: (
+        np.full(len(y), 0.5, np.float32), torch.zeros(len(y), *size)))
+    monkeypatch.setattr(helper, "_oof_published", published)
+    monkeypatch.setattr(helper, "_oof_explain", explained)
+    config = _config(tmp_path)
+    fitted = helper.fit(config, make_model("mobilenet_v2"), frozen, labels, torch.arange(n), types=types, masks=masks,
+                        device=CPU, precision="fp32")
+    s = fitted.selection
+    assert (s["decision"], s["map"]) == ("published", "explain"), (s["image_auroc"], s["maps"])
+    assert calls == [inner]
+    ckpt = helper.Fold(fitted, {"thresholds": {}}, None, torch.arange(0), np.zeros(0)).checkpoint(config, [], n)
+    assert localizers.default_localizer(ckpt) == "explain"
+    localizers.check_checkpoint_localizer("explain", ckpt)
+    calls.clear()
+
+    def good_evidence(config, inputs, y, groups, size, parts, device):
+        p = (y != GOOD).numpy().astype(np.float32) * 5
+        p[np.flatnonzero(p)[0]] = 0.0  # one defect tied with the goods: room left for the published head
+        return p, torch.zeros(len(y), *size)
+
+    monkeypatch.setattr(helper, "_oof_evidence", good_evidence)
+    monkeypatch.setattr(helper, "_oof_published", lambda config, template, frozen_, labels_, fit_idx, *rest: (
+        np.full(len(fit_idx), 0.5, np.float32), torch.zeros(len(fit_idx), 64, 64), inner))
+    fitted = helper.fit(config, make_model("mobilenet_v2"), frozen, labels, torch.arange(n), types=types, masks=masks,
+                        device=CPU, precision="fp32")
+    s = fitted.selection
+    assert s["decision"] == "evidence" and "published" in s["image_auroc"] and calls == []
 
 
 def test_out_of_fold_patch_scores_never_compare_a_good_image_with_itself(tmp_path, make_model):
@@ -291,7 +344,7 @@ def test_the_head_with_the_better_out_of_fold_auroc_is_fitted_and_recorded(tmp_p
         return p, torch.zeros(len(y), *size)
 
     def useless_published(config, template, frozen_, labels_, fit_idx, groups, images, size_, device, precision):
-        return np.full(len(fit_idx), 0.5, np.float32), _published_maps(len(fit_idx), size)
+        return np.full(len(fit_idx), 0.5, np.float32), *_published_maps(len(fit_idx), size)
 
     monkeypatch.setattr(helper, "_oof_evidence", good_evidence)
     monkeypatch.setattr(helper, "_oof_published", useless_published)
@@ -367,7 +420,7 @@ def _complementary_heads(monkeypatch, size=(64, 64)):
     monkeypatch.setattr(helper, "_oof_evidence", lambda config, inputs, y, groups, size_, parts, device: (
         logits(y, half), torch.zeros(len(y), *size)))
     monkeypatch.setattr(helper, "_oof_published", lambda config, t, f, labels, fit_idx, *rest: (
-        logits(labels[fit_idx], other), _published_maps(len(fit_idx), size)))
+        logits(labels[fit_idx], other), *_published_maps(len(fit_idx), size)))
 
 
 def test_two_heads_that_see_different_defects_are_fused_on_good_images_neither_saw(tmp_path, make_model, monkeypatch):
@@ -435,7 +488,7 @@ def test_a_head_whose_inner_fits_run_on_two_scales_is_judged_as_one_fit(tmp_path
 
     monkeypatch.setattr(helper, "_oof_evidence", two_scales)
     monkeypatch.setattr(helper, "_oof_published", lambda config, t, f, labels, fit_idx, *rest: (
-        rng.normal(size=len(fit_idx)).astype(np.float32), _published_maps(len(fit_idx), (64, 64))))
+        rng.normal(size=len(fit_idx)).astype(np.float32), *_published_maps(len(fit_idx), (64, 64))))
     fitted = helper.fit(_config(tmp_path), make_model("mobilenet_v2"), frozen, labels, torch.arange(len(labels)),
                         types=types, device=CPU, precision="fp32")
     s = fitted.selection
@@ -478,7 +531,7 @@ def test_layers_that_rank_better_but_map_worse_are_not_taken(tmp_path, make_mode
         return np.full(len(y), 0.5, np.float32), torch.zeros(len(y), *size)
 
     def useless_published(config, template, frozen_, labels_, fit_idx, groups, images, size, device, precision):
-        return np.full(len(fit_idx), 0.5, np.float32), _published_maps(len(fit_idx), size)
+        return np.full(len(fit_idx), 0.5, np.float32), *_published_maps(len(fit_idx), size)
 
     monkeypatch.setattr(helper, "_oof_evidence", useless_evidence)
     monkeypatch.setattr(helper, "_oof_published", useless_published)
@@ -514,7 +567,7 @@ def test_layers_whose_map_leads_by_one_images_luck_are_not_taken(tmp_path, make_
     monkeypatch.setattr(helper, "_oof_evidence", lambda config, inputs, y, *rest: (np.full(len(y), 0.5, np.float32),
                                                                                    torch.zeros(len(y), 64, 64)))
     monkeypatch.setattr(helper, "_oof_published", lambda config, t, f, l, fit_idx, *rest: (
-        np.full(len(fit_idx), 0.5, np.float32), _published_maps(len(fit_idx), (64, 64))))
+        np.full(len(fit_idx), 0.5, np.float32), *_published_maps(len(fit_idx), (64, 64))))
     fitted = helper.fit(_config(tmp_path), make_model("mobilenet_v2"), frozen, labels, torch.arange(n),
                         types=types, masks=masks, device=CPU, precision="fp32")
     s = fitted.selection

@@ -482,24 +482,42 @@ def _oof_evidence(config, inputs, y, groups, size, parts, device) -> tuple[np.nd
 
 
 def _oof_published(config, template, frozen, labels, fit_idx, groups, images, size, device, precision):
-    """Out-of-fold image logits (K,) and maps {"cam", "explain"} (K, H, W) (scaled by the probability,
-    as shown) of the published head: each group scored by a head fitted on the other groups' images,
-    its explanation's good reference (`explain.reference_features`) theirs too."""
-    p, maps = np.empty(len(fit_idx), np.float32), {}
+    """Out-of-fold image logits (K,) and CAM maps (K, H, W) (scaled by the probability, as shown) of
+    the published head, each group scored by a head fitted on the other groups' images; and those
+    inner fits, one per group in `groups.unique()` order, each with its explanation's good reference
+    (`explain.reference_features`) from the images it was fitted on, for `_oof_explain`."""
+    p, cams, models = np.empty(len(fit_idx), np.float32), None, []
     for g in groups.unique().tolist():
         held = groups == g
-        rest, scored = fit_idx[~held], fit_idx[held]
+        rest = fit_idx[~held]
         model = fresh_copy(template, config["seed"])
         _train_classifier(config, model, frozen, labels, rest, images, device, precision, False, None)
         model.explain_reference = explain_lib.reference_features(frozen.features[rest], labels[rest])
+        out = predict_frozen(model, frozen.features[fit_idx[held]], None, size=size, batch_size=config["batch_size"],
+                             device=device, precision=precision, parts=frozen.parts_of(fit_idx[held]))
+        cam = maps_of(out)["cam"]
+        cams = np.empty((len(fit_idx), *cam.shape[1:]), np.float32) if cams is None else cams
+        p[held.numpy()], cams[held.numpy()] = out["logit_published"], cam
+        models.append(model)
+    return p, torch.from_numpy(cams), models
+
+
+def _oof_explain(config, models, frozen, fit_idx, groups, size, device, precision) -> torch.Tensor:
+    """Out-of-fold explanations `explain` (K, H, W) (scaled by the probability, as shown) of the
+    published head's inner fits `models` (`_oof_published`): each group's images explained by the
+    fit that never saw them. A backward pass per image, so it is run only where the map is chosen
+    for a decision that has the published head."""
+    shown = None
+    for model, g in zip(models, groups.unique().tolist()):
+        held = groups == g
+        scored = fit_idx[held]
         out = predict_frozen(model, frozen.features[scored], frozen.tap_of(scored), size=size,
                              batch_size=config["batch_size"], device=device, precision=precision, explain=True,
                              parts=frozen.parts_of(scored))
-        shown = maps_of(out)
-        for name in ("cam", "explain"):
-            maps.setdefault(name, np.empty((len(fit_idx), *shown[name].shape[1:]), np.float32))[held.numpy()] = shown[name]
-        p[held.numpy()] = out["logit_published"]
-    return p, {name: torch.from_numpy(m) for name, m in maps.items()}
+        m = maps_of(out)["explain"]
+        shown = np.empty((len(fit_idx), *m.shape[1:]), np.float32) if shown is None else shown
+        shown[held.numpy()] = m
+    return torch.from_numpy(shown)
 
 
 def _in_every_group(marked: torch.Tensor, groups: torch.Tensor) -> bool:
@@ -601,6 +619,7 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
             decision_layers = layers[0]
     oof["patch_knn"] = oof[decision_layers]
     own: dict[str, dict[str, torch.Tensor]] = {"evidence": {}, "published": {}}
+    inner_published = None  # the published head's inner fits, kept for `_oof_explain`
     decided = {"patch_knn": aurocs[f"patch_knn/{decision_layers}"]}
     # Scored cheapest first; a head is not fitted when it could not win: it would need an AUROC above 1.
     for head in ("evidence", "published") if heads else ():
@@ -610,8 +629,8 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
             p, own[head]["evidence"] = _oof_evidence(config, candidates[decision_layers].inputs, y, groups, size,
                                                      fit_parts, device)
         else:
-            p, own[head] = _oof_published(config, template, frozen, labels, fit_idx, groups, images, size, device,
-                                          precision)
+            p, own[head]["cam"], inner_published = _oof_published(config, template, frozen, labels, fit_idx, groups,
+                                                                  images, size, device, precision)
         oof[head] = selection_lib.comparable(y_np, groups_np, p)
         aurocs[head] = decided[head] = selection_lib.oof_auroc(y_np, oof[head])
     fused_note = _fused_note(config, reference, oof)
@@ -624,6 +643,9 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
             decided["fused"] = aurocs["fused"]
     decision = "patch_knn" if n_defects == 0 else selection_lib.choose(decided, selection_lib.DECISIONS,
                                                                        selection_lib.margin_of(y_np, oof))
+    if decision in ("published", "fused") and _masked_in_every_group(fit_masks, groups):  # a map candidate
+        own["published"]["explain"] = _oof_explain(config, inner_published, frozen, fit_idx, groups, size, device,
+                                                   precision)
     if decision == "fused":  # the CAM shown beside the evidence map
         own["fused"] = {**own["evidence"], **own["published"]}
     open_layers = layers if decision == "published" else (decision_layers,)
