@@ -85,7 +85,7 @@ def agrees(args: argparse.Namespace, payload: bytes, model, checkpoint: dict, lo
     print(f"check on {len(images)} {'images' if args.check else 'noise images'}: {json.dumps(diff)}")
     if not diff["ok"]:
         print(f"error: the graph disagrees with predict.py beyond the targets (scores {onnx_export.SCORE_TOLERANCE}, "
-              f"maps {onnx_export.MAP_TOLERANCE} away from near ties, labels equal): {args.out} not written",
+              f"maps {onnx_export.map_tolerance(localizer)} away from near ties, labels equal): {args.out} not written",
               file=sys.stderr)
     return diff["ok"]
 

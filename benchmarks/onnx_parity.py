@@ -13,6 +13,8 @@ images whose boxes differ. Run from the repository root:
     python benchmarks/onnx_parity.py --vgg16-weights /tmp/vgg16_oxford.pth \\
         --out results/reference/onnx_parity.json
     python benchmarks/onnx_parity.py --quick        # smoke run: MobileNetV2 only, a few images
+    python benchmarks/onnx_parity.py --kinds published --explain --vgg16-weights /tmp/vgg16_oxford.pth \
+        --out results/reference/onnx_parity_explain.json   # the published head's explanation too
 
 The test images are never trained on: the first --n-test-good of test/good and the first
 --n-test-defect of each defect folder. Training uses the first --n-train-good of train/good and,
@@ -73,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test-defect", type=int, default=3, help="test images per defect folder")
     p.add_argument("--memory", type=int, default=10000, help="patch memory rows (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=10, help="published head's epochs (default: %(default)s)")
+    p.add_argument("--explain", action="store_true",
+                   help="also export each published checkpoint with its explanation map 'explain' and compare it")
     p.add_argument("--work-dir", default=None,
                    help="where checkpoints, models and predictions go (default: a temporary folder)")
     p.add_argument("--out", default=None, help="JSON file for the full output")
@@ -151,19 +155,21 @@ def rows_agree(ours: Path, theirs: Path) -> dict[str, Any]:
 
 
 def check_one(args, backbone: str, kind: str, checkpoint: Path, test_images: torch.Tensor, test_files: list[Path],
-              work: Path) -> dict[str, Any]:
-    """Export one checkpoint and compare the graph with predict.py's path on the test images."""
+              work: Path, localizer: str | None = None) -> dict[str, Any]:
+    """Export one checkpoint with map `localizer` (None: its own) and compare the graph with
+    predict.py's path on the test images."""
     model, ckpt = load_checkpoint(checkpoint)
-    localizer = inference.default_localizer(ckpt)
+    path = checkpoint.with_suffix(".onnx") if localizer is None else checkpoint.with_name(
+        f"{checkpoint.stem}_{localizer}.onnx")
+    localizer = localizer or inference.default_localizer(ckpt)
     start = time.perf_counter()
     payload = onnx_export.export_checkpoint(model, ckpt, localizer, checkpoint.name, sha256_of(checkpoint))
     seconds = time.perf_counter() - start
-    path = checkpoint.with_suffix(".onnx")
     onnx_export.save_model(path, payload)
     session = onnx_export.session_of(path)
     outputs = [onnx_export.run_session(session, test_images[i:i + 16]) for i in range(0, len(test_images), 16)]
     outputs = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-    results = inference.score_batch(test_images, model, ckpt, batch_size=16)
+    results = inference.score_batch(test_images, model, ckpt, localizer=localizer, batch_size=16)
     decision = inference.decision_of(ckpt)
     diff = onnx_export.compare(results, outputs, float(decision["threshold"]),
                                onnx_export.near_ties(model, ckpt, test_images))
@@ -176,7 +182,8 @@ def check_one(args, backbone: str, kind: str, checkpoint: Path, test_images: tor
     files = [str(f) for f in test_files]
     ours, theirs = work / f"{path.stem}_onnx", work / f"{path.stem}_torch"
     runner.main(["--model", str(path), "--images", *files, "--out", str(ours), "--no-overlays"])
-    predict.main(["--checkpoint", str(checkpoint), "--images", *files, "--out", str(theirs), "--precision", "fp32"])
+    predict.main(["--checkpoint", str(checkpoint), "--images", *files, "--out", str(theirs), "--precision", "fp32",
+                  "--localizer", localizer])
     return {"backbone": backbone, "kind": kind, "localizer": localizer, "decision": decision,
             "memory_rows": meta["memory_rows"], "model_mib": round(len(payload) / 2**20, 1),
             "export_seconds": round(seconds, 1), "graph": diff, "boxes_differ": boxes_differ,
@@ -209,8 +216,11 @@ def run_backbone(args, backbone: str, work: Path) -> list[dict[str, Any]]:
     checkpoints, test, test_images = make_checkpoints(args, backbone, work)
     test_files = [Path(args.data_dir) / s.path for s in test]
     out = []
-    for kind, checkpoint in checkpoints.items():
-        out.append(check_one(args, backbone, kind, checkpoint, test_images, test_files, work))
+    shown = [(kind, checkpoint, None) for kind, checkpoint in checkpoints.items()]
+    if args.explain and "published" in checkpoints:
+        shown.append(("published", checkpoints["published"], "explain"))
+    for kind, checkpoint, localizer in shown:
+        out.append(check_one(args, backbone, kind, checkpoint, test_images, test_files, work, localizer))
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -225,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "n_train_defect_per_type": args.n_train_defect, "n_test_good": args.n_test_good,
                        "n_test_defect_per_type": args.n_test_defect, "memory": args.memory},
               "targets": {"scores": onnx_export.SCORE_TOLERANCE, "maps": onnx_export.MAP_TOLERANCE,
+                          "explanation_maps": onnx_export.GRADIENT_MAP_TOLERANCE,
                           "labels": "equal", "boxes": "equal"},
               "results": []}
     for backbone in args.backbones:

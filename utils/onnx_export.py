@@ -436,6 +436,16 @@ def save_model(path: str | Path, payload: bytes) -> None:
 # digits, and a VGG16 patch distance of 1600 is stored in steps of 1.2e-4.
 SCORE_TOLERANCE = 1e-4
 MAP_TOLERANCE = 1e-3
+# The explanation is a gradient, and a gradient jumps where an activation crosses its ReLU's kink:
+# a unit whose input lies within rounding of 0 (of 0 or 6 for ReLU6) passes its gradient in one
+# runtime and not in the other. On real pill (MobileNetV2, 11 images) one image's explanation
+# departed by 0.0041 of its [0, 1] scale next to such units (docs/export.md), with the same labels and boxes.
+GRADIENT_MAP_TOLERANCE = 1e-2
+
+
+def map_tolerance(localizer: str) -> float:
+    """The parity target of a map: MAP_TOLERANCE, or GRADIENT_MAP_TOLERANCE for the explanation."""
+    return GRADIENT_MAP_TOLERANCE if localizer in GRADIENT_LOCALIZERS else MAP_TOLERANCE
 
 
 def beyond(values: np.ndarray, reference: np.ndarray, tolerance: float) -> np.ndarray:
@@ -511,12 +521,12 @@ def compare(results: list[dict[str, Any]], outputs: dict[str, Any], threshold: f
     patches `ties` (N, h8, w8) (`near_ties`) counted apart; how many labels differ (and how many
     images score within SCORE_TOLERANCE of the decision `threshold`, where rounding alone can flip
     a label); and whether all are within the targets ("ok": no score or label off, no map pixel off
-    away from a near tie)."""
+    away from a near tie; the map's target is `map_tolerance` of the results' localizer)."""
     torch_score = np.array([r["decision_score"] for r in results], np.float32)
     torch_image = np.array([r["image_score"] for r in results], np.float32)
     torch_label = np.array([r["label"] == CLASS_NAMES[ANOMALY] for r in results])
     torch_map = np.stack([r["map"] for r in results])
-    off_map = beyond(outputs["map"], torch_map, MAP_TOLERANCE)  # (N, S, S)
+    off_map = beyond(outputs["map"], torch_map, map_tolerance(results[0]["localizer"]))  # (N, S, S)
     at_tie = np.zeros_like(off_map) if ties is None else tie_pixels(ties, tuple(torch_map.shape[-2:]))
     diff = {"n_images": len(results),
             "decision_score": float(np.abs(outputs["decision_score"] - torch_score).max()),
