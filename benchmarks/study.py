@@ -189,10 +189,12 @@ def shown_map(out: helper.Fold) -> str:
                                          "config": {"head": out.head or "auto"}})
 
 
-def fold_means(oof: dict, samples, masks_full: torch.Tensor, valid_full: torch.Tensor | None = None) -> dict:
+def fold_means(oof: dict, samples, masks_full: torch.Tensor, valid_full: torch.Tensor | None = None,
+               maps: dict | None = None) -> dict:
     """Per-fold image AUROC of the decision score and of the patch map's score alone, and per-fold
-    pixel AUROC, AUPRO and pointing game of the map shown and the patch map, averaged over folds:
-    comparable across variants even where folds decide or show on different scales (head="auto").
+    pixel AUROC, AUPRO and pointing game of the map shown and the patch map (and of every map of
+    `maps`, {name: (N, H, W)} in oof's order), averaged over folds: comparable across variants even
+    where folds decide or show on different scales (head="auto").
     valid_full (N, H, W) bool: the parts' pixels with resize="pad" (None: all pixels count)."""
     per_fold: dict[str, list] = {}
     for k in np.unique(oof["fold"]):
@@ -204,8 +206,9 @@ def fold_means(oof: dict, samples, masks_full: torch.Tensor, valid_full: torch.T
                                                       ["image_auroc"])
         per_fold.setdefault("patch_image_auroc", []).append(metrics.ranking_metrics(y, oof["patch_score"][sel])
                                                             ["image_auroc"])
-        for name, key in (("shown", "shown_map"), ("patch_knn", "patch_map")):
-            m = oof[key][sel]
+        named = {"shown": oof["shown_map"], "patch_knn": oof["patch_map"], **(maps or {})}
+        for name, every in named.items():
+            m = every[sel]
             on = (lambda keep: None) if valid is None else (lambda keep: valid[keep])  # noqa: E731
             everything = np.ones(len(y), bool)
             for metric, value in (("pixel_auroc", metrics.pixel_auroc(m, masks, on(everything))),
@@ -261,9 +264,10 @@ def measure(result: dict, samples, masks_full: torch.Tensor, heatmap_thres: floa
            "decision": decisions(y, score, fold, folds, result["config"]["false_alarm_rate"]), "maps": {}}
     maps = localizers.maps_of(oof)
     image_scores = localizers.localizer_image_scores(maps, oof.get("p_anomaly"), oof.get("patch_score"))
-    maps["shown"], image_scores["shown"] = oof["shown_map"], score  # each fold's default map
     min_area = folds[0]["calibration"]["min_area"]
-    out["fold_means"] = fold_means(oof, samples, masks_full, valid_full)
+    # every map's fold means too: a head="auto" row's shown map is compared with them, not with pooled figures
+    out["fold_means"] = fold_means(oof, samples, masks_full, valid_full, maps)
+    maps["shown"], image_scores["shown"] = oof["shown_map"], score  # each fold's default map
     for name, m in maps.items():
         thresholds = [f["calibration"]["thresholds"][f["shown"] if name == "shown" else name] for f in folds]
         boxes = [postprocess.label_boxes(m[i], bool(decided[i]), thresholds[fold[i]], min_area, heatmap_thres)[0]
