@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["auto", "evidence"], choices=sorted(study.VARIANTS))
     parser.add_argument("--n-defects", nargs="+", type=int, default=[0, 1, 5, 10, 20])
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--draw-index", nargs="+", type=int, default=None,
+                        help="run only these draws (0-based, each seeded as in a full run): to rerun a few rows")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
@@ -101,7 +103,7 @@ def main() -> None:
     types = [s.defect_type for s in samples]
     train0, test0 = dataloader.split_subset(samples, "official", test_size=0.2, seed=args.seed)
     for n in args.n_defects:
-        for draw in range(args.draws if n else 1):
+        for draw in (args.draw_index or range(args.draws)) if n else [0]:
             moved = draw_defects(test0, n, args.seed + draw)
             test = [s for s in test0 if s not in moved]
             train_idx, test_idx = dataloader.positions(samples, train0 + moved), dataloader.positions(samples, test)
