@@ -439,7 +439,7 @@ MAP_TOLERANCE = 1e-3
 # The explanation is a gradient, and a gradient jumps where an activation crosses its ReLU's kink:
 # a unit whose input lies within rounding of 0 (of 0 or 6 for ReLU6) passes its gradient in one
 # runtime and not in the other. On real pill (MobileNetV2, 11 images) one image's explanation
-# departed by 0.0041 of its [0, 1] scale next to such units (docs/export.md), with the same labels and boxes.
+# departed by 0.0041 of its [0, 1] scale (docs/export.md), with the same labels and boxes.
 GRADIENT_MAP_TOLERANCE = 1e-2
 
 
