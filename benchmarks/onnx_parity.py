@@ -13,8 +13,8 @@ images whose boxes differ. Run from the repository root:
     python benchmarks/onnx_parity.py --vgg16-weights /tmp/vgg16_oxford.pth \\
         --out results/reference/onnx_parity.json
     python benchmarks/onnx_parity.py --quick        # smoke run: MobileNetV2 only, a few images
-    python benchmarks/onnx_parity.py --kinds published --explain --vgg16-weights /tmp/vgg16_oxford.pth \
-        --out results/reference/onnx_parity_explain.json   # the published head's explanation too
+    python benchmarks/onnx_parity.py --quick --kinds published --explain \
+        --out results/reference/onnx_parity_explain_quick.json   # the published head's explanation too
 
 The test images are never trained on: the first --n-test-good of test/good and the first
 --n-test-defect of each defect folder. Training uses the first --n-train-good of train/good and,
