@@ -137,15 +137,16 @@ def test_the_graph_gives_predicts_scores_labels_maps_and_boxes(exported, kind):
         np.testing.assert_allclose(scores, result["box_scores"], atol=onnx_export.MAP_TOLERANCE)
 
 
-@pytest.mark.parametrize("shown", ["patch_knn", "patch_cam", "explain"])
+@pytest.mark.parametrize("shown", ["patch_knn", "patch_cam", "explain", "layercam_s8"])
 def test_a_published_decision_shown_on_the_patch_map_exports_as_auto_writes_it(exported, tmp_path, shown):
     """head="auto" may decide with the published head and show the patch map, the patch map
-    raised by the CAM, or the explanation of the decision (the synthetic subset's auto checkpoint
+    raised by the CAM, or an explanation of the decision (the synthetic subset's auto checkpoint
     decides with the patch map alone): such a checkpoint exports its chosen map, and the graph gives
     predict.py's scores, labels, maps and boxes.
     Fails when: the export ignores the checkpoint's chosen map, the graph's patch map beside the
-    published head drops the blur, its patch_cam takes the raw CAM instead of the scaled one, or
-    its explanation drops the good reference or is not scaled by the probability."""
+    published head drops the blur, its patch_cam takes the raw CAM instead of the scaled one, its
+    explanation drops the good reference or is not scaled by the probability, or the stride-8
+    LayerCAM takes the gradient's negative part or is not upsampled as predict.py upsamples it."""
     made, _ = exported
     checkpoint, _, files = made["published"]
     ckpt = torch.load(checkpoint, weights_only=True)
@@ -339,37 +340,44 @@ def test_the_runner_needs_neither_torch_nor_this_repository():
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("backbone, pooling", [("vgg16", "avg"), ("vgg16", "topk"), ("mobilenet_v2", "avg"),
-                                               ("mobilenet_v2", "max")])
-def test_the_exported_decision_gradient_is_autograds(backbone, pooling):
+@pytest.mark.parametrize("backbone, pooling, at_tap", [("vgg16", "avg", False), ("vgg16", "topk", False),
+                                                       ("mobilenet_v2", "avg", False), ("mobilenet_v2", "max", False),
+                                                       ("vgg16", "topk", True), ("mobilenet_v2", "avg", True)])
+def test_the_exported_decision_gradient_is_autograds(backbone, pooling, at_tap):
     """The published head's gradient at the frozen output (`onnx_export.DecisionGradient`, what the
-    graph's `explain` map is made of) is the one `explain.explanation_maps` takes with autograd, in
-    PyTorch and under ONNX Runtime: through VGG16's ReLUs and max pooling and MobileNetV2's
-    BatchNorms, ReLU6s, depthwise convolutions and residuals, under each pooling, on a canvas that is
-    not square, for a batch of another size than the one traced (random weights: plumbing, not results).
+    graph's `explain` map is made of), and at the stride-8 tap through the frozen layers after it
+    (`layercam_s8`'s), is the one `explain.explanation_maps` takes with autograd, in PyTorch and
+    under ONNX Runtime: through VGG16's ReLUs and max pooling and MobileNetV2's BatchNorms, ReLU6s,
+    depthwise convolutions and residuals, under each pooling, on a canvas that is not square, for a
+    batch of another size than the one traced (random weights: plumbing, not results).
     Fails when: the convolution's input gradient ignores its groups or its output padding (a
     stride-2 convolution's output has half the rows of its input: which size it came from is lost),
-    or the trace fixes the batch size."""
+    the trace fixes the batch size, or the tap's gradient skips the frozen layers after the tap."""
     torch.manual_seed(0)
     model = CAMClassifier(backbone, pretrained=False, pooling=pooling).eval()
+    tap = model.spec.taps[0] if at_tap else None
+    zeros = torch.zeros(2, 3, 64, 96)
     with torch.no_grad():
-        example = model.frozen_features(torch.zeros(2, 3, 64, 96))[0]
-    traced = onnx_export.DecisionGradient(model, example).eval()
+        example = model.frozen[:tap + 1](zeros) if at_tap else model.frozen_features(zeros)[0]
+    traced = onnx_export.DecisionGradient(model, example, tap).eval()
     assert all(p.requires_grad for p in model.trainable.parameters())  # the model is left as it was
-    frozen = torch.randn(3, *example.shape[1:]).abs()
+    assert not any(p.requires_grad for p in model.frozen.parameters())
+    x = torch.randn(3, *example.shape[1:]).abs()
     with torch.enable_grad():
-        leaf = frozen.clone().requires_grad_(True)
-        scores, maps = model.head(leaf)
+        leaf = x.clone().requires_grad_(True)
+        frozen = model.frozen[tap + 1:](leaf) if at_tap else leaf
+        scores, maps = model.head(frozen)
         expected, = torch.autograd.grad(explain.decision_margin(scores).sum(), (leaf,))
-    got = traced(frozen)
+    got = traced(x)
     torch.testing.assert_close(got[0], scores.detach(), rtol=0, atol=0)
     torch.testing.assert_close(got[2], expected, rtol=0, atol=0)
+    torch.testing.assert_close(got[3], frozen.detach(), rtol=0, atol=0)
     scale = float(expected.abs().max())
     assert scale > 0
     program = torch.onnx.export(traced, (example,), None, dynamo=True, verbose=False,
                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
     session = onnx_export.session_of(program.model_proto.SerializeToString())
-    outputs = session.run(None, {session.get_inputs()[0].name: frozen.numpy()})
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(outputs[2], expected.numpy(), rtol=0, atol=1e-4 * scale)
 
 
@@ -454,7 +462,7 @@ def test_what_cannot_be_exported_is_refused_with_a_message(exported, tmp_path, c
     published, evidence = made["published"][0], made["evidence"][0]
     ckpt = torch.load(published, weights_only=True)
     cases = {
-        "gradient": (published, ["--localizer", "layercam_s8"], "needs the gradient of the decision at a layer"),
+        "gradient": (published, ["--localizer", "gradcam_s8"], "needs the gradient of the decision at a layer"),
         "explanation": (published, ["--localizer", "gradcam"], "export the checkpoint's default map ('cam'"),
         "unknown map": (published, ["--localizer", "heat"], "not a map this repository exports"),
         "evidence map of a published head": (published, ["--localizer", "evidence"], "has no evidence head"),

@@ -204,10 +204,11 @@ def test_the_patch_map_raised_by_the_cam_is_shown_where_it_maps_better_out_of_fo
 
 def test_the_explanation_is_shown_where_it_maps_better_out_of_fold():
     # 100 masked images: the patch map lifts the defects a little above noise, the CAM a blob wider
-    # than the defect; the published head's explanation marks the defect pixels themselves. It is
-    # the last candidate (a backward pass more), and must be shown where it leads beyond the margin;
-    # an explanation pointing elsewhere must leave the patch map raised by the CAM. Catches the
-    # explanation left out of the published head's candidates.
+    # than the defect; the published head's explanation marks the defect pixels themselves. The
+    # explanations are the last candidates (a backward pass more), and one must be shown where it
+    # leads beyond the margin; an explanation pointing elsewhere must leave the patch map raised by
+    # the CAM, or the other explanation. Catches either explanation left out of the published head's
+    # candidates.
     maps, masks = _masked_maps(100, n_good=40)
     defective = masks.flatten(1).any(dim=1)
     groups = torch.arange(len(maps)) % 2
@@ -221,6 +222,11 @@ def test_the_explanation_is_shown_where_it_maps_better_out_of_fold():
     _, _, shown, report = helper._choose_maps({"fine": _StandIn(maps)}, ("fine",), "published",
                                               {"cam": cam, "explain": elsewhere}, masks, groups, (16, 16))
     assert shown == "patch_cam", report
+    for explanations, best in (({"explain": elsewhere, "layercam_s8": sharp}, "layercam_s8"),
+                               ({"explain": sharp, "layercam_s8": elsewhere}, "explain")):
+        _, _, shown, report = helper._choose_maps({"fine": _StandIn(maps)}, ("fine",), "published",
+                                                  {"cam": cam, **explanations}, masks, groups, (16, 16))
+        assert shown == best, report
 
 
 def test_each_inner_fits_explanation_is_referenced_to_the_good_images_it_was_fitted_on(tmp_path, make_model,
@@ -245,10 +251,12 @@ def test_each_inner_fits_explanation_is_referenced_to_the_good_images_it_was_fit
     for g, features in enumerate(seen):  # the fit of group g's scores saw the other group only
         assert torch.equal(features, frozen.features[fit_idx[groups != g]])
     explained = helper._oof_explain(config, models, frozen, fit_idx, groups, (64, 64), CPU, "fp32")
-    assert explained.shape == cams.shape == (len(labels), 64, 64)
+    assert set(explained) == {"explain", "layercam_s8"}
     p = 1 / (1 + np.exp(-logits))
-    peak = explained.flatten(1).amax(dim=1).numpy()
-    assert (explained >= 0).all() and np.all(peak <= p + 1e-6) and np.isclose(peak, p, atol=1e-6).mean() > 0.9
+    for m in explained.values():
+        assert m.shape == cams.shape == (len(labels), 64, 64)
+        peak = m.flatten(1).amax(dim=1).numpy()
+        assert (m >= 0).all() and np.all(peak <= p + 1e-6) and np.isclose(peak, p, atol=1e-6).mean() > 0.9
 
 
 def test_the_explanation_is_computed_and_shown_only_for_a_decision_with_the_published_head(tmp_path, make_model,
@@ -266,8 +274,8 @@ def test_the_explanation_is_computed_and_shown_only_for_a_decision_with_the_publ
     calls = []
 
     def explained(config, models, frozen_, fit_idx, groups, size, device, precision):
-        calls.append(list(models))
-        return masks[fit_idx].float()
+        calls.append(list(models))  # the stride-8 LayerCAM points elsewhere: the explanation is shown
+        return {"explain": masks[fit_idx].float(), "layercam_s8": masks[fit_idx].roll(16, dims=1).float()}
 
     def published(config, template, frozen_, labels_, fit_idx, groups, images, size, device, precision):
         return (labels_[fit_idx] != GOOD).numpy().astype(np.float32) * 5, torch.zeros(len(fit_idx), *size), inner

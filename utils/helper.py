@@ -502,22 +502,22 @@ def _oof_published(config, template, frozen, labels, fit_idx, groups, images, si
     return p, torch.from_numpy(cams), models
 
 
-def _oof_explain(config, models, frozen, fit_idx, groups, size, device, precision) -> torch.Tensor:
-    """Out-of-fold explanations `explain` (K, H, W) (scaled by the probability, as shown) of the
-    published head's inner fits `models` (`_oof_published`): each group's images explained by the
-    fit that never saw them. A backward pass per image, so it is run only where the map is chosen
-    for a decision that has the published head."""
-    shown = None
+def _oof_explain(config, models, frozen, fit_idx, groups, size, device, precision) -> dict[str, torch.Tensor]:
+    """Out-of-fold explanations {name: (K, H, W)} of `selection.MAP_EXPLANATIONS` (scaled by the
+    probability, as shown) of the published head's inner fits `models` (`_oof_published`): each
+    group's images explained by the fit that never saw them. A backward pass per image, so it is
+    run only where the map is chosen for a decision that has the published head."""
+    shown: dict[str, np.ndarray] = {}
     for model, g in zip(models, groups.unique().tolist()):
         held = groups == g
         scored = fit_idx[held]
         out = predict_frozen(model, frozen.features[scored], frozen.tap_of(scored), size=size,
                              batch_size=config["batch_size"], device=device, precision=precision, explain=True,
                              parts=frozen.parts_of(scored))
-        m = maps_of(out)["explain"]
-        shown = np.empty((len(fit_idx), *m.shape[1:]), np.float32) if shown is None else shown
-        shown[held.numpy()] = m
-    return torch.from_numpy(shown)
+        maps = maps_of(out)
+        for name in selection_lib.MAP_EXPLANATIONS:
+            shown.setdefault(name, np.empty((len(fit_idx), *maps[name].shape[1:]), np.float32))[held.numpy()] = maps[name]
+    return {name: torch.from_numpy(m) for name, m in shown.items()}
 
 
 def _in_every_group(marked: torch.Tensor, groups: torch.Tensor) -> bool:
@@ -561,7 +561,7 @@ def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
     # the evidence head's map (it starts as the patch map), the patch map, then what adds the
     # published head's view to it, then that view alone, then the explanation of its decision
     # (a backward pass more); each where the decision has it
-    order = [k for k in ("evidence", best, "patch_cam", "cam", "explain") if k in report]
+    order = [k for k in ("evidence", best, "patch_cam", "cam", *selection_lib.MAP_EXPLANATIONS) if k in report]
     chosen = selection_lib.choose({k: report[k]["score"] for k in order}, order, margin)
     for name, m in report.items():  # what each map's score is known to within, against the one chosen
         m["se_against_chosen"] = None if name == chosen else selection_lib.map_difference_se(shares[name], shares[chosen])
@@ -644,8 +644,8 @@ def _fit_auto(config, template, frozen, labels, fit_idx, *, types, masks, images
     decision = "patch_knn" if n_defects == 0 else selection_lib.choose(decided, selection_lib.DECISIONS,
                                                                        selection_lib.margin_of(y_np, oof))
     if decision in ("published", "fused") and _masked_in_every_group(fit_masks, groups):  # a map candidate
-        own["published"]["explain"] = _oof_explain(config, inner_published, frozen, fit_idx, groups, size, device,
-                                                   precision)
+        own["published"].update(_oof_explain(config, inner_published, frozen, fit_idx, groups, size, device,
+                                             precision))
     if decision == "fused":  # the CAM shown beside the evidence map
         own["fused"] = {**own["evidence"], **own["published"]}
     open_layers = layers if decision == "published" else (decision_layers,)

@@ -25,7 +25,7 @@ from .checkpoint import CHECKPOINT_FORMAT, atomic_write_bytes, has_classifier
 from .constants import ANOMALY, CLASS_NAMES, GOOD
 from .dataloader import normalise
 from .evidence import EvidenceHead
-from .explain import EXPLAIN, EXPLANATIONS, decision_margin, reference_attribution
+from .explain import EXPLAIN, EXPLANATIONS, decision_margin, layer_cam, reference_attribution
 from .geometry import canvas, resize_of
 from .inference import decision_of
 from .localizers import (LOCALIZERS, MEMORY_LOCALIZERS, check_checkpoint_localizer, default_localizer, head_of,
@@ -38,11 +38,14 @@ from .postprocess import gaussian_smooth, upsample_maps
 ONNX_FORMAT = "cam-defect-detector/onnx/1"  # the metadata's "format": what deploy/onnx_predict.py reads
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("decision_score", "label", "image_score", "map")
-# The explanation a graph can hold: `explain` (`explain.EXPLAIN`, the gradient times the departure
-# from the good reference at the frozen output) needs the gradient of the published head's decision
-# at the frozen output, which the graph computes in forward operations (`DecisionGradient`). The
-# others (Grad-CAM and kin) need it at layers the graph does not differentiate.
-GRADIENT_LOCALIZERS = ("explain", EXPLAIN)
+# The explanations a graph can hold, each made of the gradient of the published head's decision,
+# which the graph computes in forward operations (`DecisionGradient`): `explain` (`explain.EXPLAIN`,
+# the gradient times the departure from the good reference at the frozen output) and the stride-8
+# LayerCAM (`layercam_s8`, the gradient at the stride-8 tap, so the frozen layers after the tap are
+# differentiated too). The others (Grad-CAM and kin) are not candidates of head="auto" and are not
+# exported.
+TAP_GRADIENT_LOCALIZERS = ("layercam_s8",)  # differentiated from the stride-8 tap
+GRADIENT_LOCALIZERS = ("explain", EXPLAIN, *TAP_GRADIENT_LOCALIZERS)
 # The maps a graph can hold.
 EXPORTABLE_LOCALIZERS = ("cam", "patch_knn", "cam_knn", "patch_cam", "evidence", *GRADIENT_LOCALIZERS)
 # Memory rows per block of the nearest-neighbour search: the (patches x rows) score matrix of one
@@ -72,7 +75,8 @@ def check_exportable(checkpoint: dict[str, Any], localizer: str, where: str = "t
                           f"{', '.join(HEADS)}): update this repository, or export a checkpoint of a known head.")
     if localizer in EXPLANATIONS and localizer not in GRADIENT_LOCALIZERS:
         raise ExportError(f"localizer={localizer!r} needs the gradient of the decision at a layer the exported "
-                          f"graph does not differentiate (it does the frozen output's, for 'explain'): export the "
+                          f"graph does not differentiate (it does the frozen output's, for 'explain', and the "
+                          f"stride-8 tap's, for 'layercam_s8'): export the "
                           f"checkpoint's default map ({default_localizer(checkpoint)!r}, leave --localizer out) "
                           f"or one of {', '.join(EXPORTABLE_LOCALIZERS)}.")
     if localizer not in EXPORTABLE_LOCALIZERS:
@@ -202,26 +206,32 @@ def _convolution_input_gradient(grad_output, input, weight, bias_sizes, stride, 
 
 
 class DecisionGradient(nn.Module):
-    """The published head from the frozen output (N, C, h, w): its scores (N, 2), its last feature
-    maps (N, C', h', w') and the gradient (N, C, h, w) of its decision margin
-    (`explain.decision_margin`) at the frozen output, which `explain.explanation_maps` takes with
-    autograd. An ONNX graph has no autograd, so the head's forward and backward pass are traced
-    once into operators (make_fx, the batch symbolic), the convolution's backward, which torch.onnx
-    cannot translate, as `_convolution_input_gradient`."""
+    """The published head from the frozen output (N, C, h, w), or with `tap` from the output of
+    frozen module `tap` (N, C8, h8, w8) through the frozen layers after it: its scores (N, 2), its
+    last feature maps (N, C', h', w'), the gradient of its decision margin
+    (`explain.decision_margin`) at the input, which `explain.explanation_maps` takes with autograd,
+    and the frozen output (the input itself without `tap`). An ONNX graph has no autograd, so the
+    forward and backward pass are traced once into operators (make_fx, the batch symbolic), the
+    convolution's backward, which torch.onnx cannot translate, as `_convolution_input_gradient`."""
 
-    def __init__(self, model: CAMClassifier, example: torch.Tensor) -> None:
+    def __init__(self, model: CAMClassifier, example: torch.Tensor, tap: int | None = None) -> None:
         super().__init__()
         from torch.fx.experimental.proxy_tensor import make_fx
 
+        self.tap = tap
+        rest = model.frozen[tap + 1:] if tap is not None else None
         # torch.onnx decomposes the ReLU's, BatchNorm's and max pooling's backward operators itself
         decompositions = {torch.ops.aten.convolution_backward.default: _convolution_input_gradient}
 
-        def head_and_gradient(frozen: torch.Tensor):
+        def head_and_gradient(x: torch.Tensor):
             with torch.enable_grad():
-                frozen = frozen.detach().requires_grad_(True)
+                x = x.detach().requires_grad_(True)
+                frozen = x if rest is None else rest(x)
                 scores, maps = model.head(frozen)
-                gradient, = torch.autograd.grad(decision_margin(scores).sum(), (frozen,))
-            return scores.detach(), maps.detach(), gradient
+                gradient, = torch.autograd.grad(decision_margin(scores).sum(), (x,))
+            if rest is None:  # an input cannot be an output of the traced graph
+                return scores.detach(), maps.detach(), gradient
+            return scores.detach(), maps.detach(), gradient, frozen.detach()
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         model.requires_grad_(False)  # the weights are constants of the graph: no gradient of theirs is traced
@@ -232,8 +242,9 @@ class DecisionGradient(nn.Module):
             for p in trainable:
                 p.requires_grad_(True)
 
-    def forward(self, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.traced(frozen)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.traced(x)
+        return (*out, x) if self.tap is None else tuple(out)
 
 
 class ScoringGraph(nn.Module):
@@ -267,12 +278,16 @@ class ScoringGraph(nn.Module):
         decision = decision_of(checkpoint)
         self.calibrated = decision["rule"] == "calibrated"
         self.threshold = float(decision["threshold"])
+        self.tap = model.spec.taps[0]  # the stride-8 tap: the patch map's and `layercam_s8`'s layer
         self.gradient = None
-        if localizer in GRADIENT_LOCALIZERS:  # `explain.reference_attribution` of the frozen output
+        if localizer in GRADIENT_LOCALIZERS:  # the gradient at the stride-8 tap, or at the frozen output
+            tap = self.tap if localizer in TAP_GRADIENT_LOCALIZERS else None
             with torch.no_grad():
-                example = model.frozen_features(torch.zeros(2, 3, *self.size))[0]
-            self.gradient = DecisionGradient(model, example)
-            self.register_buffer("reference", model.explain_reference.detach().float().clone())
+                zeros = torch.zeros(2, 3, *self.size)
+                example = model.frozen[:tap + 1](zeros) if tap is not None else model.frozen_features(zeros)[0]
+            self.gradient = DecisionGradient(model, example, tap)
+            if tap is None:  # `explain.reference_attribution` of the frozen output
+                self.register_buffer("reference", model.explain_reference.detach().float().clone())
         if self.evidence:
             head: EvidenceHead = model.evidence_head
             h8, w8 = self.size[0] // PATCH_STRIDE, self.size[1] // PATCH_STRIDE  # the stride-8 patch grid
@@ -281,11 +296,15 @@ class ScoringGraph(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std  # (N, 3, H, W), `dataloader.normalise`
-        taps = (self.model.spec.taps[0],) if self.memory is not None else ()
-        frozen, tapped = self.model.frozen_features(x, taps)
-        out = self._published(frozen) if self.published else {}
+        if self.gradient is not None and self.gradient.tap is not None:  # differentiated from the tap on
+            tap8 = self.model.frozen[:self.tap + 1](x)
+            frozen, out = self._published(tap8)
+        else:
+            frozen, tapped = self.model.frozen_features(x, (self.tap,) if self.memory is not None else ())
+            tap8 = tapped[0] if tapped else None
+            out = self._published(frozen)[1] if self.published else {}
         if self.memory is not None:
-            out.update(self._patches(tapped[0], frozen))
+            out.update(self._patches(tap8, frozen))
         if self.fused:  # the CAM stays scaled by its own head's probability, as `localizers.maps_of` scales it
             out["p_published"] = out["p_anomaly"]
             out["p_anomaly"] = torch.sigmoid(fused_logit(out["logit_published"], out["logit_evidence"], self.fusion))
@@ -296,18 +315,23 @@ class ScoringGraph(nn.Module):
         label = (score64 > threshold) if self.calibrated else (score64 >= 0.5)
         return decision_score, label.long(), image_score, map_
 
-    def _published(self, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The published head: Anomaly probability (N,) and raw CAM (N, H, W); with the gradient,
-        the raw explanation (N, H, W) (`explain.reference_attribution`, upsampled)."""
+    def _published(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The published head from the frozen output x, or from the stride-8 tap x when its
+        gradient is taken there: the frozen output, and the Anomaly probability (N,), the logit
+        and the raw CAM (N, H, W); with the gradient, the raw explanation "gradient_map" (N, H, W),
+        upsampled (`explain.reference_attribution` at the frozen output, `explain.layer_cam` at the tap)."""
         if self.gradient is None:
+            frozen = x
             scores, maps = self.model.head(frozen)  # (N, 2), (N, C, h, w)
         else:
-            scores, maps, gradient = self.gradient(frozen)
+            scores, maps, gradient, frozen = self.gradient(x)
         out = {"p_anomaly": scores.softmax(dim=1)[:, ANOMALY], "logit_published": scores[:, ANOMALY] - scores[:, GOOD],
                "cam": self.model.cam(maps, self.size)}
         if self.gradient is not None:
-            out["explain"] = upsample_maps(reference_attribution(frozen, gradient, self.reference), self.size)
-        return out
+            raw = (reference_attribution(frozen, gradient, self.reference) if self.gradient.tap is None
+                   else layer_cam(x, gradient))
+            out["gradient_map"] = upsample_maps(raw, self.size)
+        return frozen, out
 
     def _patches(self, tap8: torch.Tensor, frozen: torch.Tensor) -> dict[str, torch.Tensor]:
         """The patch map (N, S, S), blurred as the checkpoint's rule says, its image score (N,) (the
@@ -337,7 +361,7 @@ class ScoringGraph(nn.Module):
         if self.localizer == "cam":
             return cam, out["p_anomaly"]
         if self.localizer in GRADIENT_LOCALIZERS:  # scaled as the CAM is
-            return minmax(out["explain"]) * out.get("p_published", out["p_anomaly"])[:, None, None], out["p_anomaly"]
+            return minmax(out["gradient_map"]) * out.get("p_published", out["p_anomaly"])[:, None, None], out["p_anomaly"]
         if self.localizer == "evidence":
             return out["evidence"], out["p_anomaly"]
         if self.localizer == "patch_knn":

@@ -31,6 +31,10 @@ SIGMAS = (0.5, 0.0, 1.0)
 # simpler candidate wins. A decision (image AUROC) also needs a difference beyond its standard error
 # (`margin_of`), which is what grows when the defect images are few.
 TOLERANCE = 0.005
+# The explanations of a published decision weighed as maps, in this order after its CAM (each is a
+# backward pass per image): the gradient times the departure from the good reference at the frozen
+# output (stride 16), and the stride-8 LayerCAM, the finer of the two; both export to ONNX.
+MAP_EXPLANATIONS = ("explain", "layercam_s8")
 # Pixel metrics of the candidate maps are computed at half the input resolution: the choice needs
 # their order, and a quarter of the pixels makes it four times cheaper (maps are smooth at 8 px).
 MAP_POOL = 2
