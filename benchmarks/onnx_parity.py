@@ -14,7 +14,7 @@ images whose boxes differ. Run from the repository root:
         --out results/reference/onnx_parity.json
     python benchmarks/onnx_parity.py --quick        # smoke run: MobileNetV2 only, a few images
     python benchmarks/onnx_parity.py --quick --kinds published --explain \
-        --out results/reference/onnx_parity_explain_quick.json   # the published head's explanation too
+        --out results/reference/onnx_parity_explain_quick.json   # the published head's explanations too
 
 The test images are never trained on: the first --n-test-good of test/good and the first
 --n-test-defect of each defect folder. Training uses the first --n-train-good of train/good and,
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import predict  # noqa: E402
 from benchmark import machine_info  # noqa: E402
 from deploy import onnx_predict as runner  # noqa: E402
-from utils import helper, inference, onnx_export, parameters  # noqa: E402
+from utils import helper, inference, onnx_export, parameters, selection  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_json  # noqa: E402
 from utils.constants import GOOD_FOLDER, MVTEC_DIR_ENV  # noqa: E402
 from utils.dataloader import Sample, index_subset, load_images, positions  # noqa: E402
@@ -76,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory", type=int, default=10000, help="patch memory rows (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=10, help="published head's epochs (default: %(default)s)")
     p.add_argument("--explain", action="store_true",
-                   help="also export each published checkpoint with its explanation map 'explain' and compare it")
+                   help="also export each published checkpoint with each explanation head='auto' may show "
+                        "('explain', 'layercam_s8') and compare it")
     p.add_argument("--work-dir", default=None,
                    help="where checkpoints, models and predictions go (default: a temporary folder)")
     p.add_argument("--out", default=None, help="JSON file for the full output")
@@ -217,8 +218,8 @@ def run_backbone(args, backbone: str, work: Path) -> list[dict[str, Any]]:
     test_files = [Path(args.data_dir) / s.path for s in test]
     out = []
     shown = [(kind, checkpoint, None) for kind, checkpoint in checkpoints.items()]
-    if args.explain and "published" in checkpoints:
-        shown.append(("published", checkpoints["published"], "explain"))
+    if args.explain and "published" in checkpoints:  # the explanations head="auto" may show
+        shown += [("published", checkpoints["published"], name) for name in selection.MAP_EXPLANATIONS]
     for kind, checkpoint, localizer in shown:
         out.append(check_one(args, backbone, kind, checkpoint, test_images, test_files, work, localizer))
         print(json.dumps(out[-1]), flush=True)
