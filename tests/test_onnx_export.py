@@ -137,21 +137,25 @@ def test_the_graph_gives_predicts_scores_labels_maps_and_boxes(exported, kind):
         np.testing.assert_allclose(scores, result["box_scores"], atol=onnx_export.MAP_TOLERANCE)
 
 
-@pytest.mark.parametrize("shown", ["patch_knn", "patch_cam", "explain", "layercam_s8"])
-def test_a_published_decision_shown_on_the_patch_map_exports_as_auto_writes_it(exported, tmp_path, shown):
-    """head="auto" may decide with the published head and show the patch map, the patch map
-    raised by the CAM, or an explanation of the decision (the synthetic subset's auto checkpoint
-    decides with the patch map alone): such a checkpoint exports its chosen map, and the graph gives
-    predict.py's scores, labels, maps and boxes.
+@pytest.mark.parametrize("kind, shown", [("published", "patch_knn"), ("published", "patch_cam"),
+                                         ("published", "explain"), ("published", "layercam_s8"),
+                                         ("fused", "layercam_s8")])
+def test_a_published_decision_shown_on_the_patch_map_exports_as_auto_writes_it(exported, tmp_path, kind, shown):
+    """head="auto" may decide with the published head (or both heads fused) and show the patch map,
+    the patch map raised by the CAM, or an explanation of the decision (the synthetic subset's auto
+    checkpoint decides with the patch map alone): such a checkpoint exports its chosen map, and the
+    graph gives predict.py's scores, labels, maps and boxes (fused: the patch memory and the
+    evidence head read the tap and the frozen output that the stride-8 gradient's pass computes).
     Fails when: the export ignores the checkpoint's chosen map, the graph's patch map beside the
     published head drops the blur, its patch_cam takes the raw CAM instead of the scaled one, its
     explanation drops the good reference or is not scaled by the probability, or the stride-8
-    LayerCAM takes the gradient's negative part or is not upsampled as predict.py upsamples it."""
+    LayerCAM takes the gradient's negative part or is not upsampled as predict.py upsamples it; fused,
+    when the explanation is scaled by the fused decision's probability instead of its own head's."""
     made, _ = exported
-    checkpoint, _, files = made["published"]
+    checkpoint, _, files = made[kind]
     ckpt = torch.load(checkpoint, weights_only=True)
-    ckpt["selection"] = {"requested": "auto", "decision": "published", "head": "published", "map": shown}
-    chosen, model = tmp_path / f"published_{shown}.pt", tmp_path / f"published_{shown}.onnx"
+    ckpt["selection"] = {"requested": "auto", "decision": kind, "head": kind, "map": shown}
+    chosen, model = tmp_path / f"{kind}_{shown}.pt", tmp_path / f"{kind}_{shown}.onnx"
     torch.save(ckpt, chosen)
     assert export.main(["--checkpoint", str(chosen), "--out", str(model), "--no-check"]) == 0
     meta = runner.load_model(model).meta
