@@ -516,7 +516,8 @@ def _oof_explain(config, models, frozen, fit_idx, groups, size, device, precisio
                              parts=frozen.parts_of(scored))
         maps = maps_of(out)
         for name in selection_lib.MAP_EXPLANATIONS:
-            shown.setdefault(name, np.empty((len(fit_idx), *maps[name].shape[1:]), np.float32))[held.numpy()] = maps[name]
+            m = maps[name]
+            shown.setdefault(name, np.empty((len(fit_idx), *m.shape[1:]), np.float32))[held.numpy()] = m
     return {name: torch.from_numpy(m) for name, m in shown.items()}
 
 
@@ -559,8 +560,8 @@ def _choose_maps(candidates, layers, decision, own_maps, masks, groups, size,
         fused = patch_cam(candidates[best_layers].patch_maps(float(best_sigma), size), own_maps["cam"])
         report["patch_cam"], shares["patch_cam"] = selection_lib.map_evidence(fused, masks, valid)
     # the evidence head's map (it starts as the patch map), the patch map, then what adds the
-    # published head's view to it, then that view alone, then the explanation of its decision
-    # (a backward pass more); each where the decision has it
+    # published head's view to it, then that view alone, then the explanations of its decision
+    # (a backward pass more, `selection.MAP_EXPLANATIONS`); each where the decision has it
     order = [k for k in ("evidence", best, "patch_cam", "cam", *selection_lib.MAP_EXPLANATIONS) if k in report]
     chosen = selection_lib.choose({k: report[k]["score"] for k in order}, order, margin)
     for name, m in report.items():  # what each map's score is known to within, against the one chosen

@@ -229,7 +229,7 @@ class DecisionGradient(nn.Module):
                 frozen = x if rest is None else rest(x)
                 scores, maps = model.head(frozen)
                 gradient, = torch.autograd.grad(decision_margin(scores).sum(), (x,))
-            if rest is None:  # an input cannot be an output of the traced graph
+            if rest is None:  # the frozen output is the input: `forward` returns it beside the trace's
                 return scores.detach(), maps.detach(), gradient
             return scores.detach(), maps.detach(), gradient, frozen.detach()
 
