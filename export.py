@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--localizer", default=None,
                         help="the map in the graph; default: the checkpoint's own (predict.py's default); one of "
-                             f"{', '.join(onnx_export.EXPORTABLE_LOCALIZERS)} (of the explanations, 'explain' and 'layercam_s8')")
+                             f"{', '.join(onnx_export.EXPORTABLE_LOCALIZERS)} "
+                             "(of the explanations, 'explain' and 'layercam_s8')")
     parser.add_argument("--check", nargs="*", default=None, metavar="DIR_OR_GLOB",
                         help="images to compare the graph with predict.py's PyTorch path on (default: "
                              "--check-noise seeded noise images)")
