@@ -97,16 +97,19 @@ def test_the_cost_breakdown_of_auto_times_every_stage_of_the_choice(tmp_path):
     assert out.is_file() and report["decision"] in ("patch_knn", "evidence", "published")
 
 
-def test_the_evidence_step_benchmark_trains_the_same_head_both_ways():
-    """The two ways evidence_step_cost.py times are one function: trained from the same start on
-    the same residuals they end at the same patch logits (rounding apart).
+def test_the_evidence_step_benchmark_trains_the_same_head_every_way():
+    """The ways evidence_step_cost.py times are one function: trained from the same start on the
+    same residuals they end at the same patch logits (rounding apart), and with or without the
+    buffer at the same weights (40 images: a short last chunk).
     Fails when: the reference form drifts from `EvidenceHead.parts` (its timing would compare
-    different work), or a way leaves the library's `parts` patched after it."""
+    different work), the fresh-copy way stops bypassing the buffer, or a way leaves the library's
+    `parts` patched after it."""
     from utils import evidence
 
     original = evidence.EvidenceHead.parts
-    report = load_benchmark("evidence_step_cost").main(["--images", "10", "--dims", "12", "--steps", "3"])
+    report = load_benchmark("evidence_step_cost").main(["--images", "40", "--dims", "12", "--steps", "3"])
     assert report["rows"][0]["largest_logit_difference"] < 1e-4
+    assert report["rows"][0]["buffer_weights_identical"] is True
     assert evidence.EvidenceHead.parts is original
 
 

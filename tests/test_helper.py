@@ -197,6 +197,39 @@ def test_training_teaches_the_evidence_head_what_the_patch_distance_gets_wrong()
     assert hot[30:40].max() < hot[40:].min()  # far normal patches below every defect patch
 
 
+class _FreshCopies(evidence.EvidenceInputs):
+    """Inputs that convert each chunk to a fresh float32 tensor, whatever buffer they are given."""
+
+    def batch(self, idx, out=None):
+        return super().batch(idx)
+
+
+def test_training_through_the_reused_buffer_changes_no_weight():
+    """Training converts each chunk's residuals into one reused float32 buffer; the head it trains
+    is the head a fresh float32 copy per chunk trains, weight for weight (45 images: a short last
+    chunk; with inside cells and mask targets).
+    Fails when: the buffer is returned without the chunk copied into it, a chunk is read from a
+    buffer another chunk refilled, or the last, shorter chunk reads rows left from the one before."""
+    g = torch.Generator().manual_seed(0)
+    residual = (0.1 * torch.randn(45, 6, 5, 5, generator=g)).half().contiguous(memory_format=torch.channels_last)
+    distance = residual.float().norm(dim=1)
+    labels = torch.tensor([1] * 9 + [GOOD] * 36)
+    inside = torch.ones(45, 5, 5, dtype=torch.bool)
+    inside[:, 0] = False
+    masks = torch.zeros(45, 40, 40, dtype=torch.bool)
+    masks[:9, 8:24, 16:32] = True
+    targets = evidence.mask_targets(masks, labels == 1, (5, 5))
+    heads = {}
+    for kind in (evidence.EvidenceInputs, _FreshCopies):
+        torch.manual_seed(0)
+        heads[kind] = evidence.EvidenceHead(6, hidden=8)
+        evidence.train_head(heads[kind], kind(residual, distance, inside), labels, class_weight=[1, 3], device=CPU,
+                            targets=targets, steps=5)
+    for (name, a), b in zip(heads[evidence.EvidenceInputs].state_dict().items(),
+                            heads[_FreshCopies].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_the_evidence_heads_patch_logits_are_its_1x1_convolutions_by_hand():
     """A patch's logit is slope * d + offset + net([residual * sqrt(D) / scale, d]) with d = distance
     / scale, net the two 1x1 convolutions of the head's weights (ReLU between), computed here patch

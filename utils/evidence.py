@@ -120,11 +120,22 @@ class EvidenceInputs:
     def __len__(self) -> int:
         return len(self.distance)
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residuals (K, D, h, w) float32 and distances (K, h, w) of images `idx` (K,)."""
+    def batch(self, idx: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residuals (K, D, h, w) float32 and distances (K, h, w) of images `idx` (K,). out: a float32
+        buffer (>= K, D, h, w), channels last, that the residuals are converted into and returned
+        from (its first K images); reuse one across a loop: a fresh float32 copy of a chunk (77 MB
+        for 32 images of VGG16's 768 dims) costs its page faults, several times the conversion
+        itself (benchmarks/evidence_step_cost.py)."""
         if len(idx) and bool((idx.diff() == 1).all()):
             idx = slice(int(idx[0]), int(idx[-1]) + 1)  # a run of images (training's chunks): no gathered copy
-        return self.residual[idx].float(), self.distance[idx]
+        if out is None:
+            return self.residual[idx].float(), self.distance[idx]
+        residual = self.residual[idx]
+        return out[:len(residual)].copy_(residual), self.distance[idx]
+
+    def buffer(self, n_images: int) -> torch.Tensor:
+        """An empty float32 buffer for `batch(..., out=)`: n_images residuals (n_images, D, h, w), channels last."""
+        return torch.empty((n_images, *self.residual.shape[1:]), memory_format=torch.channels_last)
 
 
 def residuals(emb: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,11 +219,13 @@ def start_as_patch_map(head: EvidenceHead, inputs: EvidenceInputs, labels: torch
         head.offset.fill_(float(fitted.intercept_[0]))
 
 
-def _chunk_loss(head, inputs, idx, labels, weights, targets, device) -> tuple[torch.Tensor, int]:
+def _chunk_loss(head, inputs, idx, labels, weights, targets, device, buffer=None) -> tuple[torch.Tensor, int]:
     """This chunk's share of the full-batch loss, and how many of its images the head gets right:
     weighted cross-entropy over all images, the correction penalty over all patches, the mask loss
-    over all masked patches (each a sum here, divided by the whole set's total)."""
-    residual, distance = inputs.batch(idx)
+    over all masked patches (each a sum here, divided by the whole set's total). buffer: what the
+    chunk's residuals are converted into (`EvidenceInputs.batch`); the caller runs backward before
+    it is refilled."""
+    residual, distance = inputs.batch(idx, out=buffer)
     patch, correction = head.parts(residual.to(device), distance.to(device))
     inside = inputs.inside_of(idx)
     image = topk_mean(patch, float(head.topk_fraction), inside)
@@ -260,11 +273,14 @@ def train_head(
     weights = torch.tensor(class_weight, dtype=torch.float32, device=device)
     history: dict[str, Any] = {"loss": [], "accuracy": []}
     start = time.perf_counter()
+    # every chunk's residuals are converted into one float32 buffer: each chunk's backward has run
+    # (and freed what it saved) before the next chunk refills it
+    buffer = inputs.buffer(min(CHUNK, len(labels)))
     for step in tqdm(range(steps), desc="Evidence head", leave=False, disable=not progress):
         optimizer.zero_grad(set_to_none=True)
         total, correct = 0.0, 0
         for idx in torch.arange(len(labels)).split(CHUNK):
-            loss, right = _chunk_loss(head, inputs, idx, labels, weights, targets, device)
+            loss, right = _chunk_loss(head, inputs, idx, labels, weights, targets, device, buffer)
             loss.backward()
             total, correct = total + loss.item(), correct + right
         optimizer.step()
