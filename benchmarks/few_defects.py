@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--vgg16-weights", default=None, help="backbone weights file for VGG16 (the Oxford file)")
     parser.add_argument("--variants", nargs="+", default=["auto", "evidence"], choices=sorted(study.VARIANTS))
     parser.add_argument("--n-defects", nargs="+", type=int, default=[0, 1, 5, 10, 20])
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="the input side in pixels (448: four times the patches; the rows are keyed apart)")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--draw-index", nargs="+", type=int, default=None,
                         help="run only these draws (0-based, each seeded as in a full run): to rerun a few rows")
@@ -97,8 +99,9 @@ def main() -> None:
     samples = dataloader.index_subset(args.data_dir, args.subset)
     weights = (model_lib.load_backbone_weights(args.vgg16_weights, args.backbone)
                if args.backbone == "vgg16" and args.vgg16_weights else None)
-    frozen, _ = study.frozen_cache(args, args.subset, args.backbone, 224, weights, samples, device, precision)
-    all_masks = dataloader.load_masks(args.data_dir, samples, 224)
+    size = args.image_size
+    frozen, _ = study.frozen_cache(args, args.subset, args.backbone, size, weights, samples, device, precision)
+    all_masks = dataloader.load_masks(args.data_dir, samples, size)
     labels = torch.tensor([s.label for s in samples])
     types = [s.defect_type for s in samples]
     train0, test0 = dataloader.split_subset(samples, "official", test_size=0.2, seed=args.seed)
@@ -110,7 +113,7 @@ def main() -> None:
             y = labels[test_idx].numpy()
             masks = None if all_masks is None else all_masks[test_idx].numpy()
             for variant in args.variants if n else ["auto"]:
-                config = study.study_config(args, args.subset, args.backbone, 224, weights, study.VARIANTS[variant][0])
+                config = study.study_config(args, args.subset, args.backbone, size, weights, study.VARIANTS[variant][0])
                 template = helper.new_model(config, weights, device, precision)
                 start = time.perf_counter()
                 out = helper.run_fold({**config, "seed": args.seed + draw}, template, frozen, labels, train_idx,
@@ -118,10 +121,11 @@ def main() -> None:
                                       test_maps=True, progress=False)
                 row = measure_run(out, y, masks)
                 row.update(subset=args.subset, backbone=args.backbone, variant=variant, n_defects=n, draw=draw,
-                           n_train_good=int((labels[train_idx] == GOOD).sum()), n_test=len(test_idx),
+                           image_size=size, n_train_good=int((labels[train_idx] == GOOD).sum()), n_test=len(test_idx),
                            n_test_defective=int(y.sum()), precision=precision, cpu=study.cpu_name(),
                            moved=[s.path for s in moved], wall_seconds=time.perf_counter() - start)
-                report[f"{args.subset}/{args.backbone}/{variant}/N{n}/draw{draw}"] = row
+                suffix = "" if size == 224 else f"/{size}px"  # the 224 px rows keep their keys
+                report[f"{args.subset}/{args.backbone}/{variant}/N{n}/draw{draw}{suffix}"] = row
                 save_json(out_path, report)
                 print(f"{args.subset} N={n} draw {draw} {variant}: image AUROC {_spread([row['image_auroc']])} "
                       f"(patch map alone {_spread([row['patch_image_auroc']])}), decided by "
@@ -145,15 +149,17 @@ def table(report: dict) -> str:
     # the patch map's memory is train/good's whatever N; its layers and blur are the run's own
     rows = ["| data | variant | N | image AUROC | patch map alone (good-only memory), image AUROC | map shown: AUPRO | "
             "pointing game | patch map alone: AUPRO | decided by (draws) |", "|" + "---|" * 9]
-    keys = sorted({(r["subset"], r["backbone"], r["variant"], r["n_defects"]) for r in report.values()},
-                  key=lambda k: (k[0], k[1], k[2] != "auto", k[2], k[3]))
-    for subset, backbone, variant, n in keys:
-        runs = [r for r in report.values() if (r["subset"], r["backbone"], r["variant"], r["n_defects"]) ==
-                (subset, backbone, variant, n)]
+    def key(r: dict) -> tuple:  # rows before --image-size were all 224 px
+        return r["subset"], r["backbone"], r.get("image_size", 224), r["variant"], r["n_defects"]
+
+    keys = sorted({key(r) for r in report.values()}, key=lambda k: (k[0], k[1], k[2], k[3] != "auto", k[3], k[4]))
+    for subset, backbone, size, variant, n in keys:
+        runs = [r for r in report.values() if key(r) == (subset, backbone, size, variant, n)]
         shown = [r["maps"].get("shown", {}) for r in runs]
         patch = [r["maps"].get("patch_knn", {}) for r in runs]
         decided = ", ".join(sorted(r["head"] or "patch map" for r in runs))
-        rows.append(f"| {subset} ({backbone}) | {variant} | {n} | {_spread([r['image_auroc'] for r in runs])} | "
+        data = f"{subset} ({backbone}" + ("" if size == 224 else f", {size} px") + ")"
+        rows.append(f"| {data} | {variant} | {n} | {_spread([r['image_auroc'] for r in runs])} | "
                     f"{_spread([r['patch_image_auroc'] for r in runs])} | {_spread([m.get('aupro') for m in shown])} | "
                     f"{_spread([m.get('pointing_game') for m in shown])} | "
                     f"{_spread([m.get('aupro') for m in patch])} | {decided} |")
