@@ -14,6 +14,8 @@ N = 0 is the good-only run: no head can train, the patch map decides.
     python benchmarks/few_defects.py --data-dir ../shared/data/surface_defects --subset magnetic_tile \\
         --out results/reference/few_defects.json
     python benchmarks/few_defects.py --table --out results/reference/few_defects.json
+
+`--image-size 448` runs the curve at another input side (rows keyed `.../draw0/448px`).
 """
 
 from __future__ import annotations
