@@ -39,6 +39,7 @@ from utils.checkpoint import save_json  # noqa: E402
 from utils.constants import ANOMALY, GOOD  # noqa: E402
 
 PUBLISHED = {"DRA": 0.904, "AHL": 0.918, "PRN": 0.993}  # pill, image AUROC at N = 10 (their papers)
+SIZE = 224  # the default input side; rows at another (--image-size) carry it in their keys and table rows
 
 
 def draw_defects(test: list, n: int, seed: int) -> list:
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--vgg16-weights", default=None, help="backbone weights file for VGG16 (the Oxford file)")
     parser.add_argument("--variants", nargs="+", default=["auto", "evidence"], choices=sorted(study.VARIANTS))
     parser.add_argument("--n-defects", nargs="+", type=int, default=[0, 1, 5, 10, 20])
-    parser.add_argument("--image-size", type=int, default=224,
+    parser.add_argument("--image-size", type=int, default=SIZE,
                         help="the input side in pixels (448: four times the patches; the rows are keyed apart)")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--draw-index", nargs="+", type=int, default=None,
@@ -126,7 +127,7 @@ def main() -> None:
                            image_size=size, n_train_good=int((labels[train_idx] == GOOD).sum()), n_test=len(test_idx),
                            n_test_defective=int(y.sum()), precision=precision, cpu=study.cpu_name(),
                            moved=[s.path for s in moved], wall_seconds=time.perf_counter() - start)
-                suffix = "" if size == 224 else f"/{size}px"  # the 224 px rows keep their keys
+                suffix = "" if size == SIZE else f"/{size}px"
                 report[f"{args.subset}/{args.backbone}/{variant}/N{n}/draw{draw}{suffix}"] = row
                 save_json(out_path, report)
                 print(f"{args.subset} N={n} draw {draw} {variant}: image AUROC {_spread([row['image_auroc']])} "
@@ -151,8 +152,8 @@ def table(report: dict) -> str:
     # the patch map's memory is train/good's whatever N; its layers and blur are the run's own
     rows = ["| data | variant | N | image AUROC | patch map alone (good-only memory), image AUROC | map shown: AUPRO | "
             "pointing game | patch map alone: AUPRO | decided by (draws) |", "|" + "---|" * 9]
-    def key(r: dict) -> tuple:  # rows before --image-size were all 224 px
-        return r["subset"], r["backbone"], r.get("image_size", 224), r["variant"], r["n_defects"]
+    def key(r: dict) -> tuple:  # rows before --image-size hold no size: they were all SIZE
+        return r["subset"], r["backbone"], r.get("image_size", SIZE), r["variant"], r["n_defects"]
 
     keys = sorted({key(r) for r in report.values()}, key=lambda k: (k[0], k[1], k[2], k[3] != "auto", k[3], k[4]))
     for subset, backbone, size, variant, n in keys:
@@ -160,7 +161,7 @@ def table(report: dict) -> str:
         shown = [r["maps"].get("shown", {}) for r in runs]
         patch = [r["maps"].get("patch_knn", {}) for r in runs]
         decided = ", ".join(sorted(r["head"] or "patch map" for r in runs))
-        data = f"{subset} ({backbone}" + ("" if size == 224 else f", {size} px") + ")"
+        data = f"{subset} ({backbone}" + ("" if size == SIZE else f", {size} px") + ")"
         rows.append(f"| {data} | {variant} | {n} | {_spread([r['image_auroc'] for r in runs])} | "
                     f"{_spread([r['patch_image_auroc'] for r in runs])} | {_spread([m.get('aupro') for m in shown])} | "
                     f"{_spread([m.get('pointing_game') for m in shown])} | "

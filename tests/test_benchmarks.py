@@ -102,8 +102,8 @@ def test_the_evidence_step_benchmark_trains_the_same_head_every_way():
     same residuals they end at the same patch logits (rounding apart), and with or without the
     buffer at the same weights (40 images: a short last chunk).
     Fails when: the reference form drifts from `EvidenceHead.parts` (its timing would compare
-    different work), the fresh-copy way stops bypassing the buffer, or a way leaves the library's
-    `parts` patched after it."""
+    different work), the buffer trains other weights than fresh copies (a chunk not copied into
+    it), or a way leaves the library's `parts` patched after it."""
     from utils import evidence
 
     original = evidence.EvidenceHead.parts
